@@ -1,0 +1,26 @@
+"""te_fx: TransformerEngine fused attention for HuggingFace causal LMs, eager (``inject_te_attention``)."""
+
+from __future__ import annotations
+
+import logging
+
+from .executors import TEUnavailableError
+from .te_attention import (
+    get_te_attention_stats,
+    inject_te_attention,
+    inject_te_attention_into_module,
+    remove_te_attention,
+    reset_te_attention_stats,
+)
+
+__version__ = "0.1.0"
+__all__ = [
+    "TEUnavailableError",
+    "get_te_attention_stats",
+    "inject_te_attention",
+    "inject_te_attention_into_module",
+    "remove_te_attention",
+    "reset_te_attention_stats",
+]
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())

@@ -1,0 +1,217 @@
+"""The TE executor: TransformerEngine's fused attention, called with as little host work as possible.
+
+The only module of te_fx that imports ``transformer_engine``. TE's ``DotProductAttention`` re-selects its backend
+on every call (0.2-0.5 ms of Python); :class:`TEDotProductAttention` keeps the module (FP8, context parallelism,
+everything else still goes through it) but sends plain bshd fp16/bf16 calls straight to
+``fused_attn_fwd``/``fused_attn_bwd``, with the backend decision cached per shape.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+import transformer_engine.pytorch as te
+from transformer_engine.pytorch.attention.dot_product_attention import utils as dpa_utils
+from transformer_engine.pytorch.cpp_extensions.fused_attn import FusedAttnBackend, fused_attn_bwd, fused_attn_fwd
+from transformer_engine.pytorch.quantization import FP8GlobalStateManager
+
+__all__ = ["TEDotProductAttention", "fused_forward", "fused_backward", "unsupported_reason"]
+
+_F16 = FusedAttnBackend.F16_arbitrary_seqlen
+_LAYOUT = dict(qkv_layout="bshd_bshd_bshd", o_format="bshd")
+
+
+@functools.lru_cache(maxsize=256)
+def _cu_seqlens(batch: int, seqlen: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(0, (batch + 1) * seqlen, seqlen, dtype=torch.int32, device=device)
+
+
+@functools.lru_cache(maxsize=4096)
+def _backend_ok(
+    dtype: torch.dtype,
+    shape: tuple[int, int, int, int, int, int, int, int],
+    mask_type: str,
+    window_size: tuple[int, int],
+    dropout_p: float,
+    training: bool,
+) -> bool:
+    batch, heads, kv_heads, q_len, kv_len, dqk, dv, device_index = shape
+    params = dpa_utils.AttentionParams(
+        qkv_dtype=dtype,
+        qkv_layout="bshd_bshd_bshd",
+        batch_size=batch,
+        num_heads=heads,
+        num_gqa_groups=kv_heads,
+        max_seqlen_q=q_len,
+        max_seqlen_kv=kv_len,
+        head_dim_qk=dqk,
+        head_dim_v=dv,
+        attn_mask_type=mask_type,
+        window_size=window_size,
+        bottom_right_diagonal=mask_type.endswith("bottom_right"),
+        attention_dropout=dropout_p,
+        is_training=training,
+    )
+    with torch.cuda.device(device_index):
+        selection = dpa_utils.get_attention_backend(params)
+    fused_available, fused_backend = selection[5][1], selection[3]
+    return bool(fused_available) and fused_backend is not None and int(fused_backend) == int(_F16)
+
+
+def unsupported_reason(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask_type: str,
+    window_size: tuple[int, int],
+    dropout_p: float = 0.0,
+    training: bool = False,
+) -> str | None:
+    """Why TE's F16 fused attention cannot run these bshd tensors (a stats key), or None if it can."""
+    if not (q.is_cuda and k.device == q.device and v.device == q.device):
+        return "fallback_device"
+    if q.dtype not in (torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
+        return "fallback_dtype"
+    dqk, dv = q.shape[-1], v.shape[-1]
+    if dqk % 8 or dv % 8 or max(dqk, dv) > 256:
+        return "fallback_head_dim"
+    shape = (q.shape[0], q.shape[2], k.shape[2], q.shape[1], k.shape[1], dqk, dv, q.device.index or 0)
+    if not _backend_ok(q.dtype, shape, mask_type, tuple(window_size), float(dropout_p), bool(training)):
+        return "fallback_shape"
+    return None
+
+
+def fused_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask_type: str,
+    window_size: tuple[int, int],
+    softmax_scale: float,
+    dropout_p: float,
+    training: bool,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """TE fused attention forward on contiguous bshd tensors; returns (out bshd, aux tensors for the backward)."""
+    batch, q_len, kv_len = q.shape[0], q.shape[1], k.shape[1]
+    out, aux = fused_attn_fwd(
+        training,
+        q_len,
+        kv_len,
+        _cu_seqlens(batch, q_len, q.device),
+        _cu_seqlens(batch, kv_len, q.device),
+        q,
+        k,
+        v,
+        q.dtype,
+        _F16,
+        attn_scale=softmax_scale,
+        dropout=dropout_p,
+        attn_mask_type=mask_type,
+        window_size=window_size,
+        **_LAYOUT,
+    )
+    return out, list(aux) if aux is not None else []
+
+
+def fused_backward(
+    d_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    aux: list[torch.Tensor],
+    mask_type: str,
+    window_size: tuple[int, int],
+    softmax_scale: float,
+    dropout_p: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """TE fused attention backward; returns (dq, dk, dv) in bshd."""
+    batch, q_len, kv_len = q.shape[0], q.shape[1], k.shape[1]
+    grads = fused_attn_bwd(
+        q_len,
+        kv_len,
+        _cu_seqlens(batch, q_len, q.device),
+        _cu_seqlens(batch, kv_len, q.device),
+        q,
+        k,
+        v,
+        out,
+        d_out.contiguous(),
+        q.dtype,
+        aux,
+        _F16,
+        attn_scale=softmax_scale,
+        dropout=dropout_p,
+        attn_mask_type=mask_type,
+        window_size=window_size,
+        do_format="bshd",
+        dqkv_layout="bshd_bshd_bshd",
+        **_LAYOUT,
+    )
+    return grads[0], grads[1], grads[2]
+
+
+class _FusedAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, q, k, v, mask_type, window_size, softmax_scale, dropout_p):  # noqa: ANN001
+        training = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        out, aux = fused_forward(q, k, v, mask_type, window_size, softmax_scale, dropout_p, training or dropout_p > 0)
+        ctx.save_for_backward(q, k, v, out, *aux)
+        ctx.config = (mask_type, window_size, softmax_scale, dropout_p)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, d_out):  # noqa: ANN001
+        q, k, v, out, *aux = ctx.saved_tensors
+        dq, dk, dv = fused_backward(d_out, q, k, v, out, aux, *ctx.config)
+        return dq, dk, dv, None, None, None, None
+
+
+def fused_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask_type: str,
+    window_size: tuple[int, int],
+    softmax_scale: float,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Differentiable TE fused attention on contiguous bshd tensors (native GQA); returns bshd."""
+    return _FusedAttentionFunction.apply(q, k, v, mask_type, tuple(window_size), softmax_scale, dropout_p)
+
+
+class TEDotProductAttention(te.DotProductAttention):
+    """TE's ``DotProductAttention`` with a fast path for plain bshd calls.
+
+    Calls with only q/k/v, ``attn_mask_type`` and ``window_size``, outside FP8 autocast, on contiguous CUDA
+    fp16/bf16 tensors that TE's F16 fused backend supports go straight to the fused kernels; everything else
+    (FP8, padding masks, context parallelism, ...) runs TE's own forward unchanged.
+    """
+
+    def unsupported_reason(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_type: str, window_size: tuple[int, int]
+    ) -> str | None:
+        """Why this module cannot run these bshd tensors (a te_fx stats key), or None."""
+        dropout_p = self.attention_dropout if self.training else 0.0
+        training = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        return unsupported_reason(q, k, v, mask_type, window_size, dropout_p, training or dropout_p > 0)
+
+    def forward(self, query_layer, key_layer, value_layer, *args, **kwargs):  # noqa: ANN001, ANN201
+        mask_type = kwargs.pop("attn_mask_type", None) or self.attn_mask_type
+        window_size = dpa_utils.check_set_window_size(mask_type, kwargs.pop("window_size", None) or self.window_size)
+        q, k, v = query_layer, key_layer, value_layer
+        if (
+            args
+            or kwargs
+            or self.qkv_format != "bshd"
+            or FP8GlobalStateManager.is_fp8_enabled()
+            or self.unsupported_reason(q, k, v, mask_type, window_size) is not None
+        ):
+            return super().forward(q, k, v, *args, attn_mask_type=mask_type, window_size=window_size, **kwargs)
+        dropout_p = self.attention_dropout if self.training else 0.0
+        out = fused_attention(
+            q.contiguous(), k.contiguous(), v.contiguous(), mask_type, window_size, self.softmax_scale, dropout_p
+        )
+        return out.flatten(2)

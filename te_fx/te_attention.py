@@ -1,0 +1,359 @@
+"""TransformerEngine attention injection for HuggingFace models (the eager path).
+
+A drop-in for NeMo AutoModel's ``te_attention`` module: same names, signatures and return conventions. Each HF
+``self_attn`` module with separate q/k/v projections gets a TE ``DotProductAttention`` (``module.attn_module``) and
+a forward that routes ``torch.nn.functional.scaled_dot_product_attention`` to it while the original forward runs.
+
+Call :func:`inject_te_attention` after weight loading and before FSDP wrapping. Calls that TE cannot reproduce
+exactly (padding masks, arbitrary masks, a scale or dropout that differs from the TE module's, unsupported dtype,
+device or head dim) run the original SDPA and are counted by reason in :func:`get_te_attention_stats`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import masks, params, sdpa_patch
+from .executors import load_te_executor, resolve_executor
+from .executors.reference import ReferenceDotProductAttention
+
+__all__ = [
+    "get_te_attention_stats",
+    "reset_te_attention_stats",
+    "inject_te_attention_into_module",
+    "inject_te_attention",
+    "remove_te_attention",
+]
+
+logger = logging.getLogger(__name__)
+
+_TE_MODULE_ATTR = "attn_module"
+_TE_MODEL_FLAG = "_te_attention_injected"
+_STATS_KEYS = (
+    "te_hits",
+    "fallback_mask",
+    "fallback_scale_mismatch",
+    "fallback_dropout",
+    "fallback_layout",
+    "fallback_device",
+    "fallback_dtype",
+    "fallback_head_dim",
+    "fallback_shape",
+)
+_TE_STATS: dict[str, int] = dict.fromkeys(_STATS_KEYS, 0)
+_STATS_LOCK = threading.Lock()
+_STATS_LOG_EVERY = int(os.environ.get("TE_FX_STATS_LOG_EVERY", "0"))
+_SCALE_MISMATCH_WARNED = False
+
+
+def get_te_attention_stats() -> dict[str, int]:
+    """A snapshot of the dispatch counters: ``te_hits`` (ran TE) and one ``fallback_*`` key per reason the
+    original SDPA ran instead (``fallback_mask``: a mask that is not exactly causal / sliding-causal / all-visible;
+    ``fallback_scale_mismatch``: the call's scale differs from the TE module's; ``fallback_dropout``,
+    ``fallback_layout``, ``fallback_device``, ``fallback_dtype``, ``fallback_head_dim``, ``fallback_shape``)."""
+    with _STATS_LOCK:
+        return dict(_TE_STATS)
+
+
+def reset_te_attention_stats() -> None:
+    """Zero the dispatch counters (test / benchmarking helper)."""
+    with _STATS_LOCK:
+        for key in _TE_STATS:
+            _TE_STATS[key] = 0
+
+
+def _count(key: str) -> None:
+    with _STATS_LOCK:
+        _TE_STATS[key] += 1
+    _maybe_log_stats()
+
+
+def _maybe_log_stats() -> None:
+    """Log the counters every ``TE_FX_STATS_LOG_EVERY`` attention calls (0, the default, turns this off)."""
+    if _STATS_LOG_EVERY > 0:
+        stats = get_te_attention_stats()
+        if sum(stats.values()) % _STATS_LOG_EVERY == 0:
+            logger.info("te_fx attention dispatch: %s", stats)
+
+
+def _proj_out_features(proj: nn.Module | None) -> int | None:
+    """Output feature count of a projection (``nn.Linear``, weight-only or meta, or a wrapped linear)."""
+    return params.proj_out_features(proj)
+
+
+def _infer_attn_params(module: nn.Module) -> dict[str, Any] | None:
+    """Attention hyper-parameters of a HF ``self_attn`` module (num_heads, num_kv_heads, head_dim, window_size,
+    softmax_scale, plus v_head_dim and dropout), or None when the layout is not separate q/k/v projections."""
+    return params.infer_attn_params(module)
+
+
+def _create_te_dot_product_attention(
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int | tuple[int, int],
+    window_size: tuple[int, int] = (-1, 0),
+    softmax_scale: float | None = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """A TE ``DotProductAttention`` (bshd, causal) for this attention shape; ``head_dim`` may be (qk, v)."""
+    te_executor = load_te_executor()
+    return te_executor.TEDotProductAttention(
+        num_attention_heads=num_heads,
+        kv_channels=head_dim,
+        num_gqa_groups=num_kv_heads,
+        qkv_format="bshd",
+        attn_mask_type="causal",
+        window_size=window_size,
+        softmax_scale=softmax_scale,
+        **kwargs,
+    )
+
+
+def _detect_causal_mask(attn_mask: torch.Tensor, window_size: tuple[int, int]) -> tuple[str, tuple[int, int]] | None:
+    """Map a 4D SDPA mask (bool True = attend, or float additive) to a TE (attn_mask_type, window_size) pair.
+
+    Returns ("causal", (-1, 0)) for the full causal pattern, ("causal", window_size) for the sliding-window causal
+    pattern of this layer, and None for anything else (padding, packed documents, malformed values). The whole
+    mask is compared with the pattern, for every batch item and head; the answer is cached per mask object.
+    """
+    if attn_mask.dim() != 4:
+        return None
+    batch, heads, q_len, kv_len = attn_mask.shape
+    if q_len != kv_len:
+        return None
+    decision = masks.classify_mask(attn_mask, batch, heads, q_len, kv_len, window_size[0])
+    if decision is None or decision.mask_type != "causal":
+        return None
+    return decision.mask_type, decision.window_size
+
+
+def _scale_matches(call_scale: float | None, head_dim: int, module_scale: float | None) -> bool:
+    default = 1.0 / math.sqrt(head_dim)
+    sdpa_scale = call_scale if call_scale is not None else default
+    te_scale = module_scale if module_scale is not None else default
+    return math.isclose(sdpa_scale, te_scale, rel_tol=1e-9)
+
+
+def _plan_mask(
+    attn_mask: torch.Tensor | None, is_causal: bool, batch: int, heads: int, q_len: int, kv_len: int, window_left: int
+) -> masks.MaskDecision | None:
+    if attn_mask is None:
+        if not is_causal:
+            return masks.NO_MASK
+        # SDPA's is_causal is top-left aligned: with fewer queries than keys the keys past q_len are never seen
+        # (the caller slices them off); with more queries than keys SDPA and TE disagree on empty rows.
+        return masks.MaskDecision("causal", (-1, 0)) if q_len <= kv_len else None
+    if is_causal:
+        return None  # SDPA rejects the combination; let it raise its own error
+    return masks.classify_mask(attn_mask, batch, heads, q_len, kv_len, window_left)
+
+
+def _make_te_sdpa(
+    te_module: nn.Module,
+    num_heads: int,
+    num_kv_heads: int,
+    original_sdpa: Callable,
+    window_size: tuple[int, int] = (-1, 0),
+    softmax_scale: float | None = None,
+) -> Callable:
+    """A replacement for ``F.scaled_dot_product_attention`` that runs ``te_module`` where that is exact.
+
+    It reads HF's (B, H, S, D) views as the contiguous (B, S, H, D) tensors TE needs, undoes ``repeat_kv`` (TE does
+    GQA natively), unpacks the packed-GQA decode layout of transformers >= 5.23, converts a mask only when it is
+    exactly causal / sliding-causal / all-visible, and otherwise calls ``original_sdpa`` and counts why.
+    """
+    n_rep = num_heads // num_kv_heads
+    module_scale = softmax_scale if softmax_scale is not None else getattr(te_module, "softmax_scale", None)
+    unsupported = getattr(te_module, "unsupported_reason", None)
+
+    def _fallback(reason: str, *args: Any, **kwargs: Any) -> torch.Tensor:
+        _count(reason)
+        return original_sdpa(*args, **kwargs)
+
+    def te_sdpa(
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        dropout_p: float = 0.0,
+        is_causal: bool = False,
+        scale: float | None = None,
+        enable_gqa: bool = False,
+    ) -> torch.Tensor:
+        global _SCALE_MISMATCH_WARNED
+        call = functools.partial(
+            _fallback, query=query, key=key, value=value, attn_mask=attn_mask, dropout_p=dropout_p,
+            is_causal=is_causal, scale=scale, **({"enable_gqa": True} if enable_gqa else {}),
+        )  # fmt: skip
+        if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
+            return call("fallback_layout")
+        q, k, v = query, key, value
+        packed = n_rep > 1 and q.shape[1] == num_kv_heads and q.shape[2] == n_rep and k.shape[1] == num_kv_heads
+        if packed:  # transformers >= 5.23 decode: (B, Hkv, n_rep, D) holds one query token of every head
+            if is_causal or (attn_mask is not None and attn_mask.shape[-2] != 1):
+                return call("fallback_layout")
+            q = q.reshape(q.shape[0], num_heads, 1, q.shape[-1])
+        batch, heads, q_len, head_dim = q.shape
+        if k.shape[0] != batch or v.shape[:3] != k.shape[:3] or k.shape[-1] != head_dim:
+            return call("fallback_layout")
+        if k.shape[1] != heads and not (enable_gqa and heads % k.shape[1] == 0):
+            return call("fallback_layout")
+        if k.shape[1] == heads == num_heads and n_rep > 1:
+            k, v = k[:, ::n_rep], v[:, ::n_rep]  # K/V arrive repeat_kv-ed: pass the KV heads, TE does GQA
+        if not _scale_matches(scale, head_dim, module_scale):
+            if not _SCALE_MISMATCH_WARNED:
+                _SCALE_MISMATCH_WARNED = True
+                logger.warning(
+                    "te_fx: SDPA was called with scale=%s but the TE module uses softmax_scale=%s; these calls run "
+                    "the original SDPA (counted as fallback_scale_mismatch)", scale, module_scale,
+                )  # fmt: skip
+            return call("fallback_scale_mismatch")
+        te_dropout = getattr(te_module, "attention_dropout", 0.0) if te_module.training else 0.0
+        if dropout_p != te_dropout:
+            return call("fallback_dropout")
+        kv_len = k.shape[2]
+        decision = _plan_mask(attn_mask, is_causal, batch, heads, q_len, kv_len, window_size[0])
+        if decision is None:
+            return call("fallback_mask")
+        if attn_mask is None and is_causal and q_len < kv_len:
+            k, v = k[:, :, :q_len], v[:, :, :q_len]
+        q_bshd, k_bshd, v_bshd = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+        if unsupported is not None:
+            reason = unsupported(q_bshd, k_bshd, v_bshd, decision.mask_type, decision.window_size)
+            if reason is not None:
+                return call(reason)
+        out = te_module(
+            q_bshd, k_bshd, v_bshd, attn_mask_type=decision.mask_type, window_size=decision.window_size
+        )
+        _count("te_hits")
+        out = out.view(batch, q_len, heads, -1).transpose(1, 2)
+        return out.reshape(query.shape[0], query.shape[1], query.shape[2], -1) if packed else out
+
+    return te_sdpa
+
+
+def _patch_module_forward(module: nn.Module, te_sdpa: Callable) -> None:
+    """Shadow ``module.forward`` with one that routes this thread's SDPA calls to ``te_sdpa`` while it runs."""
+    original_forward = module.forward
+
+    @functools.wraps(original_forward)
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        with sdpa_patch.sdpa_override(te_sdpa):
+            return original_forward(*args, **kwargs)
+
+    module.forward = forward
+
+
+def _imports_sdpa_locally(module: nn.Module) -> bool:
+    """True when the module's source file binds SDPA to a global name (``from torch.nn.functional import
+    scaled_dot_product_attention``): such calls bypass the attribute swap."""
+    source = sys.modules.get(type(module).__module__)
+    sdpa = sdpa_patch.original_sdpa()
+    return source is not None and any(value is sdpa for value in vars(source).values())
+
+
+def _hide_from_state_dict(module: nn.Module) -> None:
+    """Keep ``attn_module`` (a child, so it follows .train()/.eval()/.to()) out of checkpoints."""
+    marker = f"{_TE_MODULE_ATTR}."
+
+    def drop_saved(_module: nn.Module, state_dict: dict, prefix: str, _meta: Any) -> None:
+        for key in [k for k in state_dict if k.startswith(prefix + marker)]:
+            del state_dict[key]
+
+    def forgive_missing(_module: nn.Module, incompatible: Any) -> None:
+        incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if f".{marker}" not in f".{k}"]
+
+    module.register_state_dict_post_hook(drop_saved)
+    module.register_load_state_dict_post_hook(forgive_missing)
+
+
+def _skip_reason(module: nn.Module) -> str | None:
+    implementation = getattr(getattr(module, "config", None), "_attn_implementation", None)
+    if isinstance(implementation, str) and implementation != "sdpa":
+        return f"attn_implementation={implementation!r} does not call SDPA"
+    if _imports_sdpa_locally(module):
+        return "its module imports scaled_dot_product_attention locally, so the runtime patch cannot reach it"
+    return None
+
+
+def inject_te_attention_into_module(module: nn.Module, *, executor: str | None = None) -> bool:
+    """Inject TE attention into one HF ``self_attn`` module.
+
+    Returns True on success, False when the module does not match the expected layout (or calls SDPA in a way the
+    patch cannot intercept; logged as a warning). ``executor``: "te" (default, or ``TE_FX_EXECUTOR``) or
+    "reference" (the pure-PyTorch executor, any device).
+    """
+    if hasattr(module, _TE_MODULE_ATTR):
+        return False
+    attn = _infer_attn_params(module)
+    if attn is None:
+        return False
+    reason = _skip_reason(module)
+    if reason is not None:
+        logger.warning("te_fx: skipping %s: %s", type(module).__name__, reason)
+        return False
+    head_dim = attn["head_dim"] if attn["v_head_dim"] == attn["head_dim"] else (attn["head_dim"], attn["v_head_dim"])
+    extra = {"attention_dropout": attn["dropout"]} if attn["dropout"] else {}
+    if resolve_executor(executor) == "reference":
+        te_module = ReferenceDotProductAttention(
+            attn["num_heads"], head_dim, attn["num_kv_heads"], window_size=attn["window_size"],
+            softmax_scale=attn["softmax_scale"], **extra,
+        )  # fmt: skip
+    else:
+        te_module = _create_te_dot_product_attention(
+            attn["num_heads"], attn["num_kv_heads"], head_dim, attn["window_size"], attn["softmax_scale"], **extra
+        )
+    te_module.train(module.training)
+    setattr(module, _TE_MODULE_ATTR, te_module)
+    _hide_from_state_dict(module)
+    te_sdpa = _make_te_sdpa(
+        te_module, attn["num_heads"], attn["num_kv_heads"], sdpa_patch.original_sdpa(), attn["window_size"],
+        attn["softmax_scale"],
+    )  # fmt: skip
+    _patch_module_forward(module, te_sdpa)
+    return True
+
+
+def inject_te_attention(model: nn.Module, *, executor: str | None = None) -> None:
+    """Inject TE attention into every compatible ``self_attn`` module of ``model``.
+
+    Skips modules that already carry ``attn_module``; sets ``model._te_attention_injected``. Call after loading
+    weights and before FSDP wrapping. ``executor``: "te" (default, or ``TE_FX_EXECUTOR``) needs TransformerEngine
+    (``pip install 'te-fx[te]'``); "reference" runs the same call contract in plain PyTorch on any device.
+    """
+    if getattr(model, _TE_MODEL_FLAG, False):
+        return
+    name = resolve_executor(executor)
+    if name == "te":
+        load_te_executor()
+    injected, skipped = [], []
+    for path, module in model.named_modules():
+        if path.rsplit(".", 1)[-1] != "self_attn":
+            continue
+        (injected if inject_te_attention_into_module(module, executor=name) else skipped).append(path)
+    if injected:
+        setattr(model, _TE_MODEL_FLAG, True)
+    logger.info(
+        "te_fx: %s executor injected into %d self_attn modules%s", name, len(injected),
+        f"; not injected: {', '.join(skipped)}" if skipped else "",
+    )  # fmt: skip
+
+
+def remove_te_attention(model: nn.Module) -> None:
+    """Undo :func:`inject_te_attention`: restore each module's own forward and drop ``attn_module``."""
+    for module in model.modules():
+        if hasattr(module, _TE_MODULE_ATTR) and "forward" in vars(module):
+            del module.forward
+            delattr(module, _TE_MODULE_ATTR)
+    if hasattr(model, _TE_MODEL_FLAG):
+        delattr(model, _TE_MODEL_FLAG)
