@@ -175,6 +175,7 @@ def _make_te_sdpa(
     n_rep = num_heads // num_kv_heads
     module_scale = softmax_scale if softmax_scale is not None else getattr(te_module, "softmax_scale", None)
     unsupported = getattr(te_module, "unsupported_reason", None)
+    run = getattr(te_module, "run", None)  # te_fx's TE module: skips nn.Module call overhead and repeated checks
 
     def _fallback(reason: str, *args: Any, **kwargs: Any) -> torch.Tensor:
         _count(reason)
@@ -232,9 +233,10 @@ def _make_te_sdpa(
             reason = unsupported(q_bshd, k_bshd, v_bshd, decision.mask_type, decision.window_size)
             if reason is not None:
                 return call(reason)
-        out = te_module(
-            q_bshd, k_bshd, v_bshd, attn_mask_type=decision.mask_type, window_size=decision.window_size
-        )
+        if run is not None:
+            out = run(q_bshd, k_bshd, v_bshd, decision.mask_type, decision.window_size)
+        else:
+            out = te_module(q_bshd, k_bshd, v_bshd, attn_mask_type=decision.mask_type, window_size=decision.window_size)
         _count("te_hits")
         out = out.view(batch, q_len, heads, -1).transpose(1, 2)
         return out.reshape(query.shape[0], query.shape[1], query.shape[2], -1) if packed else out

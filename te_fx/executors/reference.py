@@ -15,7 +15,7 @@ from torch import nn
 
 from ..masks import te_visible
 
-__all__ = ["reference_attention", "ReferenceDotProductAttention", "MASK_TYPES"]
+__all__ = ["reference_attention", "reference_attention_backward", "ReferenceDotProductAttention", "MASK_TYPES"]
 
 MASK_TYPES = (
     "no_mask",
@@ -25,6 +25,49 @@ MASK_TYPES = (
     "padding_causal",
     "padding_causal_bottom_right",
 )
+
+
+def _attention_probs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask_type: str,
+    window_size: tuple[int, int],
+    softmax_scale: float | None,
+    dropout_p: float,
+    seqlens_q: torch.Tensor | None,
+    seqlens_kv: torch.Tensor | None,
+    generator: torch.Generator | None,
+) -> tuple[torch.Tensor, ...]:
+    """(probs, dropout factor or None, q, k, v, scale) in (B, H, S, D) compute precision, K/V expanded to every
+    query head. The dropout factor is keep / (1 - p), drawn from ``generator``."""
+    if mask_type not in MASK_TYPES:
+        raise ValueError(f"mask_type must be one of {MASK_TYPES}, got {mask_type!r}")
+    if mask_type.startswith("padding") and (seqlens_q is None or seqlens_kv is None):
+        raise ValueError(f"mask_type={mask_type!r} needs seqlens_q and seqlens_kv")
+    q_len, heads, head_dim = q.shape[1], q.shape[2], q.shape[3]
+    kv_len, kv_heads = k.shape[1], k.shape[2]
+    if heads % kv_heads:
+        raise ValueError(f"query heads ({heads}) must be a multiple of KV heads ({kv_heads})")
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+    rep = heads // kv_heads
+    qc = q.to(compute).transpose(1, 2)
+    kc = k.to(compute).transpose(1, 2).repeat_interleave(rep, dim=1)
+    vc = v.to(compute).transpose(1, 2).repeat_interleave(rep, dim=1)
+    visible = te_visible(mask_type, window_size, q_len, kv_len, seqlens_q, seqlens_kv, device=q.device)
+    scores = torch.matmul(qc, kc.transpose(-1, -2)) * scale
+    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+    probs = probs.masked_fill(~visible.any(dim=-1, keepdim=True), 0.0)
+    factor = None
+    if dropout_p > 0.0:
+        keep = torch.rand(probs.shape, generator=generator, device=probs.device, dtype=probs.dtype) >= dropout_p
+        factor = keep / (1.0 - dropout_p)
+    return probs, factor, qc, kc, vc, scale
+
+
+def _bshd(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return x.transpose(1, 2).contiguous().to(dtype)
 
 
 def reference_attention(
@@ -43,30 +86,47 @@ def reference_attention(
     """Attention over bshd tensors: q (B, Sq, H, Dqk), k (B, Skv, Hkv, Dqk), v (B, Skv, Hkv, Dv) -> (B, Sq, H, Dv).
 
     Query head h reads KV head h // (H // Hkv). Rows with no visible key (padded queries included) are zero, as in
-    TE. Accumulates in float32 (float64 for float64 inputs) and returns q's dtype.
+    TE. Accumulates in float32 (float64 for float64 inputs) and returns q's dtype, contiguous. Differentiable.
     """
-    if mask_type not in MASK_TYPES:
-        raise ValueError(f"mask_type must be one of {MASK_TYPES}, got {mask_type!r}")
-    if mask_type.startswith("padding") and (seqlens_q is None or seqlens_kv is None):
-        raise ValueError(f"mask_type={mask_type!r} needs seqlens_q and seqlens_kv")
-    batch, q_len, heads, head_dim = q.shape
-    kv_len, kv_heads = k.shape[1], k.shape[2]
-    if heads % kv_heads:
-        raise ValueError(f"query heads ({heads}) must be a multiple of KV heads ({kv_heads})")
-    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
-    rep = heads // kv_heads
-    qc = q.to(compute).transpose(1, 2)
-    kc = k.to(compute).transpose(1, 2).repeat_interleave(rep, dim=1)
-    vc = v.to(compute).transpose(1, 2).repeat_interleave(rep, dim=1)
-    scores = torch.matmul(qc, kc.transpose(-1, -2)) * scale
-    visible = te_visible(mask_type, window_size, q_len, kv_len, seqlens_q, seqlens_kv, device=q.device)
-    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
-    probs = probs.masked_fill(~visible.any(dim=-1, keepdim=True), 0.0)
-    if dropout_p > 0.0:
-        keep = torch.rand(probs.shape, generator=generator, device=probs.device, dtype=probs.dtype) >= dropout_p
-        probs = probs * keep / (1.0 - dropout_p)
-    return torch.matmul(probs, vc).transpose(1, 2).to(q.dtype)
+    probs, factor, _, _, vc, _ = _attention_probs(
+        q, k, v, mask_type, window_size, softmax_scale, dropout_p, seqlens_q, seqlens_kv, generator
+    )
+    return _bshd(torch.matmul(probs if factor is None else probs * factor, vc), q.dtype)
+
+
+def reference_attention_backward(
+    d_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    mask_type: str = "causal",
+    window_size: tuple[int, int] = (-1, -1),
+    softmax_scale: float | None = None,
+    dropout_p: float = 0.0,
+    seqlens_q: torch.Tensor | None = None,
+    seqlens_kv: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of :func:`reference_attention` in closed form (it runs inside custom ops, below autograd).
+    ``generator`` must replay the forward's dropout draws."""
+    probs, factor, qc, kc, vc, scale = _attention_probs(
+        q, k, v, mask_type, window_size, softmax_scale, dropout_p, seqlens_q, seqlens_kv, generator
+    )
+    rep = q.shape[2] // k.shape[2]
+    do = d_out.to(qc.dtype).transpose(1, 2)
+    dv = torch.matmul((probs if factor is None else probs * factor).transpose(-1, -2), do)
+    d_probs = torch.matmul(do, vc.transpose(-1, -2))
+    if factor is not None:
+        d_probs = d_probs * factor
+    d_scores = probs * (d_probs - (d_probs * probs).sum(dim=-1, keepdim=True)) * scale
+    dq = torch.matmul(d_scores, kc)
+    dk = torch.matmul(d_scores.transpose(-1, -2), qc)
+
+    def per_kv_head(x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(1, (k.shape[2], rep)).sum(dim=2)
+
+    return _bshd(dq, q.dtype), _bshd(per_kv_head(dk), k.dtype), _bshd(per_kv_head(dv), v.dtype)
 
 
 class ReferenceDotProductAttention(nn.Module):

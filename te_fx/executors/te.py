@@ -156,8 +156,7 @@ def fused_backward(
 class _FusedAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, q, k, v, mask_type, window_size, softmax_scale, dropout_p):  # noqa: ANN001
-        training = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-        out, aux = fused_forward(q, k, v, mask_type, window_size, softmax_scale, dropout_p, training or dropout_p > 0)
+        out, aux = fused_forward(q, k, v, mask_type, window_size, softmax_scale, dropout_p, True)
         ctx.save_for_backward(q, k, v, out, *aux)
         ctx.config = (mask_type, window_size, softmax_scale, dropout_p)
         return out
@@ -179,7 +178,9 @@ def fused_attention(
     dropout_p: float = 0.0,
 ) -> torch.Tensor:
     """Differentiable TE fused attention on contiguous bshd tensors (native GQA); returns bshd."""
-    return _FusedAttentionFunction.apply(q, k, v, mask_type, tuple(window_size), softmax_scale, dropout_p)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _FusedAttentionFunction.apply(q, k, v, mask_type, tuple(window_size), softmax_scale, dropout_p)
+    return fused_forward(q, k, v, mask_type, window_size, softmax_scale, dropout_p, dropout_p > 0)[0]
 
 
 class TEDotProductAttention(te.DotProductAttention):
@@ -198,6 +199,19 @@ class TEDotProductAttention(te.DotProductAttention):
         training = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
         return unsupported_reason(q, k, v, mask_type, window_size, dropout_p, training or dropout_p > 0)
 
+    def run(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_type: str, window_size: tuple[int, int]
+    ) -> torch.Tensor:
+        """bshd in, bshd (B, Sq, H, Dv) out, for callers that have already asked :meth:`unsupported_reason` (te_fx's
+        SDPA replacement, once per call): the fused kernels directly, or TE's own forward inside FP8 autocast."""
+        if FP8GlobalStateManager.is_fp8_enabled():
+            out = super().forward(q, k, v, attn_mask_type=mask_type, window_size=window_size)
+            return out.view(*q.shape[:3], -1)
+        dropout_p = self.attention_dropout if self.training else 0.0
+        return fused_attention(
+            q.contiguous(), k.contiguous(), v.contiguous(), mask_type, window_size, self.softmax_scale, dropout_p
+        )
+
     def forward(self, query_layer, key_layer, value_layer, *args, **kwargs):  # noqa: ANN001, ANN201
         mask_type = kwargs.pop("attn_mask_type", None) or self.attn_mask_type
         window_size = dpa_utils.check_set_window_size(mask_type, kwargs.pop("window_size", None) or self.window_size)
@@ -206,12 +220,7 @@ class TEDotProductAttention(te.DotProductAttention):
             args
             or kwargs
             or self.qkv_format != "bshd"
-            or FP8GlobalStateManager.is_fp8_enabled()
             or self.unsupported_reason(q, k, v, mask_type, window_size) is not None
         ):
             return super().forward(q, k, v, *args, attn_mask_type=mask_type, window_size=window_size, **kwargs)
-        dropout_p = self.attention_dropout if self.training else 0.0
-        out = fused_attention(
-            q.contiguous(), k.contiguous(), v.contiguous(), mask_type, window_size, self.softmax_scale, dropout_p
-        )
-        return out.flatten(2)
+        return self.run(q, k, v, mask_type, window_size).flatten(2)

@@ -1,0 +1,146 @@
+"""The custom ops: te_fx's attention as ``torch.library`` ops, so torch.compile graphs can hold it.
+
+``te_fx::attention_fwd`` and ``te_fx::attention_bwd`` are functional ops with fake implementations and autograd
+registered, in the style of flash-attn's op wrappers. The "te" executor runs TE's fused attention (CUDA, fp16/bf16);
+"reference" runs :func:`te_fx.executors.reference.reference_attention` on any device. Tensors are bshd:
+q (B, Sq, H, Dqk), k (B, Skv, Hkv, Dqk), v (B, Skv, Hkv, Dv) -> out (B, Sq, H, Dv).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .executors import load_te_executor
+from .executors.reference import reference_attention, reference_attention_backward
+
+__all__ = ["attention"]
+
+
+def _generator(seed: Tensor, device: torch.device) -> torch.Generator | None:
+    """The dropout generator of a reference call, replayed by its backward (``seed`` is empty without dropout)."""
+    if not seed.numel():
+        return None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(int(seed[0]))
+    return generator
+
+
+def _config(mask_type: str, window_left: int, window_right: int, softmax_scale: float, dropout_p: float) -> dict:
+    return dict(
+        mask_type=mask_type, window_size=(window_left, window_right), softmax_scale=softmax_scale, dropout_p=dropout_p
+    )
+
+
+@torch.library.custom_op("te_fx::attention_fwd", mutates_args=())
+def attention_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask_type: str,
+    window_left: int,
+    window_right: int,
+    softmax_scale: float,
+    dropout_p: float,
+    training: bool,
+    executor: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Attention forward; returns (out, softmax_stats, rng_state). The last two are what the backward needs
+    (empty when not training): TE's softmax statistics and RNG state, or the reference executor's dropout seed."""
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    if executor == "te":
+        window = (window_left, window_right)
+        te = load_te_executor()
+        out, aux = te.fused_forward(q, k, v, mask_type, window, softmax_scale, dropout_p, training)
+        if not training:
+            return out, q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.int64)
+        return out, aux[0], aux[1]
+    seed = torch.randint(0, 2**62, (2 if dropout_p > 0 else 0,), dtype=torch.int64)
+    config = _config(mask_type, window_left, window_right, softmax_scale, dropout_p)
+    out = reference_attention(q, k, v, generator=_generator(seed, q.device), **config)
+    return out, q.new_empty(0, dtype=torch.float32), seed.to(q.device)
+
+
+@attention_fwd.register_fake
+def _(q, k, v, mask_type, window_left, window_right, softmax_scale, dropout_p, training, executor):  # noqa: ANN001
+    torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4, lambda: "te_fx attention takes 4D bshd tensors")
+    torch._check(q.shape[2] % k.shape[2] == 0, lambda: "query heads must be a multiple of KV heads")
+    batch, q_len, heads = q.shape[0], q.shape[1], q.shape[2]
+    out = q.new_empty(batch, q_len, heads, v.shape[-1])
+    if executor == "te" and training:
+        return out, q.new_empty(batch, heads, q_len, 1, dtype=torch.float32), q.new_empty(2, dtype=torch.int64)
+    rng_len = 2 if executor != "te" and dropout_p > 0 else 0
+    return out, q.new_empty(0, dtype=torch.float32), q.new_empty(rng_len, dtype=torch.int64)
+
+
+@torch.library.custom_op("te_fx::attention_bwd", mutates_args=())
+def attention_bwd(
+    d_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    softmax_stats: Tensor,
+    rng_state: Tensor,
+    mask_type: str,
+    window_left: int,
+    window_right: int,
+    softmax_scale: float,
+    dropout_p: float,
+    executor: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Attention backward; returns (dq, dk, dv)."""
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    if executor == "te":
+        te = load_te_executor()
+        window = (window_left, window_right)
+        return te.fused_backward(d_out, q, k, v, out, [softmax_stats, rng_state], mask_type, window, softmax_scale, dropout_p)
+    config = _config(mask_type, window_left, window_right, softmax_scale, dropout_p)
+    return reference_attention_backward(d_out, q, k, v, generator=_generator(rng_state, q.device), **config)
+
+
+@attention_bwd.register_fake
+def _(d_out, q, k, v, out, softmax_stats, rng_state, *config):  # noqa: ANN001, ANN002
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+    q, k, v, mask_type, window_left, window_right, softmax_scale, dropout_p, _training, executor = inputs
+    out, stats, rng = output
+    ctx.save_for_backward(q, k, v, out, stats, rng)
+    ctx.config = (mask_type, window_left, window_right, softmax_scale, dropout_p, executor)
+
+
+def _backward(ctx: Any, d_out: Tensor, _d_stats: Tensor, _d_rng: Tensor) -> tuple:
+    q, k, v, out, stats, rng = ctx.saved_tensors
+    dq, dk, dv = attention_bwd(d_out, q, k, v, out, stats, rng, *ctx.config)
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    mask_type: str,
+    window_size: tuple[int, int],
+    softmax_scale: float,
+    dropout_p: float = 0.0,
+    executor: str = "te",
+) -> Tensor:
+    """Differentiable attention over bshd tensors with native GQA (Hkv divides H), TE mask semantics.
+
+    ``executor`` "te" needs CUDA fp16/bf16 tensors that TE's F16 fused backend supports; "reference" runs anywhere.
+    Dropout draws fresh randomness per call; the backward reuses the forward's.
+    """
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    training = needs_grad or dropout_p > 0
+    out, _, _ = torch.ops.te_fx.attention_fwd(
+        q, k, v, mask_type, window_size[0], window_size[1], softmax_scale, dropout_p, training, executor
+    )
+    return out
