@@ -1,9 +1,11 @@
-"""te_fx: TransformerEngine fused attention for HuggingFace causal LMs, eager (``inject_te_attention``)."""
+"""te_fx: TransformerEngine fused attention for HuggingFace causal LMs, eager (``inject_te_attention``) and under
+``torch.compile(model, backend="te_attn")``."""
 
 from __future__ import annotations
 
 import logging
 
+from .backend import compile_report, register, reset_compile_report
 from .executors import TEUnavailableError
 from .te_attention import (
     get_te_attention_stats,
@@ -16,6 +18,8 @@ from .te_attention import (
 __version__ = "0.1.0"
 __all__ = [
     "TEUnavailableError",
+    "compile_report",
+    "reset_compile_report",
     "get_te_attention_stats",
     "inject_te_attention",
     "inject_te_attention_into_module",
@@ -24,3 +28,4 @@ __all__ = [
 ]
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
+register()

@@ -66,11 +66,11 @@ def te_visible(
     if "causal" in mask_type:
         right = 0
     if right >= 0:
-        visible &= cols <= diag + right
+        visible = visible & (cols <= diag + right)
     if left >= 0:
-        visible &= cols >= diag - left
+        visible = visible & (cols >= diag - left)
     if padded:
-        visible &= (rows < sq) & (cols < skv)
+        visible = visible & (rows < sq) & (cols < skv)
     return visible
 
 

@@ -28,9 +28,22 @@ def _generator(seed: Tensor, device: torch.device) -> torch.Generator | None:
     return generator
 
 
-def _config(mask_type: str, window_left: int, window_right: int, softmax_scale: float, dropout_p: float) -> dict:
+def _reference_config(
+    cu_seqlens_q: Tensor | None,
+    cu_seqlens_kv: Tensor | None,
+    mask_type: str,
+    window_left: int,
+    window_right: int,
+    softmax_scale: float,
+    dropout_p: float,
+) -> dict:
     return dict(
-        mask_type=mask_type, window_size=(window_left, window_right), softmax_scale=softmax_scale, dropout_p=dropout_p
+        mask_type=mask_type,
+        window_size=(window_left, window_right),
+        softmax_scale=softmax_scale,
+        dropout_p=dropout_p,
+        seqlens_q=None if cu_seqlens_q is None else cu_seqlens_q.diff(),
+        seqlens_kv=None if cu_seqlens_kv is None else cu_seqlens_kv.diff(),
     )
 
 
@@ -39,6 +52,8 @@ def attention_fwd(
     q: Tensor,
     k: Tensor,
     v: Tensor,
+    cu_seqlens_q: Tensor | None,
+    cu_seqlens_kv: Tensor | None,
     mask_type: str,
     window_left: int,
     window_right: int,
@@ -48,23 +63,26 @@ def attention_fwd(
     executor: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Attention forward; returns (out, softmax_stats, rng_state). The last two are what the backward needs
-    (empty when not training): TE's softmax statistics and RNG state, or the reference executor's dropout seed."""
+    (empty when not training): TE's softmax statistics and RNG state, or the reference executor's dropout seed.
+    ``cu_seqlens_*`` (int32, B + 1) give per-sequence lengths for the ``padding*`` mask types."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     if executor == "te":
         window = (window_left, window_right)
         te = load_te_executor()
-        out, aux = te.fused_forward(q, k, v, mask_type, window, softmax_scale, dropout_p, training)
+        out, aux = te.fused_forward(
+            q, k, v, mask_type, window, softmax_scale, dropout_p, training, cu_seqlens_q, cu_seqlens_kv
+        )
         if not training:
             return out, q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.int64)
         return out, aux[0], aux[1]
     seed = torch.randint(0, 2**62, (2 if dropout_p > 0 else 0,), dtype=torch.int64)
-    config = _config(mask_type, window_left, window_right, softmax_scale, dropout_p)
+    config = _reference_config(cu_seqlens_q, cu_seqlens_kv, mask_type, window_left, window_right, softmax_scale, dropout_p)
     out = reference_attention(q, k, v, generator=_generator(seed, q.device), **config)
     return out, q.new_empty(0, dtype=torch.float32), seed.to(q.device)
 
 
 @attention_fwd.register_fake
-def _(q, k, v, mask_type, window_left, window_right, softmax_scale, dropout_p, training, executor):  # noqa: ANN001
+def _(q, k, v, cu_seqlens_q, cu_seqlens_kv, mask_type, window_left, window_right, softmax_scale, dropout_p, training, executor):  # noqa: ANN001, E501
     torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4, lambda: "te_fx attention takes 4D bshd tensors")
     torch._check(q.shape[2] % k.shape[2] == 0, lambda: "query heads must be a multiple of KV heads")
     batch, q_len, heads = q.shape[0], q.shape[1], q.shape[2]
@@ -84,6 +102,8 @@ def attention_bwd(
     out: Tensor,
     softmax_stats: Tensor,
     rng_state: Tensor,
+    cu_seqlens_q: Tensor | None,
+    cu_seqlens_kv: Tensor | None,
     mask_type: str,
     window_left: int,
     window_right: int,
@@ -95,9 +115,12 @@ def attention_bwd(
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     if executor == "te":
         te = load_te_executor()
+        aux = [softmax_stats, rng_state]
         window = (window_left, window_right)
-        return te.fused_backward(d_out, q, k, v, out, [softmax_stats, rng_state], mask_type, window, softmax_scale, dropout_p)
-    config = _config(mask_type, window_left, window_right, softmax_scale, dropout_p)
+        return te.fused_backward(
+            d_out, q, k, v, out, aux, mask_type, window, softmax_scale, dropout_p, cu_seqlens_q, cu_seqlens_kv
+        )
+    config = _reference_config(cu_seqlens_q, cu_seqlens_kv, mask_type, window_left, window_right, softmax_scale, dropout_p)
     return reference_attention_backward(d_out, q, k, v, generator=_generator(rng_state, q.device), **config)
 
 
@@ -107,19 +130,35 @@ def _(d_out, q, k, v, out, softmax_stats, rng_state, *config):  # noqa: ANN001, 
 
 
 def _setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-    q, k, v, mask_type, window_left, window_right, softmax_scale, dropout_p, _training, executor = inputs
+    q, k, v, cu_q, cu_kv, mask_type, window_left, window_right, softmax_scale, dropout_p, _training, executor = inputs
     out, stats, rng = output
-    ctx.save_for_backward(q, k, v, out, stats, rng)
+    ctx.save_for_backward(q, k, v, out, stats, rng, cu_q, cu_kv)
     ctx.config = (mask_type, window_left, window_right, softmax_scale, dropout_p, executor)
 
 
 def _backward(ctx: Any, d_out: Tensor, _d_stats: Tensor, _d_rng: Tensor) -> tuple:
-    q, k, v, out, stats, rng = ctx.saved_tensors
-    dq, dk, dv = attention_bwd(d_out, q, k, v, out, stats, rng, *ctx.config)
-    return dq, dk, dv, None, None, None, None, None, None, None
+    q, k, v, out, stats, rng, cu_q, cu_kv = ctx.saved_tensors
+    dq, dk, dv = attention_bwd(d_out, q, k, v, out, stats, rng, cu_q, cu_kv, *ctx.config)
+    return dq, dk, dv, *([None] * 9)
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _compact_valid_first(key_padding_mask: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(order, inverse order, cu_seqlens_kv, rows that see a key) for a (B, S) key padding mask (nonzero = keep).
+
+    A stable sort puts each row's kept tokens first, in order: then "query i sees kept keys j <= i" becomes TE's
+    ``padding_causal`` with per-row key lengths, and padding sits at the end of each row as TE requires."""
+    keep = key_padding_mask != 0
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
+    lengths = keep.sum(dim=1, dtype=torch.int32)
+    cu_seqlens = torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+    return order, torch.argsort(order, dim=1), cu_seqlens, keep.cumsum(dim=1) > 0
+
+
+def _gather_rows(x: Tensor, index: Tensor) -> Tensor:
+    return x.gather(1, index[:, :, None, None].expand(-1, -1, x.shape[2], x.shape[3]))
 
 
 def attention(
@@ -131,16 +170,31 @@ def attention(
     window_size: tuple[int, int],
     softmax_scale: float,
     dropout_p: float = 0.0,
+    key_padding_mask: Tensor | None = None,
     executor: str = "te",
 ) -> Tensor:
     """Differentiable attention over bshd tensors with native GQA (Hkv divides H), TE mask semantics.
 
+    ``key_padding_mask`` (B, S), nonzero = keep, with ``mask_type="causal"``: query i attends to kept keys j <= i,
+    as SDPA does with HF's ``causal & attention_mask[b, kv]`` mask. Rows with no such key are zero, as in SDPA.
     ``executor`` "te" needs CUDA fp16/bf16 tensors that TE's F16 fused backend supports; "reference" runs anywhere.
     Dropout draws fresh randomness per call; the backward reuses the forward's.
     """
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     training = needs_grad or dropout_p > 0
+    cu_seqlens_q = cu_seqlens_kv = None
+    if key_padding_mask is not None:
+        if mask_type != "causal" or window_size != (-1, 0) or q.shape[1] != k.shape[1]:
+            raise ValueError("key_padding_mask needs full causal self-attention (q_len == kv_len)")
+        order, restore, cu_seqlens_kv, sees_a_key = _compact_valid_first(key_padding_mask)
+        q, k, v = (_gather_rows(t, order) for t in (q, k, v))
+        batch, seq = q.shape[0], q.shape[1]
+        cu_seqlens_q = torch.arange(0, (batch + 1) * seq, seq, dtype=torch.int32, device=q.device)
+        mask_type = "padding_causal"
     out, _, _ = torch.ops.te_fx.attention_fwd(
-        q, k, v, mask_type, window_size[0], window_size[1], softmax_scale, dropout_p, training, executor
-    )
+        q, k, v, cu_seqlens_q, cu_seqlens_kv, mask_type, window_size[0], window_size[1], softmax_scale, dropout_p,
+        training, executor,
+    )  # fmt: skip
+    if key_padding_mask is not None:
+        out = _gather_rows(out, restore) * sees_a_key[:, :, None, None]
     return out

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["proj_out_features", "infer_attn_params", "config_sliding_window"]
+__all__ = ["proj_out_features", "infer_attn_params", "config_sliding_window", "fused_qkv_name"]
 
 _FUSED_QKV = ("qkv_proj", "query_key_value", "c_attn", "Wqkv", "W_pack")
 
@@ -100,6 +100,9 @@ def infer_attn_params(module: nn.Module) -> dict[str, Any] | None:
     }
 
 
-def has_fused_qkv(module: nn.Module) -> bool:
-    """True for fused-projection layouts (Phi3 ``qkv_proj``, GPT-NeoX ``query_key_value``, ...)."""
-    return any(hasattr(module, name) for name in _FUSED_QKV) and not hasattr(module, "q_proj")
+def fused_qkv_name(module: nn.Module) -> str | None:
+    """The fused projection of a fused-q/k/v attention layout (Phi3 ``qkv_proj``, GPT-NeoX and Falcon
+    ``query_key_value``, ...), which te_fx's eager path does not handle; None for other modules."""
+    if hasattr(module, "q_proj"):
+        return None
+    return next((name for name in _FUSED_QKV if isinstance(getattr(module, name, None), nn.Module)), None)

@@ -11,7 +11,6 @@ device or head dim) run the original SDPA and are counted by reason in :func:`ge
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import os
@@ -158,6 +157,95 @@ def _plan_mask(
     return masks.classify_mask(attn_mask, batch, heads, q_len, kv_len, window_left)
 
 
+class _TESdpa:
+    """The callable :func:`_make_te_sdpa` returns. An object rather than a closure so that ``copy.deepcopy`` of an
+    injected model gives the copy its own ``attn_module`` (and so that injected models pickle)."""
+
+    def __init__(
+        self,
+        te_module: nn.Module,
+        num_heads: int,
+        num_kv_heads: int,
+        original_sdpa: Callable,
+        window_size: tuple[int, int],
+        softmax_scale: float | None,
+    ) -> None:
+        self.te_module = te_module
+        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+        self.original_sdpa = original_sdpa
+        self.window_size = window_size
+        self.softmax_scale = softmax_scale if softmax_scale is not None else getattr(te_module, "softmax_scale", None)
+
+    def _fallback(self, reason: str, args: tuple, kwargs: dict) -> torch.Tensor:
+        _count(reason)
+        return self.original_sdpa(*args, **kwargs)
+
+    def __call__(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        dropout_p: float = 0.0,
+        is_causal: bool = False,
+        scale: float | None = None,
+        enable_gqa: bool = False,
+    ) -> torch.Tensor:
+        global _SCALE_MISMATCH_WARNED
+        sdpa_args = (query, key, value)
+        sdpa_kwargs = dict(attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
+        if enable_gqa:
+            sdpa_kwargs["enable_gqa"] = True
+        te_module, num_heads, num_kv_heads = self.te_module, self.num_heads, self.num_kv_heads
+        n_rep = num_heads // num_kv_heads
+        if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
+            return self._fallback("fallback_layout", sdpa_args, sdpa_kwargs)
+        q, k, v = query, key, value
+        packed = n_rep > 1 and q.shape[1] == num_kv_heads and q.shape[2] == n_rep and k.shape[1] == num_kv_heads
+        if packed:  # transformers >= 5.23 decode: (B, Hkv, n_rep, D) holds one query token of every head
+            if is_causal or (attn_mask is not None and attn_mask.shape[-2] != 1):
+                return self._fallback("fallback_layout", sdpa_args, sdpa_kwargs)
+            q = q.reshape(q.shape[0], num_heads, 1, q.shape[-1])
+        batch, heads, q_len, head_dim = q.shape
+        if k.shape[0] != batch or v.shape[:3] != k.shape[:3] or k.shape[-1] != head_dim:
+            return self._fallback("fallback_layout", sdpa_args, sdpa_kwargs)
+        if k.shape[1] != heads and not ((enable_gqa or packed) and heads % k.shape[1] == 0):
+            return self._fallback("fallback_layout", sdpa_args, sdpa_kwargs)
+        if k.shape[1] == heads == num_heads and n_rep > 1:
+            k, v = k[:, ::n_rep], v[:, ::n_rep]  # K/V arrive repeat_kv-ed: pass the KV heads, TE does GQA
+        if not _scale_matches(scale, head_dim, self.softmax_scale):
+            if not _SCALE_MISMATCH_WARNED:
+                _SCALE_MISMATCH_WARNED = True
+                logger.warning(
+                    "te_fx: SDPA was called with scale=%s but the TE module uses softmax_scale=%s; these calls run "
+                    "the original SDPA (counted as fallback_scale_mismatch)", scale, self.softmax_scale,
+                )  # fmt: skip
+            return self._fallback("fallback_scale_mismatch", sdpa_args, sdpa_kwargs)
+        te_dropout = getattr(te_module, "attention_dropout", 0.0) if te_module.training else 0.0
+        if dropout_p != te_dropout:
+            return self._fallback("fallback_dropout", sdpa_args, sdpa_kwargs)
+        kv_len = k.shape[2]
+        decision = _plan_mask(attn_mask, is_causal, batch, heads, q_len, kv_len, self.window_size[0])
+        if decision is None:
+            return self._fallback("fallback_mask", sdpa_args, sdpa_kwargs)
+        if attn_mask is None and is_causal and q_len < kv_len:
+            k, v = k[:, :, :q_len], v[:, :, :q_len]
+        q_bshd, k_bshd, v_bshd = q.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()
+        unsupported = getattr(te_module, "unsupported_reason", None)
+        if unsupported is not None:
+            reason = unsupported(q_bshd, k_bshd, v_bshd, decision.mask_type, decision.window_size)
+            if reason is not None:
+                return self._fallback(reason, sdpa_args, sdpa_kwargs)
+        run = getattr(te_module, "run", None)  # te_fx's TE module: no nn.Module call overhead, no repeated checks
+        if run is not None:
+            out = run(q_bshd, k_bshd, v_bshd, decision.mask_type, decision.window_size)
+        else:
+            out = te_module(q_bshd, k_bshd, v_bshd, attn_mask_type=decision.mask_type, window_size=decision.window_size)
+        _count("te_hits")
+        out = out.view(batch, q_len, heads, -1).transpose(1, 2)
+        return out.reshape(query.shape[0], query.shape[1], query.shape[2], -1) if packed else out
+
+
 def _make_te_sdpa(
     te_module: nn.Module,
     num_heads: int,
@@ -172,88 +260,28 @@ def _make_te_sdpa(
     GQA natively), unpacks the packed-GQA decode layout of transformers >= 5.23, converts a mask only when it is
     exactly causal / sliding-causal / all-visible, and otherwise calls ``original_sdpa`` and counts why.
     """
-    n_rep = num_heads // num_kv_heads
-    module_scale = softmax_scale if softmax_scale is not None else getattr(te_module, "softmax_scale", None)
-    unsupported = getattr(te_module, "unsupported_reason", None)
-    run = getattr(te_module, "run", None)  # te_fx's TE module: skips nn.Module call overhead and repeated checks
+    return _TESdpa(te_module, num_heads, num_kv_heads, original_sdpa, window_size, softmax_scale)
 
-    def _fallback(reason: str, *args: Any, **kwargs: Any) -> torch.Tensor:
-        _count(reason)
-        return original_sdpa(*args, **kwargs)
 
-    def te_sdpa(
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        attn_mask: torch.Tensor | None = None,
-        dropout_p: float = 0.0,
-        is_causal: bool = False,
-        scale: float | None = None,
-        enable_gqa: bool = False,
-    ) -> torch.Tensor:
-        global _SCALE_MISMATCH_WARNED
-        call = functools.partial(
-            _fallback, query=query, key=key, value=value, attn_mask=attn_mask, dropout_p=dropout_p,
-            is_causal=is_causal, scale=scale, **({"enable_gqa": True} if enable_gqa else {}),
-        )  # fmt: skip
-        if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
-            return call("fallback_layout")
-        q, k, v = query, key, value
-        packed = n_rep > 1 and q.shape[1] == num_kv_heads and q.shape[2] == n_rep and k.shape[1] == num_kv_heads
-        if packed:  # transformers >= 5.23 decode: (B, Hkv, n_rep, D) holds one query token of every head
-            if is_causal or (attn_mask is not None and attn_mask.shape[-2] != 1):
-                return call("fallback_layout")
-            q = q.reshape(q.shape[0], num_heads, 1, q.shape[-1])
-        batch, heads, q_len, head_dim = q.shape
-        if k.shape[0] != batch or v.shape[:3] != k.shape[:3] or k.shape[-1] != head_dim:
-            return call("fallback_layout")
-        if k.shape[1] != heads and not (enable_gqa and heads % k.shape[1] == 0):
-            return call("fallback_layout")
-        if k.shape[1] == heads == num_heads and n_rep > 1:
-            k, v = k[:, ::n_rep], v[:, ::n_rep]  # K/V arrive repeat_kv-ed: pass the KV heads, TE does GQA
-        if not _scale_matches(scale, head_dim, module_scale):
-            if not _SCALE_MISMATCH_WARNED:
-                _SCALE_MISMATCH_WARNED = True
-                logger.warning(
-                    "te_fx: SDPA was called with scale=%s but the TE module uses softmax_scale=%s; these calls run "
-                    "the original SDPA (counted as fallback_scale_mismatch)", scale, module_scale,
-                )  # fmt: skip
-            return call("fallback_scale_mismatch")
-        te_dropout = getattr(te_module, "attention_dropout", 0.0) if te_module.training else 0.0
-        if dropout_p != te_dropout:
-            return call("fallback_dropout")
-        kv_len = k.shape[2]
-        decision = _plan_mask(attn_mask, is_causal, batch, heads, q_len, kv_len, window_size[0])
-        if decision is None:
-            return call("fallback_mask")
-        if attn_mask is None and is_causal and q_len < kv_len:
-            k, v = k[:, :, :q_len], v[:, :, :q_len]
-        q_bshd, k_bshd, v_bshd = (t.transpose(1, 2).contiguous() for t in (q, k, v))
-        if unsupported is not None:
-            reason = unsupported(q_bshd, k_bshd, v_bshd, decision.mask_type, decision.window_size)
-            if reason is not None:
-                return call(reason)
-        if run is not None:
-            out = run(q_bshd, k_bshd, v_bshd, decision.mask_type, decision.window_size)
-        else:
-            out = te_module(q_bshd, k_bshd, v_bshd, attn_mask_type=decision.mask_type, window_size=decision.window_size)
-        _count("te_hits")
-        out = out.view(batch, q_len, heads, -1).transpose(1, 2)
-        return out.reshape(query.shape[0], query.shape[1], query.shape[2], -1) if packed else out
+class _TEForward:
+    """``module.forward`` after injection: the module's own forward with this thread's SDPA routed to ``te_sdpa``.
+    Holds the module rather than a bound method, so deep copies and pickles of the model stay consistent."""
 
-    return te_sdpa
+    def __init__(self, module: nn.Module, te_sdpa: Callable) -> None:
+        self.module = module
+        self.te_sdpa = te_sdpa
+        self.inner = vars(module).get("forward")  # a forward someone installed before us, else the class's
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with sdpa_patch.sdpa_override(self.te_sdpa):
+            if self.inner is not None:
+                return self.inner(*args, **kwargs)
+            return type(self.module).forward(self.module, *args, **kwargs)
 
 
 def _patch_module_forward(module: nn.Module, te_sdpa: Callable) -> None:
     """Shadow ``module.forward`` with one that routes this thread's SDPA calls to ``te_sdpa`` while it runs."""
-    original_forward = module.forward
-
-    @functools.wraps(original_forward)
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        with sdpa_patch.sdpa_override(te_sdpa):
-            return original_forward(*args, **kwargs)
-
-    module.forward = forward
+    module.forward = _TEForward(module, te_sdpa)
 
 
 def _imports_sdpa_locally(module: nn.Module) -> bool:
@@ -264,19 +292,20 @@ def _imports_sdpa_locally(module: nn.Module) -> bool:
     return source is not None and any(value is sdpa for value in vars(source).values())
 
 
+def _drop_te_module_keys(_module: nn.Module, state_dict: dict, prefix: str, _metadata: Any) -> None:
+    for key in [k for k in state_dict if k.startswith(f"{prefix}{_TE_MODULE_ATTR}.")]:
+        del state_dict[key]
+
+
+def _forgive_missing_te_module_keys(_module: nn.Module, incompatible: Any) -> None:
+    marker = f".{_TE_MODULE_ATTR}."
+    incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if marker not in f".{k}"]
+
+
 def _hide_from_state_dict(module: nn.Module) -> None:
     """Keep ``attn_module`` (a child, so it follows .train()/.eval()/.to()) out of checkpoints."""
-    marker = f"{_TE_MODULE_ATTR}."
-
-    def drop_saved(_module: nn.Module, state_dict: dict, prefix: str, _meta: Any) -> None:
-        for key in [k for k in state_dict if k.startswith(prefix + marker)]:
-            del state_dict[key]
-
-    def forgive_missing(_module: nn.Module, incompatible: Any) -> None:
-        incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if f".{marker}" not in f".{k}"]
-
-    module.register_state_dict_post_hook(drop_saved)
-    module.register_load_state_dict_post_hook(forgive_missing)
+    module.register_state_dict_post_hook(_drop_te_module_keys)
+    module.register_load_state_dict_post_hook(_forgive_missing_te_module_keys)
 
 
 def _skip_reason(module: nn.Module) -> str | None:
@@ -340,14 +369,19 @@ def inject_te_attention(model: nn.Module, *, executor: str | None = None) -> Non
         load_te_executor()
     injected, skipped = [], []
     for path, module in model.named_modules():
-        if path.rsplit(".", 1)[-1] != "self_attn":
-            continue
-        (injected if inject_te_attention_into_module(module, executor=name) else skipped).append(path)
+        fused = params.fused_qkv_name(module)
+        if fused is not None:  # GPT-NeoX `.attention`, Falcon `.self_attention`, Phi3 `.self_attn`
+            skipped.append(f"{path} (fused q/k/v projection {fused!r})")
+        elif path.rsplit(".", 1)[-1] == "self_attn":
+            if inject_te_attention_into_module(module, executor=name):
+                injected.append(path)
+            else:
+                skipped.append(f"{path} (not a separate q/k/v layout, or SDPA is not reachable)")
     if injected:
         setattr(model, _TE_MODEL_FLAG, True)
     logger.info(
         "te_fx: %s executor injected into %d self_attn modules%s", name, len(injected),
-        f"; not injected: {', '.join(skipped)}" if skipped else "",
+        f"; not injected: {'; '.join(skipped)}" if skipped else "",
     )  # fmt: skip
 
 

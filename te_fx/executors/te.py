@@ -17,7 +17,14 @@ from transformer_engine.pytorch.attention.dot_product_attention import utils as 
 from transformer_engine.pytorch.cpp_extensions.fused_attn import FusedAttnBackend, fused_attn_bwd, fused_attn_fwd
 from transformer_engine.pytorch.quantization import FP8GlobalStateManager
 
-__all__ = ["TEDotProductAttention", "fused_forward", "fused_backward", "unsupported_reason"]
+__all__ = [
+    "TEDotProductAttention",
+    "fused_attention",
+    "fused_forward",
+    "fused_backward",
+    "shape_unsupported_reason",
+    "unsupported_reason",
+]
 
 _F16 = FusedAttnBackend.F16_arbitrary_seqlen
 _LAYOUT = dict(qkv_layout="bshd_bshd_bshd", o_format="bshd")
@@ -60,6 +67,27 @@ def _backend_ok(
     return bool(fused_available) and fused_backend is not None and int(fused_backend) == int(_F16)
 
 
+def shape_unsupported_reason(
+    dtype: torch.dtype,
+    shape: tuple[int, int, int, int, int, int, int],
+    mask_type: str,
+    window_size: tuple[int, int],
+    dropout_p: float = 0.0,
+    training: bool = False,
+    device_index: int = 0,
+) -> str | None:
+    """Why TE's F16 fused attention cannot run (batch, heads, kv_heads, q_len, kv_len, head_dim_qk, head_dim_v) in
+    ``dtype`` (a stats key), or None if it can. Decided from metadata only, so compile-time guards use it too."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        return "fallback_dtype"
+    dqk, dv = shape[5], shape[6]
+    if dqk % 8 or dv % 8 or max(dqk, dv) > 256:
+        return "fallback_head_dim"
+    if not _backend_ok(dtype, (*shape, device_index), mask_type, tuple(window_size), float(dropout_p), bool(training)):
+        return "fallback_shape"
+    return None
+
+
 def unsupported_reason(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -72,15 +100,10 @@ def unsupported_reason(
     """Why TE's F16 fused attention cannot run these bshd tensors (a stats key), or None if it can."""
     if not (q.is_cuda and k.device == q.device and v.device == q.device):
         return "fallback_device"
-    if q.dtype not in (torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
+    if k.dtype != q.dtype or v.dtype != q.dtype:
         return "fallback_dtype"
-    dqk, dv = q.shape[-1], v.shape[-1]
-    if dqk % 8 or dv % 8 or max(dqk, dv) > 256:
-        return "fallback_head_dim"
-    shape = (q.shape[0], q.shape[2], k.shape[2], q.shape[1], k.shape[1], dqk, dv, q.device.index or 0)
-    if not _backend_ok(q.dtype, shape, mask_type, tuple(window_size), float(dropout_p), bool(training)):
-        return "fallback_shape"
-    return None
+    shape = (q.shape[0], q.shape[2], k.shape[2], q.shape[1], k.shape[1], q.shape[-1], v.shape[-1])
+    return shape_unsupported_reason(q.dtype, shape, mask_type, window_size, dropout_p, training, q.device.index or 0)
 
 
 def fused_forward(
@@ -92,15 +115,18 @@ def fused_forward(
     softmax_scale: float,
     dropout_p: float,
     training: bool,
+    cu_seqlens_q: torch.Tensor | None = None,
+    cu_seqlens_kv: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """TE fused attention forward on contiguous bshd tensors; returns (out bshd, aux tensors for the backward)."""
+    """TE fused attention forward on contiguous bshd tensors; returns (out bshd, aux tensors for the backward).
+    ``cu_seqlens_*`` (int32, B + 1, on the device) give per-sequence lengths for the ``padding*`` mask types."""
     batch, q_len, kv_len = q.shape[0], q.shape[1], k.shape[1]
     out, aux = fused_attn_fwd(
         training,
         q_len,
         kv_len,
-        _cu_seqlens(batch, q_len, q.device),
-        _cu_seqlens(batch, kv_len, q.device),
+        _cu_seqlens(batch, q_len, q.device) if cu_seqlens_q is None else cu_seqlens_q,
+        _cu_seqlens(batch, kv_len, q.device) if cu_seqlens_kv is None else cu_seqlens_kv,
         q,
         k,
         v,
@@ -126,14 +152,16 @@ def fused_backward(
     window_size: tuple[int, int],
     softmax_scale: float,
     dropout_p: float,
+    cu_seqlens_q: torch.Tensor | None = None,
+    cu_seqlens_kv: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """TE fused attention backward; returns (dq, dk, dv) in bshd."""
     batch, q_len, kv_len = q.shape[0], q.shape[1], k.shape[1]
     grads = fused_attn_bwd(
         q_len,
         kv_len,
-        _cu_seqlens(batch, q_len, q.device),
-        _cu_seqlens(batch, kv_len, q.device),
+        _cu_seqlens(batch, q_len, q.device) if cu_seqlens_q is None else cu_seqlens_q,
+        _cu_seqlens(batch, kv_len, q.device) if cu_seqlens_kv is None else cu_seqlens_kv,
         q,
         k,
         v,

@@ -1,0 +1,84 @@
+"""The ``te_attn`` torch.compile backend: te_fx's FX pass, then an inner compiler (Inductor by default).
+
+    torch.compile(model, backend="te_attn", options={"executor": "te", "inner": "inductor"})
+
+``executor``: "te" (default, or ``$TE_FX_EXECUTOR``) or "reference"; ``inner``: "inductor" (default), "aot_eager" or
+"eager". :func:`compile_report` lists what the pass decided for every SDPA node compiled since
+:func:`reset_compile_report`; the same goes to the ``te_fx`` logger at INFO.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from .executors import resolve_executor
+from .fx_pass import rewrite_attention
+
+__all__ = ["te_attn", "compile_report", "reset_compile_report", "register"]
+
+logger = logging.getLogger(__name__)
+
+BACKEND_NAME = "te_attn"
+INNER_COMPILERS = ("inductor", "aot_eager", "eager")
+_REPORT: list[dict[str, Any]] = []
+_REPORT_LOCK = threading.Lock()
+
+
+def compile_report() -> list[dict[str, Any]]:
+    """One dict per SDPA node compiled by ``te_attn`` since the last reset: ``decision`` ("te" or "sdpa"),
+    ``reason``, ``mask_kind``, ``num_heads``, ``num_kv_heads``, ``head_dim``, ``window_size``, ``executor``."""
+    with _REPORT_LOCK:
+        return [dict(entry) for entry in _REPORT]
+
+
+def reset_compile_report() -> None:
+    """Forget the entries of earlier compilations."""
+    with _REPORT_LOCK:
+        _REPORT.clear()
+
+
+def _inner_compiler(name: str) -> Callable:
+    if name not in INNER_COMPILERS:
+        raise ValueError(f"te_attn option 'inner' must be one of {INNER_COMPILERS}, got {name!r}")
+    if name == "eager":
+        return lambda gm, example_inputs: gm.forward
+    return torch._dynamo.lookup_backend(name)
+
+
+def te_attn(gm: fx.GraphModule, example_inputs: list, options: dict[str, Any] | None = None, **kwargs: Any) -> Callable:
+    """Dynamo backend: rewrite safe SDPA nodes into te_fx's attention op, then hand the graph to the inner
+    compiler. ``kwargs`` (such as ``mode``) go to Inductor."""
+    options = dict(options or {})
+    executor = resolve_executor(options.pop("executor", None))
+    inner = options.pop("inner", "inductor")
+    compiler = _inner_compiler(inner)
+    entries = rewrite_attention(gm, executor)
+    with _REPORT_LOCK:
+        _REPORT.extend(entries)
+    for entry in entries:
+        logger.info("te_attn: %s -> %s (%s)%s", entry["node"], entry["decision"], entry["reason"],
+                    f", {entry['mask_kind']} window {entry['window_size']}" if entry["decision"] == "te" else "")
+    if inner == "inductor" and (options or kwargs):
+        return compiler(gm, example_inputs, options=options or None, **kwargs)
+    if options:
+        raise ValueError(f"unknown te_attn options {sorted(options)}")
+    return compiler(gm, example_inputs)
+
+
+def register() -> None:
+    """Make ``backend="te_attn"`` resolve. Installed packages get it through the ``torch_dynamo_backends`` entry
+    point, which torch loads on lookup; registering here as well would collide with it, so this only registers
+    when the entry point is absent (a source checkout on ``sys.path``)."""
+    from importlib.metadata import entry_points
+
+    from torch._dynamo.backends import registry
+
+    if BACKEND_NAME in registry._COMPILER_FNS or entry_points(group="torch_dynamo_backends", name=BACKEND_NAME):
+        return
+    registry.register_backend(te_attn, name=BACKEND_NAME)

@@ -1,0 +1,268 @@
+"""The FX pass: rewrite Dynamo's ``scaled_dot_product_attention`` nodes into te_fx's attention op.
+
+For each SDPA node the pass elides ``repeat_kv`` producers (and ``enable_gqa``) so TE gets the KV heads natively,
+reads q/k/v from the (B, S, H, D) tensors that HF's ``transpose(1, 2)`` came from, classifies the mask from the
+subgraph that built it (:mod:`te_fx.mask_subgraph`), and checks guards on fake metadata only. A node that fails any
+check is left untouched; every node gets a report entry saying what was decided and why.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
+
+from . import ops
+from .mask_subgraph import SubgraphMask, classify_mask_node
+
+__all__ = ["AttentionRewrite", "rewrite_attention"]
+
+_SDPA_TARGETS = (torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention)
+_SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+_SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
+
+
+@dataclass
+class AttentionRewrite:
+    """One SDPA node's report entry."""
+
+    node: str
+    decision: str = "sdpa"
+    reason: str = ""
+    mask_kind: str | None = None
+    num_heads: int | None = None
+    num_kv_heads: int | None = None
+    head_dim: int | None = None
+    window_size: tuple[int, int] | None = None
+    executor: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        entry = {k: v for k, v in vars(self).items() if k != "extra"}
+        entry.update(self.extra)
+        return entry
+
+
+def _value(node: Any) -> Any:
+    return node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else node
+
+
+def _is_method(node: Any, *names: str) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_method" and node.target in names
+
+
+def _is_function(node: Any, *targets: Any) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
+
+
+def _int(size: Any) -> int | None:
+    """A size as a Python int if it is static."""
+    return int(size) if is_concrete_int(size) else None
+
+
+def _same_size(a: Any, b: Any) -> bool:
+    """Whether two (possibly symbolic) sizes are provably equal."""
+    if is_concrete_int(a) and is_concrete_int(b):
+        return int(a) == int(b)
+    if isinstance(a, torch.SymInt) and isinstance(b, torch.SymInt):
+        return a.node.expr == b.node.expr
+    return False
+
+
+def _sdpa_arguments(node: fx.Node) -> dict[str, Any]:
+    arguments = dict(_SDPA_DEFAULTS)
+    arguments.update(zip(_SDPA_PARAMS, node.args))
+    arguments.update(node.kwargs)
+    return arguments
+
+
+def _transpose_dims(node: fx.Node) -> tuple[int, int] | None:
+    if _is_method(node, "transpose") or _is_function(node, torch.transpose):
+        dims = tuple(node.args[1:3]) or (node.kwargs.get("dim0"), node.kwargs.get("dim1"))
+        return dims if all(isinstance(d, int) for d in dims) else None
+    return None
+
+
+def _bshd_source(node: fx.Node) -> fx.Node | None:
+    """The (B, S, H, D) tensor a (B, H, S, D) operand is ``transpose(1, 2)`` of, if it is one."""
+    dims = _transpose_dims(node)
+    if dims is not None and sorted(d % 4 for d in dims) == [1, 2]:
+        return node.args[0]
+    return None
+
+
+def _unrepeat_kv(node: fx.Node) -> fx.Node | None:
+    """The (B, KV, S, D) input of HF's ``repeat_kv`` (or ``repeat_interleave(n, dim=1)``) that produced ``node``.
+
+    repeat_kv: ``x[:, :, None, :, :].expand(B, KV, n, S, D).reshape(B, KV * n, S, D)`` (head h reads KV head h // n),
+    optionally followed by ``.contiguous()``; ``unsqueeze(2)`` in place of the indexing is accepted too.
+    """
+    if _is_method(node, "contiguous"):
+        node = node.args[0]
+    if _is_method(node, "repeat_interleave") or _is_function(node, torch.repeat_interleave):
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
+        source = node.args[0]
+        return source if dim in (1, -3) and _value(source).dim() == 4 else None
+    if not (_is_method(node, "reshape", "view") or _is_function(node, torch.reshape)):
+        return None
+    expanded = node.args[0]
+    if not _is_method(expanded, "expand"):
+        return None
+    inserted = expanded.args[0]
+    if _is_function(inserted, operator.getitem):
+        index = inserted.args[1]
+        full = slice(None, None, None)
+        if not (isinstance(index, tuple) and len(index) >= 3 and index[:3] == (full, full, None)
+                and all(i == full or i is Ellipsis for i in index[3:])):  # fmt: skip
+            return None
+    elif not ((_is_method(inserted, "unsqueeze") or _is_function(inserted, torch.unsqueeze))
+              and inserted.args[1] in (2, -3)):  # fmt: skip
+        return None
+    source = inserted.args[0]
+    source_shape, expanded_shape = _value(source).shape, _value(expanded).shape
+    if len(source_shape) != 4 or len(expanded_shape) != 5:
+        return None
+    kept_dims = zip(source_shape, (*expanded_shape[:2], *expanded_shape[3:]))
+    return source if all(_same_size(a, b) for a, b in kept_dims) else None
+
+
+def _guard(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, args: dict[str, Any], executor: str
+) -> str | None:
+    """Why this SDPA call cannot be rewritten, judged from metadata alone; None when it can."""
+    if any(not isinstance(t, torch.Tensor) or t.dim() != 4 for t in (q, k, v)):
+        return "q/k/v are not 4D tensors"
+    if not all(isinstance(args[name], (bool, int, float, type(None))) for name in ("dropout_p", "is_causal", "scale")):
+        return "dropout_p, is_causal or scale is not a compile-time constant"
+    if not isinstance(args["enable_gqa"], bool):
+        return "enable_gqa is not a compile-time constant"
+    if not q.dtype.is_floating_point or k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"dtype {q.dtype}"
+    heads, kv_heads = _int(q.shape[1]), _int(k.shape[1])
+    if heads is None or kv_heads is None or _int(q.shape[3]) is None or _int(v.shape[3]) is None:
+        return "symbolic head count or head dim"
+    if heads % kv_heads or (kv_heads != heads and not args["enable_gqa"]):
+        return "query heads are not a multiple of KV heads"
+    if executor == "te":
+        if q.device.type != "cuda":
+            return f"the te executor needs CUDA tensors, got {q.device.type}"
+        if q.dtype not in (torch.float16, torch.bfloat16):
+            return f"the te executor needs fp16/bf16, got {q.dtype}"
+    return None
+
+
+def _te_shape_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: SubgraphMask, dropout_p: float) -> str | None:
+    """TE's own support check at the traced sizes (its F16 fused backend has no sequence-length limits that matter
+    for dynamic shapes, so the traced hint stands for all)."""
+    from .executors import load_te_executor
+
+    hint = lambda size: size if isinstance(size, int) else size.node.hint  # noqa: E731
+    shape = tuple(hint(s) for s in (q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2], q.shape[3], v.shape[3]))
+    mask_type = "padding_causal" if mask.padding is not None else mask.mask_type
+    return load_te_executor().shape_unsupported_reason(
+        q.dtype, shape, mask_type, mask.window_size, dropout_p, True, q.device.index or 0
+    )
+
+
+def _classify(node: fx.Node, args: dict[str, Any], q: torch.Tensor, k: torch.Tensor) -> SubgraphMask | str:
+    batch, q_len, kv_len = q.shape[0], q.shape[2], k.shape[2]
+    mask = args["attn_mask"]
+    if mask is None:
+        if not args["is_causal"]:
+            return SubgraphMask("no_mask", (-1, -1))
+        if not _same_size(q_len, kv_len):
+            return "is_causal with q_len != kv_len (top-left causal)"
+        return SubgraphMask("causal", (-1, 0))
+    if args["is_causal"]:
+        return "attn_mask together with is_causal"
+    if not isinstance(mask, fx.Node):
+        return "attn_mask is not a graph value"
+    return classify_mask_node(mask, batch, q_len, kv_len)
+
+
+def _rewrite_one(graph: fx.Graph, node: fx.Node, executor: str) -> AttentionRewrite:
+    entry = AttentionRewrite(node=node.name, executor=executor)
+    args = _sdpa_arguments(node)
+    query, key, value = args["query"], args["key"], args["value"]
+    q, k, v = _value(query), _value(key), _value(value)
+    if isinstance(q, torch.Tensor) and q.dim() == 4:
+        entry.num_heads, entry.head_dim = _int(q.shape[1]), _int(q.shape[3])
+    # K/V repeated by repeat_kv are replaced by their source: TE runs GQA natively
+    kv_source = [_unrepeat_kv(t) if isinstance(t, fx.Node) else None for t in (key, value)]
+    if all(s is not None for s in kv_source) and _same_size(_value(kv_source[0]).shape[1], _value(kv_source[1]).shape[1]):
+        key, value = kv_source
+        k, v = _value(key), _value(value)
+        args = {**args, "enable_gqa": True}
+    if isinstance(k, torch.Tensor) and k.dim() == 4:
+        entry.num_kv_heads = _int(k.shape[1])
+    reason = _guard(q, k, v, args, executor)
+    if reason is None:
+        classified = _classify(node, args, q, k)
+        if isinstance(classified, str):
+            reason = classified
+        else:
+            entry.mask_kind = "padding_causal" if classified.padding is not None else classified.mask_type
+            entry.window_size = classified.window_size
+            if executor == "te":
+                reason = _te_shape_reason(q, k, v, classified, float(args["dropout_p"]))
+    if reason is not None:
+        entry.reason = reason
+        return entry
+
+    scale = args["scale"] if args["scale"] is not None else 1.0 / math.sqrt(_int(q.shape[3]))
+    with graph.inserting_before(node):
+        operands = []
+        for operand in (query, key, value):
+            source = _bshd_source(operand)
+            operands.append(source if source is not None else graph.call_method("transpose", (operand, 1, 2)))
+        kwargs = dict(
+            mask_type=classified.mask_type,
+            window_size=classified.window_size,
+            softmax_scale=float(scale),
+            dropout_p=float(args["dropout_p"]),
+            key_padding_mask=classified.padding,
+            executor=executor,
+        )
+        out = graph.call_function(ops.attention, tuple(operands), kwargs)
+        out.meta["example_value"] = _value(node).transpose(1, 2)
+        replacement = graph.call_method("transpose", (out, 1, 2))
+        replacement.meta["example_value"] = _value(node)
+    producers = node.all_input_nodes
+    node.replace_all_uses_with(replacement)
+    graph.erase_node(node)
+    _erase_dead_producers(producers)
+    entry.decision, entry.reason = "te", "rewritten"
+    return entry
+
+
+def _erase_dead_producers(nodes: list[fx.Node]) -> None:
+    """Erase the rewrite's now unused producers (repeat_kv, mask construction), walking upwards. Only pure nodes
+    go: FX's own dead-code elimination would also drop in-place writes whose results are unused (DeepSeek-V3
+    fills its key tensor with ``key[..., :n] = ...``)."""
+    stack = list(nodes)
+    while stack:
+        node = stack.pop()
+        in_place = node.op == "call_method" and str(node.target).endswith("_")
+        if node.users or node.op not in ("call_function", "call_method") or in_place or node.is_impure():
+            continue
+        inputs = node.all_input_nodes
+        node.graph.erase_node(node)
+        stack.extend(inputs)
+
+
+def rewrite_attention(gm: fx.GraphModule, executor: str = "te") -> list[dict[str, Any]]:
+    """Rewrite every safe SDPA node of a Dynamo graph into :func:`te_fx.ops.attention`; returns one report entry
+    per SDPA node. The graph is recompiled and the rewrite's dead producers (repeat_kv, mask construction) removed."""
+    entries = [
+        _rewrite_one(gm.graph, node, executor)
+        for node in list(gm.graph.nodes)
+        if node.op == "call_function" and node.target in _SDPA_TARGETS
+    ]
+    if any(entry.decision == "te" for entry in entries):
+        gm.recompile()
+    return [entry.as_dict() for entry in entries]

@@ -1,0 +1,210 @@
+"""Mask classification from the FX subgraph that built an SDPA mask, never from the mask's runtime values.
+
+HF builds its causal / sliding-window masks from index comparisons (``kv_idx <= q_idx``, ``kv_idx > q_idx - w``)
+and, when the user passes an attention_mask, ANDs in ``attention_mask[batch_idx, kv_idx]``. Rather than match HF's
+ops (which change between versions), the subgraph is evaluated at compile time, at the traced shapes and, for
+symbolic sizes, at several sample sizes:
+
+* with the 2D input mask all ones, the result must be exactly a canonical pattern (causal with some window, or all
+  visible) at every sample size;
+* with random 2D input masks, the result must be exactly that pattern AND ``input_mask[b, kv] != 0``.
+
+Anything else (other inputs, float masks, a mismatch anywhere) leaves the SDPA node untouched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
+
+from .masks import causal_pattern
+
+__all__ = ["SubgraphMask", "classify_mask_node"]
+
+_SAMPLE_SIZES = (1, 2, 3, 7, 16, 33)  # substituted for symbolic sizes, besides the traced ones
+_RANDOM_TRIALS = 4
+
+
+@dataclass(frozen=True)
+class SubgraphMask:
+    """What a mask subgraph computes: TE's ``mask_type`` and ``window_size``, and the graph input holding a 2D key
+    padding mask ANDed into it (``padding``), if any."""
+
+    mask_type: str
+    window_size: tuple[int, int]
+    padding: fx.Node | None = None
+
+
+def _ancestors(node: fx.Node) -> list[fx.Node]:
+    """The nodes ``node`` depends on, itself included, in graph order."""
+    seen: set[fx.Node] = set()
+    stack = [node]
+    while stack:
+        current = stack.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        stack.extend(current.all_input_nodes)
+    return [n for n in node.graph.nodes if n in seen]
+
+
+def _value(node: fx.Node) -> object:
+    return node.meta.get("example_value", node.meta.get("val"))
+
+
+def _extract(mask: fx.Node) -> tuple[fx.GraphModule, list[fx.Node]] | None:
+    """A standalone GraphModule computing ``mask`` from the placeholders it depends on (returned in order)."""
+    nodes = _ancestors(mask)
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    leaves = []
+    for node in nodes:
+        if node.op == "placeholder":
+            env[node] = graph.placeholder(node.name)
+            leaves.append(node)
+        elif node.op in ("call_function", "call_method"):
+            env[node] = graph.node_copy(node, lambda n: env[n])
+        else:  # get_attr, call_module: parameters or submodules feeding the mask are not index arithmetic
+            return None
+    graph.output(env[mask])
+    return fx.GraphModule(torch.nn.Module(), graph), leaves
+
+
+def _symbols(leaves: list[fx.Node]) -> dict:
+    """sympy symbol -> traced value (hint) of every symbolic size among the leaves."""
+    symbols = {}
+    for leaf in leaves:
+        value = _value(leaf)
+        sizes = [value] if isinstance(value, torch.SymInt) else list(getattr(value, "shape", ()))
+        for size in sizes:
+            if isinstance(size, torch.SymInt) and not is_concrete_int(size):
+                shape_env = size.node.shape_env
+                traced = getattr(shape_env, "backed_var_to_val", None) or shape_env.var_to_val  # renamed in torch 2.12
+                for symbol in size.node.expr.free_symbols:
+                    symbols[symbol] = traced.get(symbol, size.node.hint)
+    return symbols
+
+
+def _concrete(size: object, assignment: dict) -> int:
+    if isinstance(size, torch.SymInt) and not is_concrete_int(size):
+        return int(size.node.expr.xreplace(assignment))
+    return int(size)
+
+
+def _pattern_window(visible: torch.Tensor) -> int | None:
+    """The left window of a bottom-right causal pattern (``visible`` is (q_len, kv_len)), or None if it is not one."""
+    q_len, kv_len = visible.shape
+    if q_len > kv_len or not visible.any(dim=-1).all():
+        return None
+    cols = torch.arange(kv_len, device=visible.device)
+    first = torch.where(visible, cols, kv_len).min(dim=-1).values
+    diagonal = torch.arange(q_len, device=visible.device) + (kv_len - q_len)
+    window = int((diagonal - first).max())
+    window = -1 if window >= kv_len - 1 else window
+    return window if torch.equal(visible, causal_pattern(q_len, kv_len, window, visible.device)) else None
+
+
+def _classify_evaluated(mask: torch.Tensor) -> tuple[str, int] | None:
+    """("no_mask" | "causal", window_left) if a bool (.., q_len, kv_len) mask is the same canonical pattern for
+    every leading index."""
+    if mask.dtype != torch.bool:
+        return None
+    rows = mask.reshape(-1, *mask.shape[-2:])
+    if not (rows == rows[:1]).all():
+        return None
+    visible = rows[0]
+    if visible.all():
+        return ("no_mask", -1)
+    window = _pattern_window(visible)
+    return None if window is None else ("causal", window)
+
+
+def _leaf_args(leaves: list[fx.Node], assignment: dict) -> list:
+    """Concrete inputs for the extracted subgraph: sizes from ``assignment``, tensors all ones."""
+    args = []
+    for leaf in leaves:
+        value = _value(leaf)
+        if isinstance(value, torch.SymInt):
+            args.append(_concrete(value, assignment))
+        elif isinstance(value, torch.Tensor):
+            size = [_concrete(s, assignment) for s in value.shape]
+            args.append(torch.ones(size, dtype=value.dtype, device=value.device))
+        else:
+            args.append(value)
+    return args
+
+
+def classify_mask_node(mask: fx.Node, batch: object, q_len: object, kv_len: object) -> SubgraphMask | str:
+    """Classify the SDPA mask produced by ``mask`` for queries (batch, *, q_len) and kv_len keys (ints or SymInts of
+    the graph); returns a :class:`SubgraphMask`, or the reason the mask is left to SDPA."""
+    extracted = _extract(mask)
+    if extracted is None:
+        return "mask built from parameters or submodules"
+    module, leaves = extracted
+    tensors = [leaf for leaf in leaves if isinstance(_value(leaf), torch.Tensor)]
+    if len(tensors) > 1:
+        return "mask built from more than one input tensor"
+    padding = tensors[0] if tensors else None
+    if padding is not None and (_value(padding).dim() != 2 or _value(padding).is_floating_point()):
+        return "mask input is not a 2D integer or bool attention mask"
+    symbols = _symbols(leaves)
+    assignments = [dict(symbols)] + [dict.fromkeys(symbols, n) for n in (_SAMPLE_SIZES if symbols else ())]
+    samples = []
+    for assignment in assignments:
+        shape = tuple(_concrete(size, assignment) for size in (batch, q_len, kv_len))
+        args = _leaf_args(leaves, assignment)
+        try:
+            with torch.no_grad():
+                ones = module(*args)
+        except Exception as error:  # noqa: BLE001 - a subgraph that cannot run here is left alone
+            return f"mask subgraph could not be evaluated ({type(error).__name__})"
+        if not isinstance(ones, torch.Tensor) or ones.dim() != 4 or tuple(ones.shape[-2:]) != shape[1:]:
+            return "mask does not have the query/key shape"
+        samples.append((args, ones))
+    # the largest sample decides the window; smaller ones (possibly inside the window) must agree with it
+    kind = _classify_evaluated(max(samples, key=lambda sample: sample[1].numel())[1])
+    if kind is None:
+        return "mask is not a causal, sliding-window causal or all-visible pattern"
+    mask_type, window = kind
+    for args, ones in samples:
+        q, kv = ones.shape[-2:]
+        expected = torch.ones(q, kv, dtype=torch.bool) if mask_type == "no_mask" else causal_pattern(q, kv, window)
+        if not (ones == expected.to(ones.device)).all():
+            return "mask is not the same pattern at every sequence length"
+    if padding is not None:
+        if mask_type != "causal" or window != -1:
+            return "padding masks are converted for full causal attention only"
+        generator = torch.Generator().manual_seed(0)
+        index = leaves.index(padding)
+        if not all(_padding_consistent(module, args, index, ones, generator) for args, ones in samples):
+            return "mask combines its input with the pattern in a way other than key padding"
+    window_size = (-1, -1) if mask_type == "no_mask" else (window, 0)
+    return SubgraphMask(mask_type, window_size, padding)
+
+
+def _padding_consistent(
+    module: fx.GraphModule, args: list, index: int, pattern: torch.Tensor, generator: torch.Generator
+) -> bool:
+    """Whether the subgraph computes ``pattern & (input[b, kv] != 0)`` for random inputs (and all-zero rows)."""
+    template = args[index]
+    batch, kv_len = template.shape
+    if pattern.shape[0] not in (1, batch) or pattern.shape[-1] != kv_len:
+        return False
+    values = torch.tensor([0, 1] if template.dtype == torch.bool else [0, 1, 2, -1])
+    for trial in range(_RANDOM_TRIALS):
+        data = values[torch.randint(len(values), (batch, kv_len), generator=generator)]
+        if trial == 0:
+            data[0] = 0
+        data = data.to(device=template.device, dtype=template.dtype)
+        trial_args = list(args)
+        trial_args[index] = data
+        with torch.no_grad():
+            result = module(*trial_args)
+        expected = pattern & (data != 0)[:, None, None, :]
+        if result.shape != expected.shape or not torch.equal(result, expected):
+            return False
+    return True
+
