@@ -60,6 +60,11 @@ def _is_function(node: Any, *targets: Any) -> bool:
     return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
 
 
+def _hint(value: Any) -> Any:
+    """The traced value of a possibly symbolic int or float."""
+    return value.node.hint if isinstance(value, (torch.SymInt, torch.SymFloat)) else value
+
+
 def _int(size: Any) -> int | None:
     """A size as a Python int if it is static."""
     return int(size) if is_concrete_int(size) else None
@@ -137,8 +142,12 @@ def _guard(
     """Why this SDPA call cannot be rewritten, judged from metadata alone; None when it can."""
     if any(not isinstance(t, torch.Tensor) or t.dim() != 4 for t in (q, k, v)):
         return "q/k/v are not 4D tensors"
-    if not all(isinstance(args[name], (bool, int, float, type(None))) for name in ("dropout_p", "is_causal", "scale")):
-        return "dropout_p, is_causal or scale is not a compile-time constant"
+    if not isinstance(args["is_causal"], bool):
+        return "is_causal is not a compile-time constant"
+    # floats may be SymFloat graph inputs (torch 2.11 lifts some float attributes); the op takes them as they are
+    if not all(isinstance(_value(args[name]), (int, float, torch.SymFloat)) for name in ("dropout_p", "scale")
+               if args[name] is not None):  # fmt: skip
+        return "dropout_p or scale is not a float"
     if not isinstance(args["enable_gqa"], bool):
         return "enable_gqa is not a compile-time constant"
     if not q.dtype.is_floating_point or k.dtype != q.dtype or v.dtype != q.dtype:
@@ -161,11 +170,10 @@ def _te_shape_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Su
     for dynamic shapes, so the traced hint stands for all)."""
     from .executors import load_te_executor
 
-    hint = lambda size: size if isinstance(size, int) else size.node.hint  # noqa: E731
-    shape = tuple(hint(s) for s in (q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2], q.shape[3], v.shape[3]))
+    shape = tuple(_hint(s) for s in (q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2], q.shape[3], v.shape[3]))
     mask_type = "padding_causal" if mask.padding is not None else mask.mask_type
     return load_te_executor().shape_unsupported_reason(
-        q.dtype, shape, mask_type, mask.window_size, dropout_p, True, q.device.index or 0
+        q.dtype, shape, mask_type, mask.window_size, float(dropout_p), True, q.device.index or 0
     )
 
 
@@ -209,12 +217,14 @@ def _rewrite_one(graph: fx.Graph, node: fx.Node, executor: str) -> AttentionRewr
             entry.mask_kind = "padding_causal" if classified.padding is not None else classified.mask_type
             entry.window_size = classified.window_size
             if executor == "te":
-                reason = _te_shape_reason(q, k, v, classified, float(args["dropout_p"]))
+                reason = _te_shape_reason(q, k, v, classified, _hint(_value(args["dropout_p"])))
     if reason is not None:
         entry.reason = reason
         return entry
 
     scale = args["scale"] if args["scale"] is not None else 1.0 / math.sqrt(_int(q.shape[3]))
+    if not isinstance(scale, fx.Node):  # a SymFloat graph input (torch 2.11 lifts some float attributes) stays one
+        scale = float(scale)
     with graph.inserting_before(node):
         operands = []
         for operand in (query, key, value):
@@ -223,8 +233,8 @@ def _rewrite_one(graph: fx.Graph, node: fx.Node, executor: str) -> AttentionRewr
         kwargs = dict(
             mask_type=classified.mask_type,
             window_size=classified.window_size,
-            softmax_scale=float(scale),
-            dropout_p=float(args["dropout_p"]),
+            softmax_scale=scale,
+            dropout_p=args["dropout_p"],
             key_padding_mask=classified.padding,
             executor=executor,
         )

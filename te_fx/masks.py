@@ -163,7 +163,7 @@ def classify_mask(
         return None
     if mask.is_inference():  # no version counter: an in-place refill could not be detected, so never cache
         return _classify(mask, q_len, kv_len, window_left)
-    key = (tuple(mask.shape), q_len, kv_len, window_left)
+    key = (tuple(mask.shape), mask.data_ptr(), q_len, kv_len, window_left)
     hit, decision = _CACHE.lookup(mask, key)
     if not hit:
         decision = _classify(mask, q_len, kv_len, window_left)

@@ -161,6 +161,21 @@ def _gather_rows(x: Tensor, index: Tensor) -> Tensor:
     return x.gather(1, index[:, :, None, None].expand(-1, -1, x.shape[2], x.shape[3]))
 
 
+class _PermuteRows(torch.autograd.Function):
+    """``x[b, order[b, s]]`` for a permutation ``order``: its gradient is the gather by the inverse permutation,
+    which avoids the zero-fill and scatter-add of ``gather``'s generic backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, order: Tensor, restore: Tensor) -> Tensor:
+        ctx.save_for_backward(restore)
+        return _gather_rows(x, order)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple:
+        (restore,) = ctx.saved_tensors
+        return _gather_rows(grad, restore), None, None
+
+
 def attention(
     q: Tensor,
     k: Tensor,
@@ -187,7 +202,7 @@ def attention(
         if mask_type != "causal" or window_size != (-1, 0) or q.shape[1] != k.shape[1]:
             raise ValueError("key_padding_mask needs full causal self-attention (q_len == kv_len)")
         order, restore, cu_seqlens_kv, sees_a_key = _compact_valid_first(key_padding_mask)
-        q, k, v = (_gather_rows(t, order) for t in (q, k, v))
+        q, k, v = (_PermuteRows.apply(t, order, restore) for t in (q, k, v))
         batch, seq = q.shape[0], q.shape[1]
         cu_seqlens_q = torch.arange(0, (batch + 1) * seq, seq, dtype=torch.int32, device=q.device)
         mask_type = "padding_causal"
@@ -196,5 +211,5 @@ def attention(
         training, executor,
     )  # fmt: skip
     if key_padding_mask is not None:
-        out = _gather_rows(out, restore) * sees_a_key[:, :, None, None]
+        out = _PermuteRows.apply(out, restore, order) * sees_a_key[:, :, None, None]
     return out

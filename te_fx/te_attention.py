@@ -131,6 +131,8 @@ def _detect_causal_mask(attn_mask: torch.Tensor, window_size: tuple[int, int]) -
     if q_len != kv_len:
         return None
     decision = masks.classify_mask(attn_mask, batch, heads, q_len, kv_len, window_size[0])
+    if decision is not None and decision.mask_type == "no_mask" and q_len == 1:
+        return "causal", (-1, 0)  # a single visible key is the 1 x 1 causal pattern too
     if decision is None or decision.mask_type != "causal":
         return None
     return decision.mask_type, decision.window_size

@@ -129,6 +129,14 @@ def reference_attention_backward(
     return _bshd(dq, q.dtype), _bshd(per_kv_head(dk), k.dtype), _bshd(per_kv_head(dv), v.dtype)
 
 
+def _window_for(mask_type: str, window: tuple[int, int] | None) -> tuple[int, int]:
+    """The window TE's ``check_set_window_size`` makes of ``window`` for ``mask_type``: causal types take (w, 0),
+    the others (-1, -1) or a two-sided window, so a module's causal default does not leak into a no_mask call."""
+    if "causal" in mask_type:
+        return (-1, 0) if window is None or window[0] < 0 else (window[0], 0)
+    return (-1, -1) if window is None or window == (-1, 0) else window
+
+
 class ReferenceDotProductAttention(nn.Module):
     """A stand-in for TE's ``DotProductAttention`` (bshd) built on :func:`reference_attention`.
 
@@ -170,7 +178,7 @@ class ReferenceDotProductAttention(nn.Module):
         cu_seqlens_kv: torch.Tensor | None = None,
     ) -> torch.Tensor:
         mask_type = attn_mask_type or self.attn_mask_type
-        window = window_size or self.window_size or ((-1, 0) if "causal" in mask_type else (-1, -1))
+        window = _window_for(mask_type, window_size or self.window_size)
         seqlens_q = None if cu_seqlens_q is None else cu_seqlens_q.diff()
         seqlens_kv = None if cu_seqlens_kv is None else cu_seqlens_kv.diff()
         out = reference_attention(

@@ -1,0 +1,345 @@
+"""``torch.compile(model, backend="te_attn")`` on the tiny model families (CPU, fp32, reference executor).
+
+Every compiled model is compared with the uncompiled one holding the same parameters: logits and the gradients of
+all parameters, without an attention_mask, with one of ones, and with right, left and in-row ("holes") padding
+(valid positions only, the loss over valid positions only). The compile report must say, layer by layer, what the
+graph allows: which SDPA nodes become TE attention, with which mask kind and window, and why the others stay on SDPA.
+
+The assertions hold for transformers 5.17 and 5.24 alike. The two differ in how a model without attention_mask
+reaches SDPA under compile (5.24 passes ``is_causal=True`` for full-attention layers, 5.17 materialises the causal
+mask from index arithmetic); a spy backend records which form each SDPA node of the Dynamo graph has, and the
+expectations follow from that form, not from the version number.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+
+import te_fx
+from te_fx.fx_pass import _SDPA_TARGETS, _sdpa_arguments
+from te_fx.tiny_models import FAMILIES, PAD_TOKEN_ID, SLIDING_WINDOW, tiny_config, tiny_model
+
+OPTIONS = {"executor": "reference", "inner": "aot_eager"}
+BATCH, SEQ = 2, 16  # SEQ > SLIDING_WINDOW: sliding layers really cut keys off
+LOGIT_TOL = dict(rtol=1e-5, atol=1e-5)
+GRAD_TOL = dict(rtol=1e-5, atol=1e-5)
+PADDING_SLIDING_REASON = "padding masks are converted for full causal attention only"
+MASK_KINDS = ["none", "ones", "right", "left", "holes"]
+
+# The rewritten layer's KV head count: repeat_kv is elided (GQA/MQA run natively). Falcon's new decoder
+# architecture broadcasts its KV heads with ``torch.broadcast_to`` before SDPA, which the pass does not undo: TE
+# gets the broadcast heads, still exact.
+EXPECTED_KV_HEADS = {
+    "llama": 4, "llama_gqa": 2, "mistral": 2, "qwen2": 2, "qwen3": 2, "gemma": 1, "gemma3": 2, "granite": 2,
+    "deepseek_v3": 4, "phi3": 2, "gpt_neox": 4, "falcon": 4, "falcon_alibi": 4,
+}  # fmt: skip
+EXPECTED_HEAD_DIM = {"deepseek_v3": 24}  # MLA: QK head dim 16 + 8 (V head dim 16); 16 everywhere else
+
+# (family, config overrides). Falcon's tiny config uses rotary embeddings (alibi=False) and a plain causal mask, so
+# the pass rewrites it; with ALiBi the mask is a float bias and must stay on SDPA.
+CASES = {name: (name, {}) for name in FAMILIES}
+CASES["falcon_alibi"] = ("falcon", {"alibi": True})
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+@dataclasses.dataclass
+class GraphRecord:
+    """One invocation of te_attn: per SDPA node, whether it has an attn_mask node and is_causal, and the report
+    entries te_attn produced for it."""
+
+    forms: list[tuple[bool, bool]]
+    entries: list[dict]
+    dynamic: bool = False  # whether the graph has symbolic sizes
+
+
+def _spy_backend(records: list[GraphRecord], options: dict = OPTIONS):
+    """A Dynamo backend that records the SDPA nodes' form, then runs te_attn (looked up by name)."""
+
+    def backend(gm, example_inputs):
+        forms = []
+        for node in gm.graph.nodes:
+            if node.op == "call_function" and node.target in _SDPA_TARGETS:
+                args = _sdpa_arguments(node)
+                forms.append((isinstance(args["attn_mask"], torch.fx.Node), args["is_causal"] is True))
+        before = len(te_fx.compile_report())
+        compiled = torch._dynamo.lookup_backend("te_attn")(gm, example_inputs, options=dict(options))
+        records.append(GraphRecord(forms, te_fx.compile_report()[before:], _is_dynamic(example_inputs)))
+        return compiled
+
+    return backend
+
+
+def _is_dynamic(example_inputs) -> bool:
+    symbolic = lambda size: isinstance(size, torch.SymInt)  # noqa: E731
+    return any(
+        symbolic(x) or (isinstance(x, torch.Tensor) and any(symbolic(size) for size in x.shape))
+        for x in example_inputs
+    )
+
+
+def _input_ids(batch: int = BATCH, seq: int = SEQ, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 128, (batch, seq), generator=generator)
+
+
+def _attention_mask(kind: str, batch: int = BATCH, seq: int = SEQ) -> torch.Tensor | None:
+    """None, or a (batch, seq) int64 mask: all ones, right padded, left padded, or with holes inside rows. Every
+    row keeps its first, resp. last, token in the padded kinds except where said; the last row is never padded in
+    ``right``/``left`` (a batch mixing padded and unpadded rows)."""
+    if kind == "none":
+        return None
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    if kind == "right":
+        mask[0, seq - 5 :] = 0
+    elif kind == "left":
+        mask[0, : min(6, seq - 1)] = 0
+    elif kind == "holes":
+        mask[0, 3:6] = 0
+        mask[-1, [1, seq // 2, seq // 2 + 1]] = 0
+    elif kind != "ones":
+        raise ValueError(kind)
+    return mask
+
+
+def _batch(kind: str, batch: int = BATCH, seq: int = SEQ, seed: int = 1):
+    """(input_ids, attention_mask, labels): padded positions hold the pad token and label -100."""
+    ids = _input_ids(batch, seq, seed)
+    mask = _attention_mask(kind, batch, seq)
+    labels = _input_ids(batch, seq, seed + 100)
+    if mask is not None:
+        ids = ids.masked_fill(mask == 0, PAD_TOKEN_ID)
+        labels = labels.masked_fill(mask == 0, -100)
+    return ids, mask, labels
+
+
+def _valid(mask: torch.Tensor | None, ids: torch.Tensor) -> torch.Tensor:
+    return torch.ones_like(ids, dtype=torch.bool) if mask is None else mask != 0
+
+
+def _loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross entropy over valid positions only (label -100 elsewhere)."""
+    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+
+def _forward_backward(call, model, ids, mask, labels):
+    """(logits, {name: grad of model's parameter}) of one training step of ``call`` (model or its compilation)."""
+    model.zero_grad(set_to_none=True)
+    logits = call(input_ids=ids, attention_mask=mask).logits
+    _loss(logits, labels).backward()
+    grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return logits.detach(), grads
+
+
+def _assert_step_matches(model, compiled, ids, mask, labels, logit_tol=LOGIT_TOL, grad_tol=GRAD_TOL):
+    """Logits on valid positions and all parameter gradients of the compiled model equal the eager model's."""
+    ref_logits, ref_grads = _forward_backward(model, model, ids, mask, labels)
+    out_logits, out_grads = _forward_backward(compiled, model, ids, mask, labels)
+    valid = _valid(mask, ids)
+    assert torch.isfinite(ref_logits[valid]).all()
+    torch.testing.assert_close(out_logits[valid], ref_logits[valid], **logit_tol)
+    assert out_grads.keys() == ref_grads.keys()
+    assert any("attn" in name or "attention" in name for name in ref_grads), "the loss reached no attention weight"
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(out_grads[name], grad, **grad_tol, msg=lambda m, n=name: f"grad of {n}: {m}")
+
+
+def _sliding_layers(config) -> list[bool]:
+    """Per layer, whether it is a sliding-window layer."""
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        return [kind == "sliding_attention" for kind in layer_types]
+    return [getattr(config, "sliding_window", None) is not None] * config.num_hidden_layers
+
+
+def _check_record(record: GraphRecord, case: str, config, has_mask: bool, seq: int = SEQ) -> None:
+    """The report of one compiled graph (first run at length ``seq``) is what its SDPA nodes allow, layer by
+    layer."""
+    sliding = _sliding_layers(config)
+    assert len(record.forms) == len(record.entries) == config.num_hidden_layers == len(sliding)
+    for layer, ((mask_node, is_causal), entry, is_sliding) in enumerate(zip(record.forms, record.entries, sliding)):
+        where = f"{case} layer {layer} (S={seq}): {entry}"
+        assert entry["executor"] == "reference", where
+        assert entry["num_heads"] == config.num_attention_heads, where
+        assert entry["head_dim"] == EXPECTED_HEAD_DIM.get(case, 16), where
+        assert entry["num_kv_heads"] == EXPECTED_KV_HEADS[case], where
+        assert mask_node != is_causal, where  # HF passes either a mask or is_causal=True
+        if has_mask:  # HF cannot express key padding with is_causal
+            assert mask_node, where
+        if is_sliding and not mask_node:
+            # transformers 5.24 drops the window when every query sees all earlier keys anyway (length <= window,
+            # guarded); 5.17 always materialises the sliding mask
+            assert seq <= SLIDING_WINDOW, where
+        if case == "falcon_alibi":
+            assert entry["decision"] == "sdpa", where
+            assert entry["reason"] and entry["reason"] != "rewritten", where
+            assert entry["mask_kind"] is None and entry["window_size"] is None, where
+        elif is_sliding and has_mask:  # by design: no TE mask type has both a window and key padding
+            assert entry["decision"] == "sdpa", where
+            assert entry["reason"] == PADDING_SLIDING_REASON, where
+            assert entry["mask_kind"] is None and entry["window_size"] is None, where
+        else:
+            assert entry["decision"] == "te" and entry["reason"] == "rewritten", where
+            assert entry["mask_kind"] == ("padding_causal" if has_mask else "causal"), where
+            # HF's sliding window w lets a query see itself and w - 1 keys before it: TE window (w - 1, 0). A
+            # materialised sliding mask must be classified with its window even when it is traced at a length
+            # inside the window (5.17 at S=5): the dynamic graph serves longer sequences too.
+            windowed = is_sliding and mask_node
+            assert entry["window_size"] == ((SLIDING_WINDOW - 1, 0) if windowed else (-1, 0)), where
+
+
+class CompiledCase:
+    """A tiny model of one case in train mode and its te_attn compilation, shared by the mask kinds of the case."""
+
+    def __init__(self, case: str) -> None:
+        family, overrides = CASES[case]
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        self.case = case
+        self.model = tiny_model(family, **overrides).train()
+        self.config = self.model.config
+        self.records: list[GraphRecord] = []
+        self.by_mask_presence: dict[bool, GraphRecord] = {}
+        self.compiled = torch.compile(self.model, backend=_spy_backend(self.records), fullgraph=True)
+
+    def check_step(self, ids, mask, labels) -> GraphRecord:
+        """Compare one training step with eager; returns the record of the graph that ran. Each mask presence
+        compiles exactly once: masks of other values (ones, padding, holes) reuse the graph."""
+        before = len(self.records)
+        _assert_step_matches(self.model, self.compiled, ids, mask, labels)
+        new = self.records[before:]
+        has_mask = mask is not None
+        if has_mask in self.by_mask_presence:
+            assert not new, "a mask of other values recompiled the model"
+        else:
+            assert len(new) == 1, f"{len(new)} graphs for one model call (fullgraph)"
+            self.by_mask_presence[has_mask] = new[0]
+        return self.by_mask_presence[has_mask]
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def compiled_case(request):
+    case = CompiledCase(request.param)
+    yield case
+    torch._dynamo.reset()
+
+
+# --------------------------------------------------------------------------------------------- train mode, per family
+
+
+@pytest.mark.parametrize("mask_kind", MASK_KINDS)
+def test_train_step_matches_eager(compiled_case, mask_kind):
+    ids, mask, labels = _batch(mask_kind)
+    record = compiled_case.check_step(ids, mask, labels)
+    _check_record(record, compiled_case.case, compiled_case.config, has_mask=mask is not None)
+
+
+# --------------------------------------------------------------------------------------------- dynamic lengths
+
+DYNAMIC_LENGTHS = (16, 20, 24, 9, 5)  # 5 < SLIDING_WINDOW: the whole row inside the window
+
+
+def _counting_backend(name: str, calls: list, options: dict | None = None):
+    def backend(gm, example_inputs):
+        calls.append(_is_dynamic(example_inputs))
+        compiler = torch._dynamo.lookup_backend(name)
+        return compiler(gm, example_inputs, options=dict(options)) if options else compiler(gm, example_inputs)
+
+    return backend
+
+
+@pytest.mark.parametrize(("case", "mask_kind"), [("qwen2", "none"), ("llama_gqa", "left"), ("gemma3", "right")])
+def test_dynamic_lengths_add_no_recompilation(case, mask_kind):
+    """Compile once, run several lengths: te_attn compiles exactly as often as the stock aot_eager backend (the
+    pass adds no guards), results match eager at every length, and the report of the dynamic graph is the static
+    one's (the mask kinds hold at every length)."""
+    family, overrides = CASES[case]
+    torch.manual_seed(0)
+    model = tiny_model(family, **overrides, num_hidden_layers=2).train()  # one sliding, one full layer
+    counts = {}
+    for name in ("aot_eager", "te_attn"):
+        torch._dynamo.reset()
+        te_fx.reset_compile_report()
+        calls: list[bool] = []
+        records: list[GraphRecord] = []
+        backend = _spy_backend(records) if name == "te_attn" else _counting_backend(name, calls)
+        compiled = torch.compile(model, backend=backend, fullgraph=True)
+        first_lengths = []
+        for seq in DYNAMIC_LENGTHS:
+            ids, mask, labels = _batch(mask_kind, seq=seq, seed=seq)
+            before = len(records)
+            _assert_step_matches(model, compiled, ids, mask, labels)
+            first_lengths += [seq] * (len(records) - before)
+        if name == "te_attn":
+            calls = [record.dynamic for record in records]
+            assert len(te_fx.compile_report()) == len(records) * model.config.num_hidden_layers
+            for record, seq in zip(records, first_lengths):
+                _check_record(record, case, model.config, has_mask=mask_kind != "none", seq=seq)
+        counts[name] = calls
+    torch._dynamo.reset()
+    assert counts["te_attn"] == counts["aot_eager"]
+    assert counts["te_attn"][-1], "no dynamic graph was compiled: the test checks nothing dynamic"
+
+
+# --------------------------------------------------------------------------------------------- inference
+
+
+@pytest.mark.parametrize("case", ["llama_gqa", "gemma3", "phi3"])
+def test_eval_mode_no_grad_inference(case):
+    family, overrides = CASES[case]
+    torch.manual_seed(0)
+    model = tiny_model(family, **overrides)
+    assert not model.training
+    torch._dynamo.reset()
+    records: list[GraphRecord] = []
+    compiled = torch.compile(model, backend=_spy_backend(records), fullgraph=True)
+    for mask_kind in ("none", "right"):
+        ids, mask, _ = _batch(mask_kind)
+        with torch.no_grad():
+            ref = model(input_ids=ids, attention_mask=mask).logits
+            out = compiled(input_ids=ids, attention_mask=mask).logits
+        valid = _valid(mask, ids)
+        torch.testing.assert_close(out[valid], ref[valid], **LOGIT_TOL)
+        assert not out.requires_grad
+        _check_record(records[-1], case, model.config, has_mask=mask is not None)
+    assert len(records) == 2
+    torch._dynamo.reset()
+
+
+def test_eval_mode_with_grad():
+    """model.eval() but gradients wanted (e.g. input attribution): the op still runs its backward."""
+    torch.manual_seed(0)
+    model = tiny_model("mistral")
+    torch._dynamo.reset()
+    records: list[GraphRecord] = []
+    compiled = torch.compile(model, backend=_spy_backend(records), fullgraph=True)
+    ids, mask, labels = _batch("none")
+    _assert_step_matches(model, compiled, ids, mask, labels)
+    assert len(records) == 1
+    _check_record(records[0], "mistral", model.config, has_mask=False)
+    torch._dynamo.reset()
+
+
+# --------------------------------------------------------------------------------------------- inner inductor
+
+
+def test_inner_inductor_train_step():
+    torch.manual_seed(0)
+    model = tiny_model("llama_gqa", num_hidden_layers=1).train()
+    torch._dynamo.reset()
+    records: list[GraphRecord] = []
+    compiled = torch.compile(
+        model, backend=_spy_backend(records, {"executor": "reference", "inner": "inductor"}), fullgraph=True
+    )
+    ids, mask, labels = _batch("left")
+    _assert_step_matches(model, compiled, ids, mask, labels, grad_tol=dict(rtol=1e-4, atol=1e-5))
+    assert len(records) == 1
+    _check_record(records[0], "llama_gqa", model.config, has_mask=True)
+    torch._dynamo.reset()

@@ -1,0 +1,735 @@
+"""The patched SDPA (``_make_te_sdpa``) against plain SDPA, the thread-safe patch, and injection edge cases.
+
+Every call is made the way HF makes it (``x.view(B, S, H, D).transpose(1, 2)`` views, ``repeat_kv``-ed or
+``enable_gqa`` K/V, transformers' own mask builders' conventions, the packed-GQA decode layout) and compared with
+the original SDPA in float32 on CPU. The TE module is the reference executor wrapped in a recorder, so the tests
+also see exactly what a TE module would receive.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import sys
+import textwrap
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
+from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.integrations.sdpa_attention import pack_gqa, repeat_kv
+
+import te_fx
+from te_fx import sdpa_patch, te_attention
+from te_fx.executors.reference import ReferenceDotProductAttention
+from te_fx.te_attention import _make_te_sdpa
+
+ORIGINAL_SDPA = sdpa_patch.original_sdpa()
+# the SDPA property tests are cheap (a few ms an example): 4x the profile's examples
+MORE_EXAMPLES = settings(max_examples=4 * settings.default.max_examples)
+ZERO_STATS = dict.fromkeys(te_fx.get_te_attention_stats(), 0)
+
+
+
+@pytest.fixture(autouse=True)
+def _sdpa_is_restored():
+    assert F.scaled_dot_product_attention is ORIGINAL_SDPA
+    yield
+    assert F.scaled_dot_product_attention is ORIGINAL_SDPA
+    assert sdpa_patch._active == 0
+
+
+def stats_delta(**expected: int) -> dict[str, int]:
+    return {**ZERO_STATS, **expected}
+
+
+class RecordingTE(ReferenceDotProductAttention):
+    """The reference executor, recording what it is called with (a stand-in for TE's DotProductAttention)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.calls: list[dict] = []
+
+    def forward(self, query_layer, key_layer, value_layer, attn_mask_type=None, window_size=None, **kwargs):
+        contiguous = all(t.is_contiguous() for t in (query_layer, key_layer, value_layer))
+        self.calls.append(
+            dict(
+                q=query_layer, k=key_layer, v=value_layer, attn_mask_type=attn_mask_type, window_size=window_size,
+                contiguous=contiguous,
+            )  # fmt: skip
+        )
+        return super().forward(query_layer, key_layer, value_layer, attn_mask_type, window_size, **kwargs)
+
+
+def make_sdpa(heads, kv_heads, head_dim, window_left=-1, softmax_scale=None, dropout=0.0, training=False):
+    module = RecordingTE(
+        heads, head_dim, kv_heads, attention_dropout=dropout, window_size=(window_left, 0), softmax_scale=softmax_scale
+    ).train(training)
+    fn = _make_te_sdpa(module, heads, kv_heads, ORIGINAL_SDPA, (window_left, 0), softmax_scale)
+    return fn, module
+
+
+def hf_view(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """HF's projection output (B, S, H * D) as the (B, H, S, D) view it hands to SDPA."""
+    batch, seq, _ = x.shape
+    return x.view(batch, seq, heads, -1).transpose(1, 2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Oracle for "TE must run" (an independent brute-force pattern check)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def key_range(mask_type: str, window: tuple[int, int], i: int, q_len: int, kv_len: int) -> range:
+    left, right = window
+    if "causal" in mask_type:
+        right = 0
+    diagonal = i + (kv_len - q_len) if mask_type.endswith("bottom_right") else i
+    first = 0 if left < 0 else max(0, diagonal - left)
+    last = kv_len - 1 if right < 0 else min(kv_len - 1, diagonal + right)
+    return range(first, last + 1)
+
+
+def te_pattern(mask_type: str, window: tuple[int, int], q_len: int, kv_len: int) -> torch.Tensor:
+    out = torch.zeros(q_len, kv_len, dtype=torch.bool)
+    for i in range(q_len):
+        r = key_range(mask_type, window, i, q_len, kv_len)
+        out[i, r.start : r.stop] = True
+    return out
+
+
+def hf_causal(q_len: int, kv_len: int, window_left: int = -1) -> torch.Tensor:
+    return te_pattern("causal_bottom_right", (window_left, 0), q_len, kv_len)
+
+
+def attend_of(mask: torch.Tensor) -> torch.Tensor:
+    if mask.dtype == torch.bool:
+        return mask
+    return mask == 0
+
+
+def is_canonical(mask: torch.Tensor, q_len: int, kv_len: int, window_left: int) -> bool:
+    attend = attend_of(mask)
+    candidates = [torch.ones(q_len, kv_len, dtype=torch.bool)]
+    if q_len <= kv_len:
+        candidates.append(hf_causal(q_len, kv_len))
+        if window_left >= 0:
+            candidates.append(hf_causal(q_len, kv_len, window_left))
+    return any(bool((attend == c).all()) for c in candidates)
+
+
+def to_mask(pattern: torch.Tensor, encoding: str) -> torch.Tensor:
+    if encoding == "bool":
+        return pattern
+    fill = torch.finfo(torch.float32).min if encoding == "min" else -float("inf")
+    return torch.zeros(pattern.shape).masked_fill(~pattern, fill)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Property test: the patched SDPA equals SDPA, and runs TE exactly when it should
+# ----------------------------------------------------------------------------------------------------------------
+
+MASK_KINDS = ("none", "is_causal", "causal", "causal", "sliding", "sliding", "all", "pad_left", "pad_right", "flip")
+
+
+@st.composite
+def sdpa_cases(draw):
+    batch = draw(st.integers(1, 2))
+    kv_heads = draw(st.integers(1, 2))
+    n_rep = draw(st.integers(1, 3))
+    head_dim = draw(st.sampled_from([4, 8]))
+    kv_len = draw(st.integers(1, 9))
+    q_len = draw(st.one_of(st.just(kv_len), st.just(1), st.integers(1, kv_len), st.integers(1, 9)))
+    window_left = draw(st.one_of(st.just(-1), st.integers(0, 6)))
+    kv_mode = draw(st.sampled_from(["repeat_kv", "enable_gqa"])) if n_rep > 1 else "plain"
+    mask_kind = draw(st.sampled_from(MASK_KINDS))
+    encoding = draw(st.sampled_from(["bool", "min", "inf"]))
+    broadcast = draw(st.sampled_from(["full", "expand", "batch_one"]))
+    module_scale = draw(st.sampled_from([None, head_dim**-0.5, 0.3]))
+    call_scale = module_scale if module_scale is not None else draw(st.sampled_from([None, head_dim**-0.5]))
+    pads = [draw(st.integers(0, kv_len - 1)) for _ in range(batch)]
+    sliding_left = window_left if window_left >= 0 and draw(st.booleans()) else draw(st.integers(0, 6))
+    flip = tuple(draw(st.integers(0, n - 1)) for n in (batch, q_len, kv_len))
+    seed = draw(st.integers(0, 2**16))
+    return SimpleNamespace(**{k: v for k, v in locals().items() if k != "draw"})
+
+
+def build_mask(case) -> torch.Tensor | None:
+    q_len, kv_len = case.q_len, case.kv_len
+    if case.mask_kind in ("none", "is_causal"):
+        return None
+    if case.mask_kind == "all":
+        base = torch.ones(q_len, kv_len, dtype=torch.bool)
+    elif case.mask_kind == "sliding":
+        base = hf_causal(q_len, kv_len, case.sliding_left)
+    else:
+        base = hf_causal(q_len, kv_len)
+    full = base.expand(case.batch, 1, q_len, kv_len).clone()
+    if case.mask_kind == "pad_left":
+        for b, n in enumerate(case.pads):
+            full[b, :, :, :n] = False
+    elif case.mask_kind == "pad_right":
+        for b, n in enumerate(case.pads):
+            full[b, :, :, kv_len - n :] = False
+    elif case.mask_kind == "flip":
+        b, i, j = case.flip
+        full[b, 0, i, j] = ~full[b, 0, i, j]
+    uniform = bool((full == full[:1]).all())
+    mask = to_mask(full, case.encoding)
+    if uniform and case.broadcast == "expand":
+        return mask[:1].expand_as(mask)
+    if uniform and case.broadcast == "batch_one":
+        return mask[:1].clone()
+    return mask
+
+
+def make_inputs(case, requires_grad=False):
+    gen = torch.Generator().manual_seed(case.seed)
+    heads = case.kv_heads * case.n_rep
+    xq = torch.randn(case.batch, case.q_len, heads * case.head_dim, generator=gen)
+    xk = torch.randn(case.batch, case.kv_len, case.kv_heads * case.head_dim, generator=gen)
+    xv = torch.randn(case.batch, case.kv_len, case.kv_heads * case.head_dim, generator=gen)
+    return tuple(t.requires_grad_(requires_grad) for t in (xq, xk, xv))
+
+
+def call_args(case, xq, xk, xv):
+    """(q, k, v, kwargs) as HF's sdpa_attention_forward passes them."""
+    heads = case.kv_heads * case.n_rep
+    q, k, v = hf_view(xq, heads), hf_view(xk, case.kv_heads), hf_view(xv, case.kv_heads)
+    kwargs = dict(attn_mask=build_mask(case), is_causal=case.mask_kind == "is_causal", scale=case.call_scale)
+    if case.kv_mode == "repeat_kv":
+        k, v = repeat_kv(k, case.n_rep), repeat_kv(v, case.n_rep)
+    elif case.kv_mode == "enable_gqa":
+        kwargs["enable_gqa"] = True
+    return q, k, v, kwargs
+
+
+def expected_plan(case) -> tuple[str, tuple[int, int]] | None:
+    """(mask type, window) the TE module must receive, or None when the call must fall back (fallback_mask)."""
+    q_len, kv_len = case.q_len, case.kv_len
+    if case.mask_kind == "none":
+        return ("no_mask", (-1, -1))
+    if case.mask_kind == "is_causal":
+        return ("causal", (-1, 0)) if q_len <= kv_len else None
+    mask = build_mask(case)
+    pattern = attend_of(mask).expand(case.batch, 1, q_len, kv_len)
+    if not is_canonical(pattern, q_len, kv_len, case.window_left):
+        return None
+    return ("any", pattern[0, 0])
+
+
+@given(sdpa_cases())
+@MORE_EXAMPLES
+def test_patched_sdpa_equals_sdpa(case):
+    te_fx.reset_te_attention_stats()  # per example: the autouse fixture resets per test
+    heads = case.kv_heads * case.n_rep
+    fn, module = make_sdpa(heads, case.kv_heads, case.head_dim, case.window_left, case.module_scale)
+    xq, xk, xv = make_inputs(case)
+    q, k, v, kwargs = call_args(case, xq, xk, xv)
+    out = fn(q, k, v, **kwargs)
+    expected = ORIGINAL_SDPA(q, k, v, **kwargs)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+    plan = expected_plan(case)
+    event(f"{case.mask_kind}: {'te' if plan else 'fallback'}")
+    if plan is None:
+        assert te_fx.get_te_attention_stats() == stats_delta(fallback_mask=1)
+        assert module.calls == []
+        return
+    assert te_fx.get_te_attention_stats() == stats_delta(te_hits=1)
+    (call,) = module.calls
+    heads = case.kv_heads * case.n_rep
+    kv_seen = case.q_len if case.mask_kind == "is_causal" and case.q_len < case.kv_len else case.kv_len
+    # contiguous BSHD, KV heads deduplicated (TE does GQA itself), values untouched
+    assert call["contiguous"]
+    assert call["q"].shape == (case.batch, case.q_len, heads, case.head_dim)
+    assert call["k"].shape == call["v"].shape == (case.batch, kv_seen, case.kv_heads, case.head_dim)
+    assert torch.equal(call["q"], xq.view(case.batch, case.q_len, heads, case.head_dim))
+    kv_shape = (case.batch, case.kv_len, case.kv_heads, case.head_dim)
+    assert torch.equal(call["k"], xk.view(kv_shape)[:, :kv_seen])
+    assert torch.equal(call["v"], xv.view(kv_shape)[:, :kv_seen])
+    # the mask type / window it got reproduce the mask
+    mask_type, window = call["attn_mask_type"], call["window_size"]
+    if plan[0] != "any":
+        assert (mask_type, window) == plan
+    else:
+        assert torch.equal(te_pattern(mask_type, window, case.q_len, case.kv_len), plan[1])
+        assert mask_type == "no_mask" or (mask_type == "causal") == (case.q_len == case.kv_len)
+
+
+GRAD_CASES = {
+    "is_causal_repeat_kv": dict(mask_kind="is_causal", kv_mode="repeat_kv", n_rep=2, q_len=6, kv_len=6),
+    "is_causal_short_query": dict(mask_kind="is_causal", kv_mode="enable_gqa", n_rep=2, q_len=3, kv_len=6),
+    "causal_bool_gqa": dict(mask_kind="causal", kv_mode="enable_gqa", n_rep=3, q_len=5, kv_len=5),
+    "bottom_right_float": dict(mask_kind="causal", kv_mode="repeat_kv", n_rep=2, q_len=3, kv_len=7, encoding="min"),
+    "sliding_float_inf": dict(mask_kind="sliding", kv_mode="repeat_kv", n_rep=2, q_len=7, kv_len=7, encoding="inf"),
+    "decode_all_visible": dict(mask_kind="all", kv_mode="repeat_kv", n_rep=2, q_len=1, kv_len=7),
+    "no_mask_mha": dict(mask_kind="none", kv_mode="plain", n_rep=1, q_len=4, kv_len=4),
+}
+
+
+@pytest.mark.parametrize("name", list(GRAD_CASES))
+def test_patched_sdpa_gradients_equal_sdpa(name):
+    case = SimpleNamespace(
+        batch=2, kv_heads=2, head_dim=8, window_left=2, encoding="bool", broadcast="expand", module_scale=None,
+        call_scale=None, sliding_left=2, pads=[0, 0], flip=(0, 0, 0), seed=11,
+    )  # fmt: skip
+    vars(case).update(GRAD_CASES[name])
+    fn, module = make_sdpa(case.kv_heads * case.n_rep, case.kv_heads, case.head_dim, case.window_left)
+    grad_out = None
+    grads = []
+    for sdpa in (fn, ORIGINAL_SDPA):
+        inputs = make_inputs(case, requires_grad=True)
+        q, k, v, kwargs = call_args(case, *inputs)
+        out = sdpa(q, k, v, **kwargs)
+        grad_out = torch.randn_like(out) if grad_out is None else grad_out
+        out.backward(grad_out)
+        grads.append([t.grad for t in inputs])
+    assert te_fx.get_te_attention_stats() == stats_delta(te_hits=1)
+    assert len(module.calls) == 1
+    for got, want, which in zip(*grads, "qkv"):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"d{which}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Packed-GQA decode (transformers >= 5.23: query (B, Hkv, n_rep, D), mask (B, 1, 1, KV))
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@st.composite
+def packed_cases(draw):
+    return SimpleNamespace(
+        batch=draw(st.integers(1, 2)), kv_heads=draw(st.integers(1, 3)), n_rep=draw(st.integers(2, 4)),
+        head_dim=draw(st.sampled_from([4, 8])), kv_len=draw(st.integers(1, 9)),
+        window_left=draw(st.one_of(st.just(-1), st.integers(0, 6))),
+        mask=draw(st.sampled_from(["all", "sliding", "pad"])), encoding=draw(st.sampled_from(["bool", "min", "inf"])),
+        pad=draw(st.integers(1, 8)), seed=draw(st.integers(0, 99)),
+    )  # fmt: skip
+
+
+def packed_call(case):
+    gen = torch.Generator().manual_seed(case.seed)
+    heads = case.kv_heads * case.n_rep
+    xq = torch.randn(case.batch, 1, heads * case.head_dim, generator=gen)
+    xk = torch.randn(case.batch, case.kv_len, case.kv_heads * case.head_dim, generator=gen)
+    xv = torch.randn(case.batch, case.kv_len, case.kv_heads * case.head_dim, generator=gen)
+    if case.mask == "sliding":
+        pattern = hf_causal(1, case.kv_len, max(case.window_left, 0)).expand(case.batch, 1, 1, case.kv_len)
+    else:
+        pattern = torch.ones(case.batch, 1, 1, case.kv_len, dtype=torch.bool)
+        if case.mask == "pad":
+            pattern = pattern.clone()
+            pattern[-1, ..., : min(case.pad, case.kv_len - 1) or 0] = False
+    mask = pack_gqa(to_mask(pattern, case.encoding), case.n_rep)
+    query = pack_gqa(hf_view(xq, heads), case.n_rep)
+    assert query.shape == (case.batch, case.kv_heads, case.n_rep, case.head_dim)
+    return xq, xk, xv, query, hf_view(xk, case.kv_heads), hf_view(xv, case.kv_heads), mask
+
+
+@given(packed_cases())
+@MORE_EXAMPLES
+def test_packed_gqa_decode_equals_sdpa(case):
+    te_fx.reset_te_attention_stats()
+    fn, module = make_sdpa(case.kv_heads * case.n_rep, case.kv_heads, case.head_dim, case.window_left)
+    xq, xk, xv, query, key, value, mask = packed_call(case)
+    out = fn(query, key, value, attn_mask=mask)
+    torch.testing.assert_close(out, ORIGINAL_SDPA(query, key, value, attn_mask=mask), rtol=1e-5, atol=1e-5)
+    pattern = attend_of(mask).expand(case.batch, 1, 1, case.kv_len)
+    canonical = is_canonical(pattern, 1, case.kv_len, case.window_left)
+    event(f"packed {case.mask}: {'te' if canonical else 'fallback'}")
+    if not canonical:
+        assert te_fx.get_te_attention_stats() == stats_delta(fallback_mask=1)
+        return
+    assert te_fx.get_te_attention_stats() == stats_delta(te_hits=1)
+    (call,) = module.calls
+    heads = case.kv_heads * case.n_rep
+    assert call["contiguous"]
+    assert torch.equal(call["q"], xq.view(case.batch, 1, heads, case.head_dim))
+    assert torch.equal(call["k"], xk.view(case.batch, case.kv_len, case.kv_heads, case.head_dim))
+    assert torch.equal(call["v"], xv.view(case.batch, case.kv_len, case.kv_heads, case.head_dim))
+    assert torch.equal(te_pattern(call["attn_mask_type"], call["window_size"], 1, case.kv_len), pattern[0, 0, 0][None])
+
+
+@pytest.mark.parametrize(("mask", "expected"), [("all", "te_hits"), ("sliding", "te_hits"), ("pad", "fallback_mask")])
+def test_packed_gqa_decode_runs_te(mask, expected):
+    """(te_fx d9a98e4 fell back with fallback_layout here: K/V keep Hkv heads and HF passes no enable_gqa.)"""
+    case = SimpleNamespace(
+        batch=2, kv_heads=2, n_rep=2, head_dim=8, kv_len=6, window_left=2, mask=mask, encoding="bool", pad=2, seed=0
+    )
+    fn, module = make_sdpa(4, 2, 8, case.window_left)
+    xq, xk, xv, query, key, value, attn_mask = packed_call(case)
+    out = fn(query, key, value, attn_mask=attn_mask)
+    assert out.shape == query.shape
+    torch.testing.assert_close(out, ORIGINAL_SDPA(query, key, value, attn_mask=attn_mask), rtol=1e-5, atol=1e-5)
+    assert te_fx.get_te_attention_stats() == stats_delta(**{expected: 1})
+    if expected == "te_hits":
+        (call,) = module.calls
+        assert call["contiguous"]
+        assert torch.equal(call["q"], xq.view(2, 1, 4, 8))
+        assert torch.equal(call["k"], xk.view(2, 6, 2, 8))
+        assert torch.equal(te_pattern(call["attn_mask_type"], call["window_size"], 1, 6), attend_of(attn_mask)[0, 0])
+
+
+def test_packed_layout_with_per_head_mask_or_is_causal_falls_back():
+    fn, module = make_sdpa(4, 2, 8)
+    query, key, value = torch.randn(2, 2, 2, 8), torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8)
+    per_query_mask = torch.ones(2, 2, 2, 6, dtype=torch.bool)  # pack_gqa of a per-head mask
+    per_query_mask[:, :, 1, 0] = False
+    expected = ORIGINAL_SDPA(query, key, value, attn_mask=per_query_mask)
+    torch.testing.assert_close(fn(query, key, value, attn_mask=per_query_mask), expected)
+    expected = ORIGINAL_SDPA(query, key, value, is_causal=True)
+    torch.testing.assert_close(fn(query, key, value, is_causal=True), expected)
+    assert te_fx.get_te_attention_stats() == stats_delta(fallback_layout=2)
+    assert module.calls == []
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Scale, dropout, layout fallbacks
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _simple_inputs(batch=2, heads=4, kv_heads=2, seq=5, head_dim=8):
+    gen = torch.Generator().manual_seed(1)
+    q = hf_view(torch.randn(batch, seq, heads * head_dim, generator=gen), heads)
+    k = repeat_kv(hf_view(torch.randn(batch, seq, kv_heads * head_dim, generator=gen), kv_heads), heads // kv_heads)
+    v = repeat_kv(hf_view(torch.randn(batch, seq, kv_heads * head_dim, generator=gen), kv_heads), heads // kv_heads)
+    return q, k, v
+
+
+def test_scale_mismatch_falls_back_and_warns_once(monkeypatch, caplog):
+    monkeypatch.setattr(te_attention, "_SCALE_MISMATCH_WARNED", False)
+    q, k, v = _simple_inputs()
+    fn, module = make_sdpa(4, 2, 8, softmax_scale=0.25)
+    other_fn, _ = make_sdpa(4, 2, 8, softmax_scale=0.5)
+    with caplog.at_level(logging.WARNING, logger="te_fx"):
+        for sdpa, scale in ((fn, 0.3), (fn, None), (other_fn, 0.3), (fn, 0.3)):
+            out = sdpa(q, k, v, is_causal=True, scale=scale)
+            torch.testing.assert_close(out, ORIGINAL_SDPA(q, k, v, is_causal=True, scale=scale), rtol=0, atol=0)
+    assert te_fx.get_te_attention_stats() == stats_delta(fallback_scale_mismatch=4)
+    assert module.calls == []
+    warnings = [r for r in caplog.records if "scale" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING
+    # the agreeing scale runs TE, explicit or implied
+    te_fx.reset_te_attention_stats()
+    for scale in (0.25, 0.25 * (1 + 1e-12)):
+        expected = ORIGINAL_SDPA(q, k, v, is_causal=True, scale=scale)
+        torch.testing.assert_close(fn(q, k, v, is_causal=True, scale=scale), expected)
+    default_fn, _ = make_sdpa(4, 2, 8)
+    expected = ORIGINAL_SDPA(q, k, v, is_causal=True)
+    torch.testing.assert_close(default_fn(q, k, v, is_causal=True, scale=8**-0.5), expected)
+    torch.testing.assert_close(default_fn(q, k, v, is_causal=True), ORIGINAL_SDPA(q, k, v, is_causal=True))
+    assert te_fx.get_te_attention_stats() == stats_delta(te_hits=4)
+
+
+def test_dropout_in_eval_falls_back():
+    q, k, v = _simple_inputs()
+    fn, module = make_sdpa(4, 2, 8, dropout=0.1, training=False)
+    torch.manual_seed(5)
+    out = fn(q, k, v, is_causal=True, dropout_p=0.3)
+    torch.manual_seed(5)
+    expected = ORIGINAL_SDPA(q, k, v, is_causal=True, dropout_p=0.3)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    assert not torch.allclose(out, ORIGINAL_SDPA(q, k, v, is_causal=True))  # dropout really happened
+    assert te_fx.get_te_attention_stats() == stats_delta(fallback_dropout=1)
+    assert module.calls == []
+
+
+def test_dropout_matching_the_training_module_runs_te():
+    q, k, v = _simple_inputs()
+    fn, module = make_sdpa(4, 2, 8, dropout=0.3, training=True)
+    fn(q, k, v, is_causal=True, dropout_p=0.3)
+    assert te_fx.get_te_attention_stats() == stats_delta(te_hits=1)
+    fn(q, k, v, is_causal=True, dropout_p=0.1)  # a different rate: SDPA's
+    assert te_fx.get_te_attention_stats() == stats_delta(te_hits=1, fallback_dropout=1)
+    assert len(module.calls) == 1
+
+
+def test_layout_fallbacks_and_errors_pass_through():
+    fn, module = make_sdpa(4, 2, 8)
+    q, k, v = _simple_inputs()
+    q3, k3, v3 = (t[0] for t in (q, k, v))  # 3D: SDPA accepts it, the patch does not convert it
+    torch.testing.assert_close(fn(q3, k3, v3, is_causal=True), ORIGINAL_SDPA(q3, k3, v3, is_causal=True))
+    assert te_fx.get_te_attention_stats() == stats_delta(fallback_layout=1)
+    # K/V with the KV head count but no enable_gqa: SDPA's own error, unchanged
+    with pytest.raises(RuntimeError) as expected:
+        ORIGINAL_SDPA(q, k[:, ::2], v[:, ::2])
+    with pytest.raises(RuntimeError) as got:
+        fn(q, k[:, ::2], v[:, ::2])
+    assert str(got.value) == str(expected.value)
+    # a mask together with is_causal is SDPA's business, whatever it does with it
+    te_fx.reset_te_attention_stats()
+    mask = hf_causal(5, 5, 1)
+    expected = ORIGINAL_SDPA(q, k, v, attn_mask=mask, is_causal=True)
+    torch.testing.assert_close(fn(q, k, v, attn_mask=mask, is_causal=True), expected)
+    assert te_fx.get_te_attention_stats() == stats_delta(fallback_mask=1)
+    assert module.calls == []
+
+
+def test_module_run_method_is_preferred():
+    """A TE module with ``run(q, k, v, mask_type, window)`` (te_fx's TE module) is called through it, not forward."""
+
+    class RunTE(RecordingTE):
+        def run(self, q, k, v, mask_type, window_size):
+            contiguous = all(t.is_contiguous() for t in (q, k, v))
+            self.run_calls.append((contiguous, mask_type, window_size))
+            return ReferenceDotProductAttention.forward(self, q, k, v, mask_type, window_size)
+
+    module = RunTE(4, 8, 2, window_size=(2, 0))
+    module.run_calls = []
+    fn = _make_te_sdpa(module, 4, 2, ORIGINAL_SDPA, (2, 0))
+    q, k, v = _simple_inputs()
+    mask = hf_causal(5, 5, 2)
+    expected = ORIGINAL_SDPA(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(fn(q, k, v, attn_mask=mask), expected, rtol=1e-5, atol=1e-5)
+    assert module.run_calls == [(True, "causal", (2, 0))]
+    assert module.calls == []
+    assert te_fx.get_te_attention_stats() == stats_delta(te_hits=1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Injected models: thread safety and exception safety of the SDPA swap
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def tiny_llama(seed: int, heads: int = 4, kv_heads: int = 2, layers: int = 2) -> LlamaForCausalLM:
+    config = LlamaConfig(
+        hidden_size=32, intermediate_size=48, num_attention_heads=heads, num_key_value_heads=kv_heads,
+        num_hidden_layers=layers, vocab_size=64, max_position_embeddings=64, attn_implementation="sdpa",
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval()
+
+
+def attention_modules(model):
+    return [m for name, m in model.named_modules() if name.endswith("self_attn")]
+
+
+def test_concurrent_forwards_each_get_their_own_attention():
+    model_a, model_b, plain = tiny_llama(1), tiny_llama(2, heads=4, kv_heads=1), tiny_llama(3)
+    ids_a = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
+    ids_b = torch.randint(0, 64, (1, 9), generator=torch.Generator().manual_seed(2))
+    ids_c = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        before = {"a": model_a(ids_a).logits, "b": model_b(ids_b).logits}
+    te_fx.inject_te_attention(model_a, executor="reference")
+    te_fx.inject_te_attention(model_b, executor="reference")
+
+    calls: list[tuple[str, int]] = []
+    overlap = []
+
+    def observe(tag, attn):
+        forward = attn.attn_module.forward
+
+        def recorded(*args, **kwargs):
+            calls.append((tag, threading.get_ident()))
+            overlap.append(sdpa_patch._active)
+            time.sleep(0.0005)  # hand the GIL over while this thread's TE route is installed
+            return forward(*args, **kwargs)
+
+        attn.attn_module.forward = recorded
+
+    for tag, model in (("a", model_a), ("b", model_b)):
+        for attn in attention_modules(model):
+            observe(tag, attn)
+    for model in (model_a, model_b, plain):  # sleep inside every attention forward, before and after SDPA
+        for attn in attention_modules(model):
+            attn.q_proj.register_forward_pre_hook(lambda *_: time.sleep(0.0005))
+            attn.o_proj.register_forward_pre_hook(lambda *_: time.sleep(0.0002))
+
+    boom = {"armed": False}
+
+    def maybe_raise(*_):
+        if boom["armed"]:
+            raise RuntimeError("boom")
+
+    attention_modules(model_a)[1].o_proj.register_forward_pre_hook(maybe_raise)  # inside layer 1's patched forward
+
+    with torch.no_grad():
+        single = {"a": model_a(ids_a).logits, "b": model_b(ids_b).logits, "c": plain(ids_c).logits}
+    torch.testing.assert_close(single["a"], before["a"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(single["b"], before["b"], rtol=1e-5, atol=1e-5)
+    assert {tag for tag, _ in calls} == {"a", "b"}
+    calls.clear()
+    overlap.clear()
+
+    threads_of: dict[str, int] = {}
+    failures: list[str] = []
+    raised = []
+    barrier = threading.Barrier(3)
+
+    def run(tag, model, ids):
+        threads_of[tag] = threading.get_ident()
+        barrier.wait()
+        for step in range(25):
+            if tag == "a":
+                boom["armed"] = step % 4 == 3
+            try:
+                with torch.no_grad():
+                    out = model(ids).logits
+            except Exception as error:  # noqa: BLE001 - anything but the planted error is a failure
+                if tag == "a" and str(error) == "boom":
+                    raised.append(step)
+                else:
+                    failures.append(f"{tag} step {step}: {error!r}")
+                continue
+            finally:
+                if tag == "a":
+                    boom["armed"] = False
+            if not torch.allclose(out, single[tag], rtol=1e-5, atol=1e-5):
+                failures.append(f"{tag} step {step}: max diff {(out - single[tag]).abs().max():.3g}")
+
+    threads = [
+        threading.Thread(target=run, args=args)
+        for args in (("a", model_a, ids_a), ("b", model_b, ids_b), ("c", plain, ids_c))
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+    assert not failures, failures
+    assert len(raised) == 6
+    # every attention call of the injected models ran their TE module (the failing step fails after both layers)
+    assert sum(tag == "a" for tag, _ in calls) == 25 * 2
+    assert sum(tag == "b" for tag, _ in calls) == 25 * 2
+    assert max(overlap) >= 2, "the threads never overlapped; the test did not exercise concurrency"
+    # each TE module ran only in its own model's thread; the plain model's thread never reached one
+    assert {(tag, ident == threads_of[tag]) for tag, ident in calls} == {("a", True), ("b", True)}
+    assert all(ident != threads_of["c"] for _, ident in calls)
+    assert F.scaled_dot_product_attention is ORIGINAL_SDPA
+    assert sdpa_patch._active == 0
+    # and the models still work single-threaded
+    with torch.no_grad():
+        torch.testing.assert_close(model_a(ids_a).logits, single["a"], rtol=1e-5, atol=1e-5)
+
+
+def test_sdpa_restored_after_exception_in_patched_forward():
+    model = tiny_llama(4)
+    te_fx.inject_te_attention(model, executor="reference")
+
+    def fail(*_):
+        assert F.scaled_dot_product_attention is not ORIGINAL_SDPA  # the swap is active in here
+        raise ValueError("midway")
+
+    attention_modules(model)[0].o_proj.register_forward_pre_hook(fail)
+    with pytest.raises(ValueError, match="midway"):
+        model(torch.zeros(1, 4, dtype=torch.long))
+    assert F.scaled_dot_product_attention is ORIGINAL_SDPA
+    assert sdpa_patch._active == 0
+    assert getattr(sdpa_patch._local, "impl", None) is None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Injection edge cases
+# ----------------------------------------------------------------------------------------------------------------
+
+ATTENTION_SOURCE = """
+import torch
+from torch import nn
+{import_line}
+
+
+class {name}(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.num_heads, self.head_dim = 2, 4
+        self.q_proj = nn.Linear(8, 8)
+        self.k_proj = nn.Linear(8, 8)
+        self.v_proj = nn.Linear(8, 8)
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        q, k, v = (p(x).view(b, s, 2, 4).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        return {call}(q, k, v, is_causal=True)
+"""
+
+
+@pytest.fixture
+def attention_module_file(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(tmp_path))
+    created = []
+
+    def load(module_name, class_name, import_line, call):
+        source = ATTENTION_SOURCE.format(name=class_name, import_line=import_line, call=call)
+        (tmp_path / f"{module_name}.py").write_text(textwrap.dedent(source))
+        importlib.invalidate_caches()
+        created.append(module_name)
+        return getattr(importlib.import_module(module_name), class_name)()
+
+    yield load
+    for name in created:
+        sys.modules.pop(name, None)
+
+
+def test_local_sdpa_import_is_skipped_with_a_warning(attention_module_file, caplog):
+    local = attention_module_file(
+        "te_fx_test_local_sdpa", "LocalSdpaAttention", "from torch.nn.functional import scaled_dot_product_attention",
+        "scaled_dot_product_attention",
+    )  # fmt: skip
+    attribute = attention_module_file(
+        "te_fx_test_attr_sdpa", "AttrSdpaAttention", "import torch.nn.functional as F", "F.scaled_dot_product_attention"
+    )
+    with caplog.at_level(logging.WARNING, logger="te_fx"):
+        assert te_fx.inject_te_attention_into_module(local, executor="reference") is False
+        assert te_fx.inject_te_attention_into_module(attribute, executor="reference") is True
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "LocalSdpaAttention" in warnings[0].getMessage() and "locally" in warnings[0].getMessage()
+    assert not hasattr(local, "attn_module") and "forward" not in vars(local)
+    # the module calling through the attribute really runs TE; the local one cannot be reached
+    x = torch.randn(2, 3, 8)
+    with torch.no_grad():
+        attribute(x)
+        local(x)
+    assert te_fx.get_te_attention_stats() == stats_delta(te_hits=1)
+
+
+def test_patched_factory_is_used_by_te_executor(monkeypatch):
+    made = []
+
+    def factory(num_heads, num_kv_heads, head_dim, window_size=(-1, 0), softmax_scale=None, **kwargs):
+        module = RecordingTE(
+            num_heads, head_dim, num_kv_heads, window_size=window_size, softmax_scale=softmax_scale, **kwargs
+        )
+        made.append(((num_heads, num_kv_heads, head_dim, window_size, softmax_scale, kwargs), module))
+        return module
+
+    loads = []
+    monkeypatch.setattr(te_attention, "load_te_executor", lambda: loads.append(1) or SimpleNamespace())
+    monkeypatch.setattr(te_attention, "_create_te_dot_product_attention", factory)
+    monkeypatch.delenv("TE_FX_EXECUTOR", raising=False)
+    model = tiny_llama(5)
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = model(ids).logits
+    te_fx.inject_te_attention(model, executor="te")
+    assert loads  # TE availability is checked up front
+    assert [args for args, _ in made] == [(4, 2, 8, (-1, 0), 8**-0.5, {})] * 2
+    assert [attn.attn_module for attn in attention_modules(model)] == [module for _, module in made]
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, expected, rtol=1e-5, atol=1e-5)
+    assert all(len(module.calls) == 1 for _, module in made)
+    assert te_fx.get_te_attention_stats() == stats_delta(te_hits=2)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformer_engine") is not None, reason="TransformerEngine is installed")
+@pytest.mark.parametrize("executor", ["te", None])
+def test_te_executor_without_transformer_engine(monkeypatch, executor):
+    monkeypatch.delenv("TE_FX_EXECUTOR", raising=False)
+    model = tiny_llama(6, layers=1)
+    with pytest.raises(te_fx.TEUnavailableError) as info:
+        te_fx.inject_te_attention(model, executor=executor)
+    assert isinstance(info.value, ImportError)
+    message = str(info.value)
+    assert "pip install 'te-fx[te]'" in message and "executor='reference'" in message and "TE_FX_EXECUTOR" in message
+    assert not any(hasattr(attn, "attn_module") for attn in attention_modules(model))
+    assert not getattr(model, "_te_attention_injected", False)
+    # checked up front, not per attention module: also for a model without any
+    with pytest.raises(te_fx.TEUnavailableError):
+        te_fx.inject_te_attention(torch.nn.Sequential(torch.nn.Linear(2, 2)), executor=executor)
