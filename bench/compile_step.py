@@ -128,9 +128,13 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=8192)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--op-only", action="store_true", help="time the attention op alone")
     args = parser.parse_args()
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     results["attention_op_fwd_bwd_ms"] = op = attention_op(args.seq)
+    if args.op_only:
+        print(json.dumps(results, indent=1))
+        return
     results["model_step"] = step = model_step(args.layers, args.seq, args.steps)
     print(f"device: {results['device']}  torch {results['torch']}")
     print(f"attention op fwd+bwd (B1 S{args.seq} H32 KV8 D128 bf16), ms:")

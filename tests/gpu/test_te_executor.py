@@ -199,3 +199,31 @@ def test_injected_model_runs_fp8_attention_under_te_autocast(rel_error):
     print(f"injected model under FP8 autocast: fused backend {backend!r}, logits rel error vs bf16 {error:.3e}")
     assert backend is not None and int(backend) == int(te.cpp_extensions.fused_attn.FusedAttnBackend.FP8)
     assert 0 < error < 0.1
+
+
+@pytest.mark.parametrize("pad", ["right", "left", "holes"])
+def test_key_padding_mask_on_te_matches_float64(pad, rel_error):
+    from te_fx import ops
+
+    q, k, v = _inputs(2, 256, 256, 8, 2, 64, torch.bfloat16)
+    keep = torch.ones(2, 256, dtype=torch.long, device="cuda")
+    if pad == "right":
+        keep[1, 200:] = 0
+    elif pad == "left":
+        keep[1, :57] = 0
+    else:
+        keep[0, 30:40] = 0
+        keep[1, 100:150] = 0
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    config = dict(mask_type="causal", window_size=(-1, 0), softmax_scale=0.125, key_padding_mask=keep)
+    out = ops.attention(q, k, v, executor="te", **config)
+    ref = ops.attention(*leaves, executor="reference", **config)
+    valid = keep.bool()
+    grad = torch.randn_like(out) * valid[:, :, None, None]  # a loss over valid positions, as HF's labels give
+    out.backward(grad)
+    ref.backward(grad.double())
+    assert rel_error(out[valid], ref[valid]) < 1e-2
+    if pad != "holes":  # left and right padding are exact at padding positions too (zero / all valid keys)
+        assert rel_error(out, ref) < 1e-2
+    for t, r in zip((q, k, v), leaves):
+        assert rel_error(t.grad, r.grad) < 3e-2
