@@ -85,40 +85,40 @@ def model_step(layers: int, seq: int, steps: int) -> dict:
 
 
 def attention_op(seq: int) -> dict:
-    """Forward + backward of the attention op alone at B1, H32, KV8, D128, bf16, S=seq."""
+    """Forward + backward of the attention op alone at B1, H32, KV8, D128, bf16, S=seq: eager, and compiled with
+    Inductor (as inside a compiled model, where the mask building and te_fx's permutations are fused)."""
     batch, heads, kv_heads, dim, scale = 1, 32, 8, 128, 128**-0.5
     q = torch.randn(batch, seq, heads, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     k, v = (torch.randn(batch, seq, kv_heads, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
             for _ in range(2))  # fmt: skip
     ones = torch.ones(batch, seq, dtype=torch.long, device="cuda")
-    causal = torch.ones(seq, seq, dtype=torch.bool, device="cuda").tril()
     grad = torch.randn(batch, seq, heads, dim, device="cuda", dtype=torch.bfloat16)
+    te_config = dict(mask_type="causal", window_size=(-1, 0), softmax_scale=scale, executor="te")
 
-    def hf_compiled_sdpa():
-        mask = (causal[None, None] & ones.bool()[:, None, None, :]).expand(batch, 1, seq, seq)
+    def sdpa_hf_mask(q, k, v, ones):  # what stock compiled HF runs: a materialised bool mask, K/V repeated
+        idx = torch.arange(seq, device=q.device)
+        mask = ((idx[None, :] <= idx[:, None])[None, None] & ones.bool()[:, None, None, :]).expand(batch, 1, seq, seq)
         kr, vr = (t.transpose(1, 2).repeat_interleave(heads // kv_heads, dim=1) for t in (k, v))
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), kr, vr, attn_mask=mask, scale=scale)
-        out.transpose(1, 2).backward(grad)
+        return F.scaled_dot_product_attention(q.transpose(1, 2), kr, vr, attn_mask=mask, scale=scale).transpose(1, 2)
 
-    def te_fx_padding():
-        out = ops.attention(q, k, v, mask_type="causal", window_size=(-1, 0), softmax_scale=scale,
-                            key_padding_mask=ones, executor="te")  # fmt: skip
-        out.backward(grad)
+    def te_fx_padding_causal(q, k, v, ones):  # what te_attn makes of it
+        return ops.attention(q, k, v, key_padding_mask=ones, **te_config)
 
-    def te_fx_causal():
-        ops.attention(q, k, v, mask_type="causal", window_size=(-1, 0), softmax_scale=scale, executor="te").backward(grad)
+    def te_fx_causal(q, k, v, ones):
+        return ops.attention(q, k, v, **te_config)
 
-    def sdpa_causal():
-        out = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), is_causal=True, scale=scale,
-                                             enable_gqa=True)  # fmt: skip
-        out.transpose(1, 2).backward(grad)
+    def sdpa_is_causal(q, k, v, ones):
+        bhsd = (t.transpose(1, 2) for t in (q, k, v))
+        return F.scaled_dot_product_attention(*bhsd, is_causal=True, scale=scale, enable_gqa=True).transpose(1, 2)
 
-    fns = {"sdpa_hf_mask": hf_compiled_sdpa, "te_fx_padding_causal": te_fx_padding, "te_fx_causal": te_fx_causal,
-           "sdpa_is_causal": sdpa_causal}  # fmt: skip
-    samples = {name: [] for name in fns}
+    forwards = {f.__name__: f for f in (sdpa_hf_mask, te_fx_padding_causal, te_fx_causal, sdpa_is_causal)}
+    variants = {**{f"{name} eager": f for name, f in forwards.items()},
+                **{f"{name} compiled": torch.compile(f, fullgraph=True) for name, f in forwards.items()}}  # fmt: skip
+    samples = {name: [] for name in variants}
     for _ in range(3):
-        for name, fn in fns.items():
-            samples[name].append(do_bench(fn, warmup=10, rep=100, return_mode="median"))
+        for name, forward in variants.items():
+            step = lambda forward=forward: forward(q, k, v, ones).backward(grad)  # noqa: E731
+            samples[name].append(do_bench(step, warmup=10, rep=100, return_mode="median"))
     return {name: statistics.median(v) for name, v in samples.items()}
 
 
@@ -139,16 +139,16 @@ def main() -> None:
     print(f"device: {results['device']}  torch {results['torch']}")
     print(f"attention op fwd+bwd (B1 S{args.seq} H32 KV8 D128 bf16), ms:")
     for name, ms in op.items():
-        print(f"  {name:<22} {ms:8.3f}")
+        print(f"  {name:<32} {ms:8.3f}")
     print(f"training step ({args.layers} layers, S{args.seq}), ms / warm-up s / peak GB:")
     for name, r in step.items():
         print(f"  {name:<10} {r['step_ms']:8.1f} {r['warmup_s']:8.1f} {r['peak_gb']:6.1f}")
     print(f"  te_attn report: {step['te_attn']['report']}")
     step_ratio = step["inductor"]["step_ms"] / step["te_attn"]["step_ms"]
-    op_ratio = op["sdpa_hf_mask"] / op["te_fx_padding_causal"]
+    op_ratio = op["sdpa_hf_mask compiled"] / op["te_fx_padding_causal compiled"]
     targets = [
         ("compiled training step >= 1.3x over Inductor", step_ratio >= 1.3, f"{step_ratio:.2f}x"),
-        ("attention op fwd+bwd >= 3x over SDPA with HF's compiled mask", op_ratio >= 3.0, f"{op_ratio:.2f}x"),
+        ("attention op fwd+bwd (compiled) >= 3x over SDPA with HF's mask", op_ratio >= 3.0, f"{op_ratio:.2f}x"),
     ]
     for label, ok, detail in targets:
         print(f"{'PASS' if ok else 'FAIL'}: {label} ({detail})")

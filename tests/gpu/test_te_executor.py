@@ -67,7 +67,7 @@ def test_custom_op_te_executor(case, rel_error):
     assert rel_error(out, ref) < 1e-2
     for t, r in zip((q, k, v), leaves):
         assert rel_error(t.grad, r.grad) < 3e-2
-    args = (q.detach(), k.detach(), v.detach(), mask_type, window[0], window[1], scale, 0.0, True, "te")
+    args = (q.detach(), k.detach(), v.detach(), None, None, mask_type, window[0], window[1], scale, 0.0, True, "te")
     torch.library.opcheck(
         torch.ops.te_fx.attention_fwd.default,
         args,
