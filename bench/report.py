@@ -1,0 +1,167 @@
+"""The benchmark's outputs: JSON, a Markdown report with the targets, and PNG plots (matplotlib)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .kernels import TE_FX_VARIANTS, VARIANTS
+
+__all__ = ["evaluate_targets", "write_report"]
+
+
+def _rows(results: dict, **match: Any) -> list[dict]:
+    return [r for r in results.get("kernels", []) if all(r.get(k) == v for k, v in match.items())]
+
+
+def _ms(results: dict, case: str, mode: str, variant: str) -> float | None:
+    rows = _rows(results, case=case, mode=mode, variant=variant)
+    return rows[0]["ms"] if rows else None
+
+
+def _target(label: str, value: float | None, goal: float, higher_is_better: bool, unit: str = "x") -> dict:
+    if value is None:
+        return {"target": label, "pass": None, "value": None, "detail": "not measured in this run"}
+    ok = value >= goal if higher_is_better else value <= goal
+    miss = "" if ok else f", missed by {abs(value - goal) / goal:.0%}"
+    return {"target": label, "pass": ok, "value": value, "detail": f"{value:.2f}{unit} (goal {goal}{unit}){miss}"}
+
+
+def evaluate_targets(results: dict) -> list[dict]:
+    """The issue's five targets, each PASS / FAIL with by how much (None where the run did not measure it)."""
+    targets = []
+    small = [r for r in _rows(results, family="tiny", kind="causal", seq=128, mode="fwd", variant="te_fx eager")]
+    ratio = None
+    if small and small[0]["ms"]:
+        sdpa = _ms(results, small[0]["case"], "fwd", "sdpa default")
+        ratio = small[0]["ms"] / sdpa if sdpa else None
+    targets.append(_target("te_fx per-call time at B1 S128 H8 D64 within 1.5x of SDPA", ratio, 1.5, False))
+
+    worst = None
+    for row in _rows(results, kind="causal", mode="fwd+bwd", variant="te_fx eager"):
+        if row["seq"] >= 2048 and row["kv_heads"] < row["heads"] and row["ms"]:
+            sdpa = [r["ms"] for r in _rows(results, case=row["case"], mode="fwd+bwd")
+                    if r["variant"].startswith("sdpa") and r["variant"] != "sdpa HF compile mask" and r["ms"]]
+            if sdpa:
+                worst = min(worst or float("inf"), min(sdpa) / row["ms"])
+    targets.append(_target("te_fx at least as fast as the best SDPA backend, causal GQA S >= 2048 fwd+bwd",
+                           worst, 1.0, True))  # fmt: skip
+
+    sliding = _rows(results, kind="sliding", window=1024, seq=8192, mode="fwd+bwd", variant="te_fx eager")
+    ratio = None
+    if sliding and sliding[0]["ms"]:
+        hf = _ms(results, sliding[0]["case"], "fwd+bwd", "sdpa default")
+        ratio = hf / sliding[0]["ms"] if hf else None
+    targets.append(_target("sliding window 1024, S 8192: >= 3.5x over SDPA with the mask HF passes", ratio, 3.5, True))
+
+    step = None
+    for name, variants in results.get("models", {}).items():
+        if name.startswith("llama") and "inductor" in variants and "te_attn" in variants:
+            step = variants["inductor"]["step_ms"] / variants["te_attn"]["step_ms"]
+    targets.append(_target("compiled Llama-style training step >= 1.3x over Inductor", step, 1.3, True))
+
+    fractions = [r["peak_fraction"] for r in _rows(results, kind="causal", mode="fwd", variant="te_fx eager")
+                 if r["seq"] >= 4096 and r.get("peak_fraction")]  # fmt: skip
+    best = max(fractions) if fractions else None
+    targets.append(_target("attention forward at S >= 4096 reaching >= 70% of the bf16 matmul peak",
+                           None if best is None else best * 100, 70, True, unit="%"))  # fmt: skip
+    return targets
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _kernel_table(results: dict, mode: str) -> list[str]:
+    cases = list(dict.fromkeys(r["case"] for r in _rows(results, mode=mode)))
+    header = ["case", *VARIANTS, "te_fx eager vs best", "te_fx eager TFLOP/s", "te_fx rel err"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for case in cases:
+        eager = _rows(results, case=case, mode=mode, variant="te_fx eager")[0]
+        fwd_eager = _rows(results, case=case, mode="fwd", variant="te_fx eager")
+        error = fwd_eager[0].get("error") if fwd_eager else None
+        cells = [case, *(_fmt(_ms(results, case, mode, v)) for v in VARIANTS),
+                 f"{_fmt(eager.get('speedup_vs_best'), 2)}x", _fmt(eager["tflops"], 0),
+                 "n/a" if not error else f"{error['rel']:.1e}"]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _model_table(results: dict) -> list[str]:
+    lines = ["| model | variant | step ms | tokens/s | prefill ms | peak GB | warm-up s | graphs | te_fx |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name, variants in results.get("models", {}).items():
+        for variant, r in variants.items():
+            summary = r["te_fx_eager"] if variant == "eager te_fx" else (r["te_fx_compile"] if variant == "te_attn" else "")
+            lines.append(f"| {name} | {variant} | {_fmt(r['step_ms'], 1)} | {r['tokens_per_s']:.0f} | "
+                         f"{_fmt(r['prefill_ms'], 1)} | {_fmt(r['peak_gb'], 1)} | {r['warmup_s']:.1f} | "
+                         f"{r['graphs_compiled']} | {summary} |")  # fmt: skip
+    return lines
+
+
+def _plots(results: dict, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    rows = [r for r in _rows(results, mode="fwd+bwd") if r["ms"]]
+    if rows:
+        figure, axis = plt.subplots(figsize=(9, 5))
+        for variant in VARIANTS:
+            points = sorted((r["seq"], r["tflops"]) for r in rows
+                            if r["variant"] == variant and r["kind"] == "causal" and r["heads"] != r["kv_heads"])
+            if points:
+                style = "-o" if variant in TE_FX_VARIANTS else "--."
+                axis.plot([p[0] for p in points], [p[1] for p in points], style, label=variant)
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("sequence length")
+        axis.set_ylabel("TFLOP/s (fwd+bwd, causal GQA)")
+        axis.set_title(f"Attention fwd+bwd on {results['device']}")
+        axis.legend(fontsize=7)
+        figure.tight_layout()
+        figure.savefig(out / "kernels_tflops.png", dpi=120)
+        plt.close(figure)
+        written.append("kernels_tflops.png")
+    speedups = [r for r in _rows(results, variant="te_fx eager") if r.get("speedup_vs_best")]
+    if speedups:
+        figure, axis = plt.subplots(figsize=(9, max(3, 0.3 * len(speedups))))
+        labels = [f"{r['case']} {r['mode']}" for r in speedups]
+        axis.barh(labels, [r["speedup_vs_best"] for r in speedups])
+        axis.axvline(1.0, color="black", linewidth=0.8)
+        axis.set_xlabel("best alternative ms / te_fx eager ms")
+        axis.tick_params(axis="y", labelsize=6)
+        figure.tight_layout()
+        figure.savefig(out / "speedup_vs_best.png", dpi=120)
+        plt.close(figure)
+        written.append("speedup_vs_best.png")
+    return written
+
+
+def write_report(results: dict, out: Path) -> dict[str, Path]:
+    """Write results.json, report.md and the plots into ``out``; returns the paths written."""
+    out.mkdir(parents=True, exist_ok=True)
+    results["targets"] = evaluate_targets(results)
+    paths = {"json": out / "results.json", "markdown": out / "report.md"}
+    paths["json"].write_text(json.dumps(results, indent=1, default=str))
+    plots = _plots(results, out)
+    lines = [f"# te_fx benchmark on {results['device']}", "",
+             f"torch {results['torch']}, transformers {results['transformers']}, TE {results['te']}, "
+             f"profile {results['profile']}, dtype {results['dtype']}, matmul peak "
+             f"{_fmt(results.get('matmul_peak_tflops'), 0)} TFLOP/s. Times are medians in ms.", ""]  # fmt: skip
+    for mode in ("fwd", "fwd+bwd"):
+        if _rows(results, mode=mode):
+            lines += [f"## Attention {mode}", "", *_kernel_table(results, mode), ""]
+    if results.get("models"):
+        lines += ["## Models (training step: forward + backward + AdamW; prefill: forward, no grad)", "",
+                  *_model_table(results), ""]  # fmt: skip
+    lines += ["## Targets", ""] + [
+        f"- {'PASS' if t['pass'] else ('FAIL' if t['pass'] is False else 'NOT RUN')}: {t['target']}: {t['detail']}"
+        for t in results["targets"]
+    ]
+    lines += ["", *(f"![{p}]({p})" for p in plots)]
+    paths["markdown"].write_text("\n".join(lines) + "\n")
+    paths.update({p: out / p for p in plots})
+    return paths

@@ -1,0 +1,105 @@
+"""``python -m bench`` / ``te-fx bench``: kernel- and model-level benchmarks, then report.md, results.json and
+plots under bench/results/<card>/ (or --out), and the targets as PASS / FAIL lines.
+
+Profiles: ``quick`` (every target's shape; one 10-minute GPU command), ``full`` (S 128 to 32768, every family and
+model; run with --only kernels and --only models as separate commands), ``smoke`` (tiny shapes: CPU, CI).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from . import kernels, models
+from .report import write_report
+from .timing import matmul_peak_tflops
+
+__all__ = ["build_parser", "run"]
+
+PROFILES = {
+    "quick": (kernels.quick_cases, models.quick_models, 20),
+    "full": (kernels.full_cases, models.full_models, 30),
+    "smoke": (kernels.smoke_cases, models.smoke_models, 3),
+}
+
+
+class BenchError(Exception):
+    """A run that cannot be made here (no GPU for a GPU profile, TE missing for the te executor)."""
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                               formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="quick")
+    parser.add_argument("--only", choices=("kernels", "models", "all"), default="all")
+    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    parser.add_argument("--out", type=Path, help="output folder (default bench/results/<card>)")
+    parser.add_argument("--reps", type=int, help="timed repetitions per measurement (default: the profile's)")
+    return parser
+
+
+def _card(device: torch.device) -> str:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")
+
+
+def _setup(args: argparse.Namespace) -> tuple[torch.device, torch.dtype, str]:
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise BenchError("--device cuda: no CUDA GPU is visible")
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
+                          if args.device != "auto" else "cpu")  # fmt: skip
+    if device.type == "cpu":
+        if args.profile != "smoke":
+            raise BenchError(f"profile {args.profile!r} needs a CUDA GPU; on a CPU use --profile smoke")
+        return device, torch.float32, "reference"
+    from te_fx.executors import TEUnavailableError, load_te_executor
+
+    try:
+        load_te_executor()
+    except TEUnavailableError as error:
+        raise BenchError(str(error)) from error
+    return device, torch.bfloat16, "te"
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark; returns 0 when every measured target passed, 1 otherwise (3 when it cannot run here)."""
+    try:
+        device, dtype, executor = _setup(args)
+    except BenchError as error:
+        print(f"te-fx bench: {error}")
+        return 3
+    import transformers
+
+    case_list, model_list, default_reps = PROFILES[args.profile]
+    reps = args.reps or default_reps
+    te_version = "n/a"
+    if executor == "te":
+        import transformer_engine
+
+        te_version = transformer_engine.__version__
+    results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+               "torch": torch.__version__, "transformers": transformers.__version__, "te": te_version,
+               "profile": args.profile, "dtype": str(dtype).removeprefix("torch."), "executor": executor,
+               "kernels": [], "models": {}}  # fmt: skip
+    if device.type == "cuda":
+        results["matmul_peak_tflops"] = matmul_peak_tflops(device, dtype)
+    if args.only in ("kernels", "all"):
+        for case in tqdm(case_list(), desc="kernels", unit="case"):
+            results["kernels"] += kernels.run_case(case, device, dtype, executor, reps)
+        kernels.add_ratios(results["kernels"], results.get("matmul_peak_tflops"))
+    if args.only in ("models", "all"):
+        for case in tqdm(model_list(), desc="models", unit="model"):
+            results["models"][case.name] = models.run_model_case(case, device, dtype, executor, max(3, reps // 2))
+    out = args.out or Path(__file__).parent / "results" / _card(device)
+    paths = write_report(results, out)
+    print(f"results: {', '.join(str(p) for p in paths.values())}")
+    failed = False
+    for target in results["targets"]:
+        status = {True: "PASS", False: "FAIL", None: "NOT RUN"}[target["pass"]]
+        failed |= target["pass"] is False
+        print(f"{status}: {target['target']}: {target['detail']}")
+    return 1 if failed else 0
