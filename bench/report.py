@@ -107,18 +107,19 @@ def _plots(results: dict, out: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
     written = []
-    rows = [r for r in _rows(results, mode="fwd+bwd") if r["ms"]]
+    rows = [r for r in _rows(results, mode="fwd+bwd", kind="causal") if r["ms"] and r["heads"] != r["kv_heads"]]
+    family = "llama3-8b" if any(r["family"] == "llama3-8b" for r in rows) else (rows[0]["family"] if rows else None)
+    rows = [r for r in rows if r["family"] == family]
     if rows:
         figure, axis = plt.subplots(figsize=(9, 5))
         for variant in VARIANTS:
-            points = sorted((r["seq"], r["tflops"]) for r in rows
-                            if r["variant"] == variant and r["kind"] == "causal" and r["heads"] != r["kv_heads"])
+            points = sorted((r["seq"], r["tflops"]) for r in rows if r["variant"] == variant)
             if points:
                 style = "-o" if variant in TE_FX_VARIANTS else "--."
                 axis.plot([p[0] for p in points], [p[1] for p in points], style, label=variant)
         axis.set_xscale("log", base=2)
         axis.set_xlabel("sequence length")
-        axis.set_ylabel("TFLOP/s (fwd+bwd, causal GQA)")
+        axis.set_ylabel(f"TFLOP/s (fwd+bwd, causal GQA, {family})")
         axis.set_title(f"Attention fwd+bwd on {results['device']}")
         axis.legend(fontsize=7)
         figure.tight_layout()

@@ -148,13 +148,17 @@ attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 def _compact_valid_first(key_padding_mask: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(order, inverse order, cu_seqlens_kv, rows that see a key) for a (B, S) key padding mask (nonzero = keep).
 
-    A stable sort puts each row's kept tokens first, in order: then "query i sees kept keys j <= i" becomes TE's
-    ``padding_causal`` with per-row key lengths, and padding sits at the end of each row as TE requires."""
+    A stable partition (two cumulative sums, no sort) puts each row's kept tokens first, in order: then "query i sees
+    kept keys j <= i" becomes TE's ``padding_causal`` with per-row key lengths, and padding sits at the end of each
+    row as TE requires."""
     keep = key_padding_mask != 0
-    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
-    lengths = keep.sum(dim=1, dtype=torch.int32)
-    cu_seqlens = torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
-    return order, torch.argsort(order, dim=1), cu_seqlens, keep.cumsum(dim=1) > 0
+    kept_before = keep.cumsum(dim=1)  # kept tokens up to and including each position
+    lengths = kept_before[:, -1:]
+    # each token's place after the stable partition: kept ones by rank, padding after them in order
+    restore = torch.where(keep, kept_before - 1, lengths + torch.arange(keep.shape[1], device=keep.device) - kept_before)
+    order = torch.empty_like(restore).scatter_(1, restore, torch.arange(keep.shape[1], device=keep.device).expand_as(restore))
+    cu_seqlens = torch.nn.functional.pad(lengths.flatten().cumsum(0).to(torch.int32), (1, 0))
+    return order, restore, cu_seqlens, kept_before > 0
 
 
 def _gather_rows(x: Tensor, index: Tensor) -> Tensor:
