@@ -1,0 +1,95 @@
+"""The benchmark's argument handling, report generation and target arithmetic on CPU (reference executor)."""
+
+import json
+
+import pytest
+
+from bench.kernels import VARIANTS, Case, flops
+from bench.report import evaluate_targets
+from bench.run import build_parser, run
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    code = run(build_parser().parse_args(["--profile", "smoke", "--device", "cpu", "--out", str(out), "--reps", "2"]))
+    return code, out
+
+
+def test_smoke_profile_writes_every_output(smoke_run):
+    code, out = smoke_run
+    assert code == 0  # nothing measured against a target on CPU: no FAIL
+    results = json.loads((out / "results.json").read_text())
+    assert results["executor"] == "reference" and results["device"] == "cpu"
+    cases = {row["case"] for row in results["kernels"]}
+    assert len(cases) == 4
+    for case in cases:
+        for mode in ("fwd", "fwd+bwd"):
+            variants = {r["variant"]: r for r in results["kernels"] if r["case"] == case and r["mode"] == mode}
+            assert set(variants) == set(VARIANTS)
+            assert variants["TE DotProductAttention"]["ms"] is None  # needs TE: reported as n/a, not faked
+            assert variants["te_fx eager"]["ms"] > 0 and variants["te_fx op"]["ms"] > 0
+    for row in results["kernels"]:
+        if "error" in row:
+            assert row["error"]["rel"] < 1e-5, row  # te_fx against the float64 reference
+    assert set(results["models"]) == {"tiny llama_gqa", "tiny mistral"}
+    llama = results["models"]["tiny llama_gqa"]
+    assert llama["te_attn"]["te_fx_compile"]["rewritten"] == llama["te_attn"]["te_fx_compile"]["sdpa_nodes"] > 0
+    assert llama["eager te_fx"]["te_fx_eager"]["te_hits"] > 0
+    report = (out / "report.md").read_text()
+    assert "## Attention fwd+bwd" in report and "## Targets" in report and "NOT RUN" in report
+    for plot in ("kernels_tflops.png", "speedup_vs_best.png"):
+        assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("argv", [["--profile", "quick", "--device", "cpu"], ["--device", "cuda"]])
+def test_gpu_profiles_refuse_to_run_on_cpu(argv, capsys, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert run(build_parser().parse_args([*argv, "--out", str(tmp_path)])) == 3
+    assert "te-fx bench:" in capsys.readouterr().out
+    assert not any(tmp_path.iterdir())
+
+
+def test_bad_arguments_exit_with_usage_error():
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["--profile", "huge"])
+    assert exit_info.value.code == 2
+
+
+def test_flops_count_visible_pairs():
+    causal = Case("t", "causal", 2, 4, 1, 1, 8)
+    assert flops(causal, backward=False) == 4 * 8 * 2 * (1 + 2 + 3 + 4)
+    sliding = Case("t", "sliding", 1, 5, 1, 1, 8, window=2)
+    assert flops(sliding, backward=True) == 3.5 * 4 * 8 * (1 + 2 + 2 + 2 + 2)
+
+
+def _row(case, mode, variant, ms, **fields):
+    base = {"case": case, "mode": mode, "variant": variant, "ms": ms, "family": "llama3-8b", "kind": "causal",
+            "seq": 4096, "heads": 32, "kv_heads": 8, "window": None, "peak_fraction": None}
+    return {**base, **fields}
+
+
+def test_targets_pass_fail_and_miss_by():
+    tiny = dict(family="tiny", seq=128, heads=8, kv_heads=8)
+    sliding = dict(kind="sliding", window=1024, seq=8192)
+    results = {
+        "kernels": [
+            _row("a", "fwd", "te_fx eager", 0.03, **tiny), _row("a", "fwd", "sdpa default", 0.01, **tiny),
+            _row("b", "fwd+bwd", "te_fx eager", 2.0), _row("b", "fwd+bwd", "sdpa cudnn", 2.2),
+            _row("b", "fwd+bwd", "sdpa HF compile mask", 9.0),
+            _row("c", "fwd+bwd", "te_fx eager", 1.0, **sliding), _row("c", "fwd+bwd", "sdpa default", 4.0, **sliding),
+            _row("d", "fwd", "te_fx eager", 1.0, peak_fraction=0.75),
+        ],
+        "models": {"llama x": {"inductor": {"step_ms": 130.0}, "te_attn": {"step_ms": 100.0}}},
+    }  # fmt: skip
+    targets = evaluate_targets(results)
+    assert [t["pass"] for t in targets] == [False, True, True, True, True]
+    assert targets[0]["value"] == pytest.approx(3.0) and "missed by 100%" in targets[0]["detail"]
+    assert targets[1]["value"] == pytest.approx(1.1)
+    assert targets[2]["value"] == pytest.approx(4.0)
+    assert targets[3]["value"] == pytest.approx(1.3)
+    assert targets[4]["value"] == pytest.approx(75.0)
+    assert all(t["pass"] is None for t in evaluate_targets({"kernels": [], "models": {}}))
