@@ -22,6 +22,8 @@ from triton.testing import do_bench
 import te_fx
 from te_fx import ops
 
+from .report import finish
+
 
 def _model(layers: int) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM, LlamaConfig
@@ -150,12 +152,7 @@ def main() -> None:
         ("compiled training step >= 1.3x over Inductor", step_ratio >= 1.3, f"{step_ratio:.2f}x"),
         ("attention op fwd+bwd (compiled) >= 3x over SDPA with HF's mask", op_ratio >= 3.0, f"{op_ratio:.2f}x"),
     ]
-    for label, ok, detail in targets:
-        print(f"{'PASS' if ok else 'FAIL'}: {label} ({detail})")
-    results["targets"] = {label: {"pass": ok, "detail": detail} for label, ok, detail in targets}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    finish(results, targets, args.json)
 
 
 if __name__ == "__main__":

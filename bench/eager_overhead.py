@@ -13,7 +13,6 @@ Timings are medians of CUDA-event timings (triton.testing.do_bench), rounds inte
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 
 import torch
@@ -21,6 +20,8 @@ import torch.nn.functional as F
 from triton.testing import do_bench
 
 from te_fx.executors.te import fused_attention
+
+from .report import finish
 from te_fx.te_attention import _create_te_dot_product_attention, _make_te_sdpa
 
 SHAPES = {
@@ -120,12 +121,7 @@ def main() -> None:
         ("at least SDPA's speed at B2 S4096 fwd+bwd", large["sdpa"] / large["te_fx"] >= 1.0,
          f"sdpa/te_fx = {large['sdpa'] / large['te_fx']:.2f}"),
     ]
-    for label, ok, detail in targets:
-        print(f"{'PASS' if ok else 'FAIL'}: {label} ({detail})")
-    results["targets"] = {label: {"pass": ok, "detail": detail} for label, ok, detail in targets}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    finish(results, targets, args.json)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,16 @@ from typing import Any
 
 from .kernels import TE_FX_VARIANTS, VARIANTS
 
-__all__ = ["evaluate_targets", "write_report"]
+__all__ = ["evaluate_targets", "write_report", "finish"]
+
+
+def finish(results: dict, targets: list[tuple[str, bool, str]], json_path: str | None) -> None:
+    """Print a script's targets as PASS / FAIL lines, store them in ``results`` and write it as JSON if asked."""
+    for label, ok, detail in targets:
+        print(f"{'PASS' if ok else 'FAIL'}: {label} ({detail})")
+    results["targets"] = {label: {"pass": ok, "detail": detail} for label, ok, detail in targets}
+    if json_path:
+        Path(json_path).write_text(json.dumps(results, indent=2))
 
 
 def _rows(results: dict, **match: Any) -> list[dict]:

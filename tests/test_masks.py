@@ -19,6 +19,8 @@ from hypothesis.control import currently_in_test_context
 from hypothesis import strategies as st
 from transformers import masking_utils
 
+from oracles import hf_causal, te_pattern
+
 from te_fx import masks
 from te_fx.masks import classify_mask
 from te_fx.te_attention import _detect_causal_mask
@@ -32,30 +34,6 @@ MORE_EXAMPLES = settings(max_examples=4 * settings.default.max_examples)
 # ----------------------------------------------------------------------------------------------------------------
 # The oracle
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def key_range(mask_type: str, window: tuple[int, int], i: int, q_len: int, kv_len: int) -> range:
-    """Keys query ``i`` sees in TE (non-padding types): [diagonal - left, diagonal + right], clipped."""
-    left, right = window
-    if "causal" in mask_type:
-        right = 0
-    diagonal = i + (kv_len - q_len) if mask_type.endswith("bottom_right") else i
-    first = 0 if left < 0 else max(0, diagonal - left)
-    last = kv_len - 1 if right < 0 else min(kv_len - 1, diagonal + right)
-    return range(first, last + 1)
-
-
-def te_pattern(mask_type: str, window: tuple[int, int], q_len: int, kv_len: int) -> torch.Tensor:
-    out = torch.zeros(q_len, kv_len, dtype=torch.bool)
-    for i in range(q_len):
-        r = key_range(mask_type, window, i, q_len, kv_len)
-        out[i, r.start : r.stop] = True
-    return out
-
-
-def hf_causal(q_len: int, kv_len: int, window_left: int = -1) -> torch.Tensor:
-    """What HF builds: query i sits at key position kv_len - q_len + i and sees window_left keys before it."""
-    return te_pattern("causal_bottom_right", (window_left, 0), q_len, kv_len)
 
 
 def decode(mask: torch.Tensor, shape: tuple[int, int, int, int]) -> tuple[torch.Tensor, bool]:

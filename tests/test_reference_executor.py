@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from oracles import visible_keys
+
 from te_fx.executors.reference import (
     MASK_TYPES,
     ReferenceDotProductAttention,
@@ -27,23 +29,6 @@ from te_fx.executors.reference import (
 # ----------------------------------------------------------------------------------------------------------------
 # The oracle
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def visible_keys(
-    mask_type: str, window: tuple[int, int], i: int, q_len: int, kv_len: int, sq: int, skv: int
-) -> list[int]:
-    """Keys query ``i`` sees under TE's semantics (sq/skv: the row's actual lengths, = q_len/kv_len unless padding)."""
-    if not mask_type.startswith("padding"):
-        sq, skv = q_len, kv_len
-    if i >= sq:  # a padded query sees nothing
-        return []
-    left, right = window
-    if "causal" in mask_type:
-        right = 0
-    diagonal = i + (skv - sq) if mask_type.endswith("bottom_right") else i
-    first = 0 if left < 0 else max(0, diagonal - left)
-    last = skv - 1 if right < 0 else min(skv - 1, diagonal + right)
-    return list(range(first, last + 1))
 
 
 def oracle_visible(mask_type, window, batch, q_len, kv_len, seqlens_q=None, seqlens_kv=None) -> torch.Tensor:

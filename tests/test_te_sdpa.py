@@ -25,6 +25,8 @@ from hypothesis import strategies as st
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.integrations.sdpa_attention import pack_gqa, repeat_kv
 
+from oracles import hf_causal, te_pattern
+
 import te_fx
 from te_fx import sdpa_patch, te_attention
 from te_fx.executors.reference import ReferenceDotProductAttention
@@ -84,28 +86,6 @@ def hf_view(x: torch.Tensor, heads: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 # Oracle for "TE must run" (an independent brute-force pattern check)
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def key_range(mask_type: str, window: tuple[int, int], i: int, q_len: int, kv_len: int) -> range:
-    left, right = window
-    if "causal" in mask_type:
-        right = 0
-    diagonal = i + (kv_len - q_len) if mask_type.endswith("bottom_right") else i
-    first = 0 if left < 0 else max(0, diagonal - left)
-    last = kv_len - 1 if right < 0 else min(kv_len - 1, diagonal + right)
-    return range(first, last + 1)
-
-
-def te_pattern(mask_type: str, window: tuple[int, int], q_len: int, kv_len: int) -> torch.Tensor:
-    out = torch.zeros(q_len, kv_len, dtype=torch.bool)
-    for i in range(q_len):
-        r = key_range(mask_type, window, i, q_len, kv_len)
-        out[i, r.start : r.stop] = True
-    return out
-
-
-def hf_causal(q_len: int, kv_len: int, window_left: int = -1) -> torch.Tensor:
-    return te_pattern("causal_bottom_right", (window_left, 0), q_len, kv_len)
 
 
 def attend_of(mask: torch.Tensor) -> torch.Tensor:
