@@ -32,6 +32,7 @@ class BenchError(Exception):
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """The benchmark's arguments, on a new parser or on ``te-fx bench``'s subparser."""
     parser = parser or argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("--profile", choices=sorted(PROFILES), default="quick")

@@ -43,32 +43,33 @@ def reset_compile_report() -> None:
         _REPORT.clear()
 
 
-def _inner_compiler(name: str) -> Callable:
-    if name not in INNER_COMPILERS:
-        raise ValueError(f"te_attn option 'inner' must be one of {INNER_COMPILERS}, got {name!r}")
-    if name == "eager":
-        return lambda gm, example_inputs: gm.forward
-    return torch._dynamo.lookup_backend(name)
-
-
-def te_attn(gm: fx.GraphModule, example_inputs: list, options: dict[str, Any] | None = None, **kwargs: Any) -> Callable:
+def te_attn(
+    gm: fx.GraphModule, example_inputs: list, options: dict[str, Any] | None = None, mode: str | None = None
+) -> Callable:
     """Dynamo backend: rewrite safe SDPA nodes into te_fx's attention op, then hand the graph to the inner
-    compiler. ``kwargs`` (such as ``mode``) go to Inductor."""
+    compiler. Options other than ``executor`` and ``inner``, and ``mode``, go to Inductor as config patches."""
     options = dict(options or {})
     executor = resolve_executor(options.pop("executor", None))
     inner = options.pop("inner", "inductor")
-    compiler = _inner_compiler(inner)
+    if inner not in INNER_COMPILERS:
+        raise ValueError(f"te_attn option 'inner' must be one of {INNER_COMPILERS}, got {inner!r}")
+    if inner != "inductor" and (options or mode):
+        raise ValueError(f"te_attn: options {sorted(options)} and mode {mode!r} need inner='inductor'")
     entries = rewrite_attention(gm, executor)
     with _REPORT_LOCK:
         _REPORT.extend(entries)
     for entry in entries:
         logger.info("te_attn: %s -> %s (%s)%s", entry["node"], entry["decision"], entry["reason"],
                     f", {entry['mask_kind']} window {entry['window_size']}" if entry["decision"] == "te" else "")
-    if inner == "inductor" and (options or kwargs):
-        return compiler(gm, example_inputs, options=options or None, **kwargs)
-    if options:
-        raise ValueError(f"unknown te_attn options {sorted(options)}")
-    return compiler(gm, example_inputs)
+    if inner == "eager":
+        return gm.forward
+    if inner == "aot_eager":
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+    from torch._inductor import list_mode_options
+    from torch._inductor.compile_fx import compile_fx
+
+    patches = {**(list_mode_options(mode) if mode else {}), **options}
+    return compile_fx(gm, example_inputs, config_patches=patches or None)
 
 
 def register() -> None:

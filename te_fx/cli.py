@@ -1,8 +1,14 @@
 """The ``te-fx`` command.
 
-    te-fx demo     tiny HF models with te_fx injected: which layers run on TE, which fall back and why
+    te-fx demo            tiny HF models with te_fx injected: which layers run on TE, which fall back and why
+    te-fx check           versions, GPU, TransformerEngine and its backend for a typical shape; what is missing
+    te-fx explain MODEL   per layer, what the eager path and the compile path do with MODEL (a tiny model family,
+                          a local config.json or checkpoint folder; nothing is downloaded) and why
+    te-fx bench           benchmarks against every alternative, report and plots under bench/results/<card>/
 
-Exit codes: 0 success, 1 the demo found a mismatch, 2 bad usage.
+Exit codes: 0 success; 1 the demo found a mismatch, check found something missing for the default executor,
+explain could not complete its analysis, or a benchmark target failed; 2 bad usage (unknown family or model,
+missing path, unreadable config); 3 the benchmark cannot run here (no GPU for a GPU profile, TE missing).
 """
 
 from __future__ import annotations
@@ -26,6 +32,39 @@ def _demo(args: argparse.Namespace) -> int:
     return 0 if run_demo(families) else 1
 
 
+def _check(args: argparse.Namespace) -> int:
+    import json
+
+    from .check import format_check, run_check
+
+    result = run_check()
+    print(json.dumps(result.as_dict(), indent=2) if args.json else format_check(result))
+    return 0 if result.ok else 1
+
+
+def _explain(args: argparse.Namespace) -> int:
+    import json
+
+    from .explain import AnalysisError, ExplainError, explain, format_explanation
+
+    try:
+        result = explain(args.model, compile_path=not args.no_compile)
+    except ExplainError as error:
+        print(f"te-fx explain: {error}", file=sys.stderr)
+        return 2
+    except AnalysisError as error:
+        print(f"te-fx explain: {error}", file=sys.stderr)
+        return 1
+    print(json.dumps(result.as_dict(), indent=2) if args.json else format_explanation(result))
+    return 1 if result.errors else 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from bench.run import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="te-fx", description="TransformerEngine attention for HF causal LMs")
     parser.add_argument("-v", "--verbose", action="store_true", help="log te_fx's decisions (INFO)")
@@ -33,6 +72,22 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="run te_fx on tiny models built from configs (no downloads)")
     demo.add_argument("family", nargs="*", default=[], help="model families (default: a representative set)")
     demo.set_defaults(handler=_demo)
+    check = commands.add_parser("check", help="versions, GPU and TransformerEngine: what is there and what is missing")
+    check.add_argument("--json", action="store_true", help="print the result as JSON")
+    check.set_defaults(handler=_check)
+    explain = commands.add_parser(
+        "explain", help="per layer, what the eager and compile paths do with a model and why (no downloads)"
+    )
+    explain.add_argument(
+        "model", help="a tiny model family (as te-fx demo takes), else a local config.json or checkpoint folder"
+    )
+    explain.add_argument("--json", action="store_true", help="print the result as JSON")
+    explain.add_argument("--no-compile", action="store_true", help="skip the compile-path analysis (faster)")
+    explain.set_defaults(handler=_explain)
+    from bench.run import build_parser as bench_parser
+
+    bench = commands.add_parser("bench", help="benchmarks: report.md, results.json, plots; targets as PASS/FAIL")
+    bench_parser(bench).set_defaults(handler=_bench)
     return parser
 
 

@@ -110,9 +110,11 @@ def _unrepeat_kv(node: fx.Node) -> fx.Node | None:
     if _is_method(node, "contiguous"):
         node = node.args[0]
     if _is_method(node, "repeat_interleave") or _is_function(node, torch.repeat_interleave):
+        repeats = node.args[1] if len(node.args) > 1 else node.kwargs.get("repeats")
         dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
         source = node.args[0]
-        return source if dim in (1, -3) and _value(source).dim() == 4 else None
+        uniform = isinstance(repeats, int)  # a tensor of repeats need not be uniform
+        return source if uniform and dim in (1, -3) and _value(source).dim() == 4 else None
     if not (_is_method(node, "reshape", "view") or _is_function(node, torch.reshape)):
         return None
     expanded = node.args[0]
@@ -126,7 +128,7 @@ def _unrepeat_kv(node: fx.Node) -> fx.Node | None:
                 and all(i == full or i is Ellipsis for i in index[3:])):  # fmt: skip
             return None
     elif not ((_is_method(inserted, "unsqueeze") or _is_function(inserted, torch.unsqueeze))
-              and inserted.args[1] in (2, -3)):  # fmt: skip
+              and (inserted.args[1] if len(inserted.args) > 1 else inserted.kwargs.get("dim")) in (2, -3)):  # fmt: skip
         return None
     source = inserted.args[0]
     source_shape, expanded_shape = _value(source).shape, _value(expanded).shape
@@ -155,8 +157,10 @@ def _guard(
     heads, kv_heads = _int(q.shape[1]), _int(k.shape[1])
     if heads is None or kv_heads is None or _int(q.shape[3]) is None or _int(v.shape[3]) is None:
         return "symbolic head count or head dim"
-    if heads % kv_heads or (kv_heads != heads and not args["enable_gqa"]):
+    if heads % kv_heads:
         return "query heads are not a multiple of KV heads"
+    if kv_heads != heads and not args["enable_gqa"]:
+        return "fewer KV heads than query heads without enable_gqa (SDPA would reject the call)"
     if executor == "te":
         if q.device.type != "cuda":
             return f"the te executor needs CUDA tensors, got {q.device.type}"
@@ -190,7 +194,13 @@ def _classify(node: fx.Node, args: dict[str, Any], q: torch.Tensor, k: torch.Ten
         return "attn_mask together with is_causal"
     if not isinstance(mask, fx.Node):
         return "attn_mask is not a graph value"
-    return classify_mask_node(mask, batch, q_len, kv_len)
+    classified = classify_mask_node(mask, batch, q_len, kv_len)
+    if isinstance(classified, str) or classified.mask_type != "causal" or _same_size(q_len, kv_len):
+        return classified
+    # HF's causal masks sit at the bottom right when there are fewer queries than keys (a KV cache)
+    if classified.padding is not None:
+        return "padding mask with q_len != kv_len"
+    return SubgraphMask("causal_bottom_right", classified.window_size)
 
 
 def _rewrite_one(graph: fx.Graph, node: fx.Node, executor: str) -> AttentionRewrite:
@@ -257,12 +267,14 @@ def _erase_dead_producers(nodes: list[fx.Node]) -> None:
     stack = list(nodes)
     while stack:
         node = stack.pop()
+        if node._erased:
+            continue
         in_place = node.op == "call_method" and str(node.target).endswith("_")
         if node.users or node.op not in ("call_function", "call_method") or in_place or node.is_impure():
             continue
         inputs = node.all_input_nodes
         node.graph.erase_node(node)
-        stack.extend(inputs)
+        stack.extend(n for n in inputs if not n._erased)
 
 
 def rewrite_attention(gm: fx.GraphModule, executor: str = "te") -> list[dict[str, Any]]:

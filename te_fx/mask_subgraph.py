@@ -25,6 +25,9 @@ from .masks import causal_pattern
 __all__ = ["SubgraphMask", "classify_mask_node"]
 
 _SAMPLE_SIZES = (1, 2, 3, 7, 16, 33)  # substituted for symbolic sizes, besides the traced ones
+_MAX_SAMPLE = 1 << 14  # a window constant larger than this cannot be checked at compile time
+# nondeterministic ops: a mask drawn from them is a different mask at every call
+_RANDOM_OPS = ("rand", "bernoulli", "normal", "dropout", "multinomial", "uniform", "poisson", "exponential", "random")
 _RANDOM_TRIALS = 4
 
 
@@ -58,6 +61,8 @@ def _value(node: fx.Node) -> object:
 def _extract(mask: fx.Node) -> tuple[fx.GraphModule, list[fx.Node]] | None:
     """A standalone GraphModule computing ``mask`` from the placeholders it depends on (returned in order)."""
     nodes = _ancestors(mask)
+    if any(any(word in str(getattr(n.target, "__name__", n.target)) for word in _RANDOM_OPS) for n in nodes):
+        return None
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     leaves = []
@@ -86,6 +91,19 @@ def _symbols(leaves: list[fx.Node]) -> dict:
                 for symbol in size.node.expr.free_symbols:
                     symbols[symbol] = traced.get(symbol, size.node.hint)
     return symbols
+
+
+def _int_constants(*values: object) -> list[int]:
+    """The Python ints among (nested) node arguments."""
+    found = []
+    for value in values:
+        if isinstance(value, (list, tuple)):
+            found += _int_constants(*value)
+        elif isinstance(value, dict):
+            found += _int_constants(*value.values())
+        elif isinstance(value, int) and not isinstance(value, bool):
+            found.append(abs(value))
+    return found
 
 
 def _concrete(size: object, assignment: dict) -> int:
@@ -142,7 +160,7 @@ def classify_mask_node(mask: fx.Node, batch: object, q_len: object, kv_len: obje
     the graph); returns a :class:`SubgraphMask`, or the reason the mask is left to SDPA."""
     extracted = _extract(mask)
     if extracted is None:
-        return "mask built from parameters or submodules"
+        return "mask built from parameters, submodules or random ops"
     module, leaves = extracted
     tensors = [leaf for leaf in leaves if isinstance(_value(leaf), torch.Tensor)]
     if len(tensors) > 1:
@@ -151,16 +169,27 @@ def classify_mask_node(mask: fx.Node, batch: object, q_len: object, kv_len: obje
     if padding is not None and (_value(padding).dim() != 2 or _value(padding).is_floating_point()):
         return "mask input is not a 2D integer or bool attention mask"
     symbols = _symbols(leaves)
-    assignments = [dict(symbols)] + [dict.fromkeys(symbols, n) for n in (_SAMPLE_SIZES if symbols else ())]
+    assignments = [dict(symbols)]
+    if symbols:
+        # sequence lengths must also be sampled beyond every constant of the subgraph (a sliding window of 4096
+        # looks like full causal attention at the traced 2048); other sizes stay small to bound the cost
+        largest = max([0, *(c for n in _ancestors(mask) for c in _int_constants(n.args, n.kwargs))])
+        if 2 * largest + 3 > _MAX_SAMPLE:
+            return "mask subgraph has constants too large to check at every sequence length"
+        seq_symbols = {s for size in (q_len, kv_len) if isinstance(size, torch.SymInt) for s in size.node.expr.free_symbols}
+        for n in (*_SAMPLE_SIZES, largest + 1, 2 * largest + 3):
+            assignments.append({s: n if s in seq_symbols else min(n, 3) for s in symbols})
     samples = []
     for assignment in assignments:
         shape = tuple(_concrete(size, assignment) for size in (batch, q_len, kv_len))
         args = _leaf_args(leaves, assignment)
         try:
             with torch.no_grad():
-                ones = module(*args)
+                ones, again = module(*args), module(*args)
         except Exception as error:  # noqa: BLE001 - a subgraph that cannot run here is left alone
             return f"mask subgraph could not be evaluated ({type(error).__name__})"
+        if isinstance(ones, torch.Tensor) and not torch.equal(ones, again):
+            return "mask subgraph is not deterministic"
         if not isinstance(ones, torch.Tensor) or ones.dim() != 4 or tuple(ones.shape[-2:]) != shape[1:]:
             return "mask does not have the query/key shape"
         samples.append((args, ones))

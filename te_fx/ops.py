@@ -126,7 +126,8 @@ def attention_bwd(
 
 @attention_bwd.register_fake
 def _(d_out, q, k, v, out, softmax_stats, rng_state, *config):  # noqa: ANN001, ANN002
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # the kernels write contiguous bshd gradients whatever the strides of q, k, v
+    return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
 
 
 def _setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:

@@ -93,3 +93,17 @@ def test_targets_pass_fail_and_miss_by():
     assert targets[3]["value"] == pytest.approx(1.3)
     assert targets[4]["value"] == pytest.approx(75.0)
     assert all(t["pass"] is None for t in evaluate_targets({"kernels": [], "models": {}}))
+
+
+def test_te_fx_bench_command_dispatches_to_the_benchmark(capsys):
+    import torch
+
+    from te_fx.cli import main
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert main(["bench", "--profile", "quick", "--device", "cpu"]) == 3
+    assert "--profile smoke" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--only", "everything"])
+    assert exit_info.value.code == 2
