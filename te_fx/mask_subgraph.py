@@ -93,6 +93,10 @@ def _symbols(leaves: list[fx.Node]) -> dict:
     return symbols
 
 
+def _free_symbols(size: object) -> set:
+    return set(size.node.expr.free_symbols) if isinstance(size, torch.SymInt) else set()
+
+
 def _int_constants(*values: object) -> list[int]:
     """The Python ints among (nested) node arguments."""
     found = []
@@ -140,6 +144,11 @@ def _classify_evaluated(mask: torch.Tensor) -> tuple[str, int] | None:
     return None if window is None else ("causal", window)
 
 
+def _run(module: fx.GraphModule, args: list) -> object:
+    """Evaluate the extracted subgraph (through the interpreter: a failure is ours to handle, not to print)."""
+    return fx.Interpreter(module).run(*args)
+
+
 def _leaf_args(leaves: list[fx.Node], assignment: dict) -> list:
     """Concrete inputs for the extracted subgraph: sizes from ``assignment``, tensors all ones."""
     args = []
@@ -174,18 +183,18 @@ def classify_mask_node(mask: fx.Node, batch: object, q_len: object, kv_len: obje
         # sequence lengths must also be sampled beyond every constant of the subgraph (a sliding window of 4096
         # looks like full causal attention at the traced 2048); other sizes stay small to bound the cost
         largest = max([0, *(c for n in _ancestors(mask) for c in _int_constants(n.args, n.kwargs))])
-        if 2 * largest + 3 > _MAX_SAMPLE:
+        batch_symbols = _free_symbols(batch) - _free_symbols(q_len) - _free_symbols(kv_len)
+        if 2 * largest + 3 > (_MAX_SAMPLE if batch_symbols == _free_symbols(batch) else 64):
             return "mask subgraph has constants too large to check at every sequence length"
-        seq_symbols = {s for size in (q_len, kv_len) if isinstance(size, torch.SymInt) for s in size.node.expr.free_symbols}
         for n in (*_SAMPLE_SIZES, largest + 1, 2 * largest + 3):
-            assignments.append({s: n if s in seq_symbols else min(n, 3) for s in symbols})
+            assignments.append({s: min(n, 3) if s in batch_symbols else n for s in symbols})
     samples = []
     for assignment in assignments:
         shape = tuple(_concrete(size, assignment) for size in (batch, q_len, kv_len))
         args = _leaf_args(leaves, assignment)
         try:
             with torch.no_grad():
-                ones, again = module(*args), module(*args)
+                ones, again = _run(module, args), _run(module, args)
         except Exception as error:  # noqa: BLE001 - a subgraph that cannot run here is left alone
             return f"mask subgraph could not be evaluated ({type(error).__name__})"
         if isinstance(ones, torch.Tensor) and not torch.equal(ones, again):
@@ -231,7 +240,7 @@ def _padding_consistent(
         trial_args = list(args)
         trial_args[index] = data
         with torch.no_grad():
-            result = module(*trial_args)
+            result = _run(module, trial_args)
         expected = pattern & (data != 0)[:, None, None, :]
         if result.shape != expected.shape or not torch.equal(result, expected):
             return False

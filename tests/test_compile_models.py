@@ -18,11 +18,11 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
-import transformers
+from transformers import DynamicCache
 
 import te_fx
 from te_fx.fx_pass import _SDPA_TARGETS, _sdpa_arguments
-from te_fx.tiny_models import FAMILIES, PAD_TOKEN_ID, SLIDING_WINDOW, tiny_config, tiny_model
+from te_fx.tiny_models import FAMILIES, PAD_TOKEN_ID, SLIDING_WINDOW, tiny_model
 
 OPTIONS = {"executor": "reference", "inner": "aot_eager"}
 BATCH, SEQ = 2, 16  # SEQ > SLIDING_WINDOW: sliding layers really cut keys off
@@ -90,9 +90,8 @@ def _input_ids(batch: int = BATCH, seq: int = SEQ, seed: int = 1) -> torch.Tenso
 
 
 def _attention_mask(kind: str, batch: int = BATCH, seq: int = SEQ) -> torch.Tensor | None:
-    """None, or a (batch, seq) int64 mask: all ones, right padded, left padded, or with holes inside rows. Every
-    row keeps its first, resp. last, token in the padded kinds except where said; the last row is never padded in
-    ``right``/``left`` (a batch mixing padded and unpadded rows)."""
+    """None, or a (batch, seq) int64 mask (1 = keep): all ones, the first row right or left padded (the last row
+    unpadded: a batch mixing both), or padding holes inside rows."""
     if kind == "none":
         return None
     mask = torch.ones(batch, seq, dtype=torch.long)
@@ -246,16 +245,23 @@ def test_train_step_matches_eager(compiled_case, mask_kind):
 DYNAMIC_LENGTHS = (16, 20, 24, 9, 5)  # 5 < SLIDING_WINDOW: the whole row inside the window
 
 
-def _counting_backend(name: str, calls: list, options: dict | None = None):
+def _counting_backend(name: str, calls: list):
+    """A stock backend that records, per compiled graph, whether it is dynamic."""
+
     def backend(gm, example_inputs):
         calls.append(_is_dynamic(example_inputs))
-        compiler = torch._dynamo.lookup_backend(name)
-        return compiler(gm, example_inputs, options=dict(options)) if options else compiler(gm, example_inputs)
+        return torch._dynamo.lookup_backend(name)(gm, example_inputs)
 
     return backend
 
 
-@pytest.mark.parametrize(("case", "mask_kind"), [("qwen2", "none"), ("llama_gqa", "left"), ("gemma3", "right")])
+@pytest.mark.parametrize(
+    ("case", "mask_kind"),
+    [
+        ("qwen2", "none"),
+        ("llama_gqa", "left"),
+    ],
+)
 def test_dynamic_lengths_add_no_recompilation(case, mask_kind):
     """Compile once, run several lengths: te_attn compiles exactly as often as the stock aot_eager backend (the
     pass adds no guards), results match eager at every length, and the report of the dynamic graph is the static
@@ -339,7 +345,74 @@ def test_inner_inductor_train_step():
         model, backend=_spy_backend(records, {"executor": "reference", "inner": "inductor"}), fullgraph=True
     )
     ids, mask, labels = _batch("left")
-    _assert_step_matches(model, compiled, ids, mask, labels, grad_tol=dict(rtol=1e-4, atol=1e-5))
+    _assert_step_matches(model, compiled, ids, mask, labels)
     assert len(records) == 1
     _check_record(records[0], "llama_gqa", model.config, has_mask=True)
     torch._dynamo.reset()
+
+
+# --------------------------------------------------------------------------------------------- KV cache
+
+
+def _cached_steps(call, config, ids, chunks):
+    """Logits of successive calls over ``chunks`` (lengths) of ``ids`` sharing one DynamicCache."""
+    cache = DynamicCache(config=config)
+    logits, start = [], 0
+    with torch.no_grad():
+        for length in chunks:
+            piece = ids[:, start : start + length]
+            logits.append(call(input_ids=piece, past_key_values=cache, use_cache=True).logits)
+            start += length
+    return logits
+
+
+def test_token_by_token_decode_with_cache():
+    """Prefill, then one token at a time: q_len 1 against all cached keys is "all visible"."""
+    torch.manual_seed(0)
+    model = tiny_model("llama_gqa", num_hidden_layers=1)
+    torch._dynamo.reset()
+    records: list[GraphRecord] = []
+    compiled = torch.compile(model, backend=_spy_backend(records), fullgraph=True)
+    ids = _input_ids(seq=13)
+    chunks = [10, 1, 1, 1]
+    refs = _cached_steps(model, model.config, ids, chunks)
+    for out, ref in zip(_cached_steps(compiled, model.config, ids, chunks), refs):
+        torch.testing.assert_close(out, ref, **LOGIT_TOL)
+    decisions = [(e["decision"], e["mask_kind"], e["window_size"]) for r in records for e in r.entries]
+    assert decisions[0] == ("te", "causal", (-1, 0))  # the prefill
+    assert len(decisions) >= 2 and set(decisions[1:]) == {("te", "no_mask", (-1, -1))}  # the decode steps
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_chunked_prefill_with_cache(with_mask):
+    """A chunk of 3 tokens after 8 cached ones (q_len < kv_len): HF's causal mask is aligned bottom-right. Was:
+    rewritten with TE's top-left "causal" (logits off by ~6). With an attention_mask the chunk stays on SDPA
+    (key padding is converted for q_len == kv_len only)."""
+    torch.manual_seed(0)
+    model = tiny_model("llama", num_hidden_layers=1)
+    torch._dynamo.reset()
+    records: list[GraphRecord] = []
+    compiled = torch.compile(model, backend=_spy_backend(records), fullgraph=True)
+    ids = _input_ids(batch=1, seq=11)
+    chunks = [8, 3]
+
+    def steps(call):
+        cache = DynamicCache(config=model.config)
+        logits = []
+        with torch.no_grad():
+            for start, length in zip((0, 8), chunks):
+                mask = torch.ones(1, start + length, dtype=torch.long) if with_mask else None
+                piece = ids[:, start : start + length]
+                logits.append(call(input_ids=piece, attention_mask=mask, past_key_values=cache).logits)
+        return logits
+
+    for out, ref in zip(steps(compiled), steps(model)):
+        torch.testing.assert_close(out, ref, **LOGIT_TOL)
+    torch._dynamo.reset()
+    prefill, chunk = (record.entries[0] for record in records)
+    assert (prefill["decision"], prefill["mask_kind"]) == ("te", "padding_causal" if with_mask else "causal")
+    if with_mask:
+        assert chunk["decision"] == "sdpa" and chunk["reason"], chunk
+    else:
+        assert (chunk["decision"], chunk["mask_kind"], chunk["window_size"]) == ("te", "causal_bottom_right", (-1, 0))
