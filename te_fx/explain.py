@@ -36,6 +36,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .executors import te_head_dims_supported
+
 __all__ = ["ExplainError", "AnalysisError", "Explanation", "LayerExplanation", "explain", "format_explanation"]
 
 TRACE_BATCH, TRACE_SEQ = 2, 16
@@ -396,7 +398,7 @@ def _config_kv_heads(config: Any, heads: int | None) -> int | None:
 
 def _head_dim_limit(head_dim: int | None, v_head_dim: int | None) -> str | None:
     dims = [d for d in (head_dim, v_head_dim) if d is not None]
-    bad = [d for d in dict.fromkeys(dims) if d % 8 or d > 256]
+    bad = [d for d in dict.fromkeys(dims) if not te_head_dims_supported(d, d)]
     if not bad:
         return None
     dims_text = ", ".join(map(str, bad))

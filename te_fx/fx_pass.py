@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -18,7 +18,7 @@ import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from . import ops
-from .mask_subgraph import SubgraphMask, classify_mask_node
+from .mask_subgraph import SubgraphMask, classify_mask_node, node_value
 
 __all__ = ["AttentionRewrite", "rewrite_attention"]
 
@@ -40,16 +40,9 @@ class AttentionRewrite:
     head_dim: int | None = None
     window_size: tuple[int, int] | None = None
     executor: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
-        entry = {k: v for k, v in vars(self).items() if k != "extra"}
-        entry.update(self.extra)
-        return entry
-
-
-def _value(node: Any) -> Any:
-    return node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else node
+        return dict(vars(self))
 
 
 def _is_method(node: Any, *names: str) -> bool:
@@ -114,7 +107,7 @@ def _unrepeat_kv(node: fx.Node) -> fx.Node | None:
         dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
         source = node.args[0]
         uniform = isinstance(repeats, int)  # a tensor of repeats need not be uniform
-        return source if uniform and dim in (1, -3) and _value(source).dim() == 4 else None
+        return source if uniform and dim in (1, -3) and node_value(source).dim() == 4 else None
     if not (_is_method(node, "reshape", "view") or _is_function(node, torch.reshape)):
         return None
     expanded = node.args[0]
@@ -131,7 +124,7 @@ def _unrepeat_kv(node: fx.Node) -> fx.Node | None:
               and (inserted.args[1] if len(inserted.args) > 1 else inserted.kwargs.get("dim")) in (2, -3)):  # fmt: skip
         return None
     source = inserted.args[0]
-    source_shape, expanded_shape = _value(source).shape, _value(expanded).shape
+    source_shape, expanded_shape = node_value(source).shape, node_value(expanded).shape
     if len(source_shape) != 4 or len(expanded_shape) != 5:
         return None
     kept_dims = zip(source_shape, (*expanded_shape[:2], *expanded_shape[3:]))
@@ -147,7 +140,7 @@ def _guard(
     if not isinstance(args["is_causal"], bool):
         return "is_causal is not a compile-time constant"
     # floats may be SymFloat graph inputs (torch 2.11 lifts some float attributes); the op takes them as they are
-    if not all(isinstance(_value(args[name]), (int, float, torch.SymFloat)) for name in ("dropout_p", "scale")
+    if not all(isinstance(node_value(args[name]), (int, float, torch.SymFloat)) for name in ("dropout_p", "scale")
                if args[name] is not None):  # fmt: skip
         return "dropout_p or scale is not a float"
     if not isinstance(args["enable_gqa"], bool):
@@ -207,14 +200,14 @@ def _rewrite_one(graph: fx.Graph, node: fx.Node, executor: str) -> AttentionRewr
     entry = AttentionRewrite(node=node.name, executor=executor)
     args = _sdpa_arguments(node)
     query, key, value = args["query"], args["key"], args["value"]
-    q, k, v = _value(query), _value(key), _value(value)
+    q, k, v = node_value(query), node_value(key), node_value(value)
     if isinstance(q, torch.Tensor) and q.dim() == 4:
         entry.num_heads, entry.head_dim = _int(q.shape[1]), _int(q.shape[3])
     # K/V repeated by repeat_kv are replaced by their source: TE runs GQA natively
     kv_source = [_unrepeat_kv(t) if isinstance(t, fx.Node) else None for t in (key, value)]
-    if all(s is not None for s in kv_source) and _same_size(_value(kv_source[0]).shape[1], _value(kv_source[1]).shape[1]):
+    if all(s is not None for s in kv_source) and _same_size(node_value(kv_source[0]).shape[1], node_value(kv_source[1]).shape[1]):
         key, value = kv_source
-        k, v = _value(key), _value(value)
+        k, v = node_value(key), node_value(value)
         args = {**args, "enable_gqa": True}
     if isinstance(k, torch.Tensor) and k.dim() == 4:
         entry.num_kv_heads = _int(k.shape[1])
@@ -227,7 +220,7 @@ def _rewrite_one(graph: fx.Graph, node: fx.Node, executor: str) -> AttentionRewr
             entry.mask_kind = "padding_causal" if classified.padding is not None else classified.mask_type
             entry.window_size = classified.window_size
             if executor == "te":
-                reason = _te_shape_reason(q, k, v, classified, _hint(_value(args["dropout_p"])))
+                reason = _te_shape_reason(q, k, v, classified, _hint(node_value(args["dropout_p"])))
     if reason is not None:
         entry.reason = reason
         return entry
@@ -249,9 +242,9 @@ def _rewrite_one(graph: fx.Graph, node: fx.Node, executor: str) -> AttentionRewr
             executor=executor,
         )
         out = graph.call_function(ops.attention, tuple(operands), kwargs)
-        out.meta["example_value"] = _value(node).transpose(1, 2)
+        out.meta["example_value"] = node_value(node).transpose(1, 2)
         replacement = graph.call_method("transpose", (out, 1, 2))
-        replacement.meta["example_value"] = _value(node)
+        replacement.meta["example_value"] = node_value(node)
     producers = node.all_input_nodes
     node.replace_all_uses_with(replacement)
     graph.erase_node(node)

@@ -22,7 +22,7 @@ from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from .masks import causal_pattern
 
-__all__ = ["SubgraphMask", "classify_mask_node"]
+__all__ = ["SubgraphMask", "classify_mask_node", "node_value"]
 
 _SAMPLE_SIZES = (1, 2, 3, 7, 16, 33)  # substituted for symbolic sizes, besides the traced ones
 _MAX_SAMPLE = 1 << 14  # a window constant larger than this cannot be checked at compile time
@@ -54,8 +54,10 @@ def _ancestors(node: fx.Node) -> list[fx.Node]:
     return [n for n in node.graph.nodes if n in seen]
 
 
-def _value(node: fx.Node) -> object:
-    return node.meta.get("example_value", node.meta.get("val"))
+def node_value(node: object) -> object:
+    """The traced (fake) value of an FX node; anything else (a constant argument) as it is."""
+    return node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else node
+
 
 
 def _extract(mask: fx.Node) -> tuple[fx.GraphModule, list[fx.Node]] | None:
@@ -82,7 +84,7 @@ def _symbols(leaves: list[fx.Node]) -> dict:
     """sympy symbol -> traced value (hint) of every symbolic size among the leaves."""
     symbols = {}
     for leaf in leaves:
-        value = _value(leaf)
+        value = node_value(leaf)
         sizes = [value] if isinstance(value, torch.SymInt) else list(getattr(value, "shape", ()))
         for size in sizes:
             if isinstance(size, torch.SymInt) and not is_concrete_int(size):
@@ -153,7 +155,7 @@ def _leaf_args(leaves: list[fx.Node], assignment: dict) -> list:
     """Concrete inputs for the extracted subgraph: sizes from ``assignment``, tensors all ones."""
     args = []
     for leaf in leaves:
-        value = _value(leaf)
+        value = node_value(leaf)
         if isinstance(value, torch.SymInt):
             args.append(_concrete(value, assignment))
         elif isinstance(value, torch.Tensor):
@@ -171,11 +173,11 @@ def classify_mask_node(mask: fx.Node, batch: object, q_len: object, kv_len: obje
     if extracted is None:
         return "mask built from parameters, submodules or random ops"
     module, leaves = extracted
-    tensors = [leaf for leaf in leaves if isinstance(_value(leaf), torch.Tensor)]
+    tensors = [leaf for leaf in leaves if isinstance(node_value(leaf), torch.Tensor)]
     if len(tensors) > 1:
         return "mask built from more than one input tensor"
     padding = tensors[0] if tensors else None
-    if padding is not None and (_value(padding).dim() != 2 or _value(padding).is_floating_point()):
+    if padding is not None and (node_value(padding).dim() != 2 or node_value(padding).is_floating_point()):
         return "mask input is not a 2D integer or bool attention mask"
     symbols = _symbols(leaves)
     assignments = [dict(symbols)]

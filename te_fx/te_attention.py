@@ -174,6 +174,7 @@ class _TESdpa:
     ) -> None:
         self.te_module = te_module
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+        self.n_rep = num_heads // num_kv_heads
         self.original_sdpa = original_sdpa
         self.window_size = window_size
         self.softmax_scale = softmax_scale if softmax_scale is not None else getattr(te_module, "softmax_scale", None)
@@ -198,8 +199,7 @@ class _TESdpa:
         sdpa_kwargs = dict(attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
         if enable_gqa:
             sdpa_kwargs["enable_gqa"] = True
-        te_module, num_heads, num_kv_heads = self.te_module, self.num_heads, self.num_kv_heads
-        n_rep = num_heads // num_kv_heads
+        te_module, num_heads, num_kv_heads, n_rep = self.te_module, self.num_heads, self.num_kv_heads, self.n_rep
         if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
             return self._fallback("fallback_layout", sdpa_args, sdpa_kwargs)
         q, k, v = query, key, value

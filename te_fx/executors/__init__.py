@@ -7,10 +7,15 @@ from __future__ import annotations
 import os
 from types import ModuleType
 
-__all__ = ["EXECUTORS", "TEUnavailableError", "resolve_executor", "load_te_executor"]
+__all__ = ["EXECUTORS", "TEUnavailableError", "resolve_executor", "load_te_executor", "te_head_dims_supported"]
 
 EXECUTORS = ("te", "reference")
 ENV_EXECUTOR = "TE_FX_EXECUTOR"
+
+
+def te_head_dims_supported(head_dim_qk: int, head_dim_v: int) -> bool:
+    """TE's F16 fused attention on sm90: head dims that are multiples of 8 and at most 256 (known without TE)."""
+    return head_dim_qk % 8 == 0 and head_dim_v % 8 == 0 and max(head_dim_qk, head_dim_v) <= 256
 
 
 class TEUnavailableError(ImportError):

@@ -17,6 +17,8 @@ from transformer_engine.pytorch.attention.dot_product_attention import utils as 
 from transformer_engine.pytorch.cpp_extensions.fused_attn import FusedAttnBackend, fused_attn_bwd, fused_attn_fwd
 from transformer_engine.pytorch.quantization import FP8GlobalStateManager
 
+from . import te_head_dims_supported
+
 __all__ = [
     "TEDotProductAttention",
     "fused_attention",
@@ -80,8 +82,7 @@ def shape_unsupported_reason(
     ``dtype`` (a stats key), or None if it can. Decided from metadata only, so compile-time guards use it too."""
     if dtype not in (torch.float16, torch.bfloat16):
         return "fallback_dtype"
-    dqk, dv = shape[5], shape[6]
-    if dqk % 8 or dv % 8 or max(dqk, dv) > 256:
+    if not te_head_dims_supported(shape[5], shape[6]):
         return "fallback_head_dim"
     if not _backend_ok(dtype, (*shape, device_index), mask_type, tuple(window_size), float(dropout_p), bool(training)):
         return "fallback_shape"
