@@ -17,12 +17,12 @@ import time
 
 import torch
 import torch.nn.functional as F
-from triton.testing import do_bench
 
 import te_fx
 from te_fx import ops
 
 from .report import finish
+from .timing import median_ms
 
 
 def _model(layers: int) -> torch.nn.Module:
@@ -120,7 +120,7 @@ def attention_op(seq: int) -> dict:
     for _ in range(3):
         for name, forward in variants.items():
             step = lambda forward=forward: forward(q, k, v, ones).backward(grad)  # noqa: E731
-            samples[name].append(do_bench(step, warmup=10, rep=100, return_mode="median"))
+            samples[name].append(median_ms(step, q.device, warmup=5, reps=10))
     return {name: statistics.median(v) for name, v in samples.items()}
 
 

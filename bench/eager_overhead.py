@@ -5,7 +5,8 @@ Compares, with HF's input layout ((B, H, S, D) views of (B, S, H, D) projections
   te_fx     te_fx's SDPA replacement (the function inject_te_attention installs) on the TE executor
   te_module TE's DotProductAttention called directly on contiguous bshd tensors (its own backend selection)
   te_call   TE's fused-attention function alone on contiguous bshd tensors: the floor for any TE-based path
-Timings are medians of CUDA-event timings (triton.testing.do_bench), rounds interleaved.
+Per-call times come from back-to-back calls between CUDA events (bench.timing.median_ms): the host runs ahead as
+in a model, so a call costs the larger of its host time and its GPU time. Rounds are interleaved.
 
     python -m bench.eager_overhead [--json PATH]
 """
@@ -17,12 +18,12 @@ import statistics
 
 import torch
 import torch.nn.functional as F
-from triton.testing import do_bench
 
 from te_fx.executors.te import fused_attention
+from te_fx.te_attention import _create_te_dot_product_attention, _make_te_sdpa
 
 from .report import finish
-from te_fx.te_attention import _create_te_dot_product_attention, _make_te_sdpa
+from .timing import median_ms
 
 SHAPES = {
     "B1 S128 H8 D64 causal fwd": dict(batch=1, seq=128, heads=8, kv_heads=8, head_dim=64, backward=False),
@@ -76,7 +77,7 @@ def measure(rounds: int = 5) -> dict:
         samples = {key: [] for key in variants}
         for _ in range(rounds):
             for key, fn in variants.items():
-                samples[key].append(do_bench(fn, warmup=25, rep=200, return_mode="median"))
+                samples[key].append(median_ms(fn, torch.device("cuda"), warmup=10, reps=20))
         results["shapes"][name] = {key: statistics.median(v) for key, v in samples.items()}
     return results
 

@@ -1,6 +1,7 @@
 """Kernel-level benchmark: one attention call, every way a user could run it, on HF's input layout.
 
-Columns (variants): te_fx's eager replacement of SDPA, te_fx's custom op (what compiled graphs run), TE's
+Columns (variants): te_fx's eager replacement of SDPA (also inside TE's FP8 autocast with FP8 attention, for bf16
+causal cases), te_fx's custom op (what compiled graphs run), TE's
 ``DotProductAttention`` called directly, SDPA as HF calls it in eager mode, SDPA with each backend forced, and SDPA
 with the bool mask and repeated K/V that HF materialises under torch.compile.
 """
@@ -22,7 +23,7 @@ from .timing import median_ms
 
 __all__ = ["Case", "VARIANTS", "run_case", "quick_cases", "full_cases", "smoke_cases", "add_ratios", "flops"]
 
-TE_FX_VARIANTS = ("te_fx eager", "te_fx op")
+TE_FX_VARIANTS = ("te_fx eager", "te_fx eager fp8", "te_fx op")
 SDPA_BACKENDS = {
     "sdpa cudnn": SDPBackend.CUDNN_ATTENTION,
     "sdpa flash": SDPBackend.FLASH_ATTENTION,
@@ -158,6 +159,15 @@ class KernelBench:
         if variant == "te_fx eager":
             args, kwargs = self._sdpa_eager_args()
             return self.te_sdpa(*args, **kwargs).transpose(1, 2)
+        if variant == "te_fx eager fp8":
+            if self.executor != "te" or self.dtype != torch.bfloat16 or case.kind != "causal":
+                return None
+            import transformer_engine.pytorch as te
+            from transformer_engine.common.recipe import DelayedScaling
+
+            args, kwargs = self._sdpa_eager_args()
+            with te.autocast(enabled=True, recipe=DelayedScaling(fp8_dpa=True)):
+                return self.te_sdpa(*args, **kwargs).transpose(1, 2)
         if variant == "te_fx op":
             return ops.attention(*self.leaves, mask_type=mask_type, window_size=window, softmax_scale=self.scale,
                                  key_padding_mask=self.keep, executor=self.executor)  # fmt: skip
@@ -167,7 +177,7 @@ class KernelBench:
             args, kwargs = self._sdpa_eager_args()
             return F.scaled_dot_product_attention(*args, **kwargs).transpose(1, 2)
         if variant in SDPA_BACKENDS:
-            if variant == "sdpa math" and case.batch * case.heads * case.q_len * case.seq > 2**31:
+            if variant == "sdpa math" and case.batch * case.heads * case.q_len * case.seq > 2**30:
                 return None  # the math backend materialises the score matrix: not feasible at this size
             args, kwargs = self._sdpa_eager_args()
             with sdpa_kernel(SDPA_BACKENDS[variant]):
@@ -249,26 +259,29 @@ def run_case(case: Case, device: torch.device, dtype: torch.dtype, executor: str
         mode = "fwd+bwd" if backward else "fwd"
         for variant in VARIANTS:
             step = bench.step(variant)
+            fallbacks = _eager_fallbacks(bench, variant) if step and variant.startswith("te_fx eager") else None
+            if variant == "te_fx eager fp8" and fallbacks and "te_hits" not in fallbacks:
+                step = None  # SDPA would run, not TE's FP8 attention: no figure for this column
             ms = None if step is None else median_ms(step, device, warmup=3, reps=reps)
             row = {"case": case.name, **asdict(case), "mode": mode, "variant": variant, "ms": ms,
                    "dtype": str(dtype).removeprefix("torch."),
                    "tflops": None if ms is None else flops(case, backward) / (ms * 1e-3) / 1e12}  # fmt: skip
-            if variant in TE_FX_VARIANTS and not backward:
+            if variant in TE_FX_VARIANTS and not backward and ms is not None:
                 row["error"] = bench.error(variant)
-            if variant == "te_fx eager":
-                row["te_fx_fallbacks"] = _eager_fallbacks(bench)
+            if fallbacks is not None:
+                row["te_fx_fallbacks"] = fallbacks
             rows.append(row)
         del bench
     return rows
 
 
-def _eager_fallbacks(bench: KernelBench) -> dict[str, int]:
+def _eager_fallbacks(bench: KernelBench, variant: str) -> dict[str, int]:
     """What te_fx's eager path did with this case's call (te_hits or a fallback reason)."""
     from te_fx import get_te_attention_stats, reset_te_attention_stats
 
     reset_te_attention_stats()
     with torch.no_grad():
-        bench.forward("te_fx eager")
+        bench.forward(variant)
     return {key: n for key, n in get_te_attention_stats().items() if n}
 
 
@@ -279,6 +292,7 @@ def quick_cases() -> list[Case]:
         Case("llama3-8b", "causal", 2, 2048, 32, 8, 128),
         Case("llama3-8b", "causal", 2, 4096, 32, 8, 128),
         Case("llama3-8b", "causal", 1, 8192, 32, 8, 128),
+        Case("llama3-8b", "causal", 1, 16384, 32, 8, 128),
         Case("llama3-8b", "sliding", 1, 8192, 32, 8, 128, window=1024),
         Case("qwen2-7b", "causal", 2, 4096, 28, 4, 128),
         Case("gemma3", "causal", 2, 4096, 8, 4, 256),
@@ -319,9 +333,9 @@ def smoke_cases() -> list[Case]:
     ]
 
 
-def best_alternative_ms(rows: list[dict], case: str, mode: str) -> float | None:
-    """The fastest non-te_fx variant for a case and mode."""
-    times = [r["ms"] for r in rows if r["case"] == case and r["mode"] == mode
+def best_alternative_ms(rows: list[dict], case: str, mode: str, dtype: str) -> float | None:
+    """The fastest non-te_fx variant for a case, mode and dtype."""
+    times = [r["ms"] for r in rows if r["case"] == case and r["mode"] == mode and r["dtype"] == dtype
              and r["variant"] not in TE_FX_VARIANTS and r["ms"] is not None]  # fmt: skip
     return min(times) if times else None
 
@@ -331,7 +345,7 @@ def add_ratios(rows: list[dict], peak_tflops: float | None) -> None:
     for row in rows:
         row["peak_fraction"] = None if peak_tflops is None or row["tflops"] is None else row["tflops"] / peak_tflops
         if row["variant"] in TE_FX_VARIANTS and row["ms"]:
-            best = best_alternative_ms(rows, row["case"], row["mode"])
+            best = best_alternative_ms(rows, row["case"], row["mode"], row["dtype"])
             row["speedup_vs_best"] = None if best is None else best / row["ms"]
 
 

@@ -73,7 +73,7 @@ def _unique_graphs() -> int:
 
 
 def run_model_case(case: ModelCase, device: torch.device, dtype: torch.dtype, executor: str, reps: int) -> dict:
-    """Training step (forward + backward + AdamW) and prefill (no grad) per variant: step ms, tokens/s, peak
+    """Forward + backward, training step (that + AdamW) and prefill (no grad) per variant: ms, tokens/s, peak
     memory, warm-up seconds (compilation included), graphs compiled, and te_fx's dispatch summary."""
     from transformers import AutoModelForCausalLM
 
@@ -99,9 +99,12 @@ def run_model_case(case: ModelCase, device: torch.device, dtype: torch.dtype, ex
             runner = torch.compile(model, backend="te_attn", options={"executor": executor, "inner": inner})
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
 
-        def train_step() -> None:
+        def forward_backward() -> None:
             optimizer.zero_grad(set_to_none=True)
             runner(ids, attention_mask=mask, labels=ids).loss.backward()
+
+        def train_step() -> None:
+            forward_backward()
             optimizer.step()
 
         def prefill() -> None:
@@ -115,11 +118,13 @@ def run_model_case(case: ModelCase, device: torch.device, dtype: torch.dtype, ex
         train_step()
         warmup_s = time.perf_counter() - start
         step_ms = median_ms(train_step, device, warmup=2, reps=reps)
+        fwd_bwd_ms = median_ms(forward_backward, device, warmup=1, reps=reps)
         peak_gb = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
         model.eval()
         prefill_ms = median_ms(prefill, device, warmup=2, reps=reps)
         report = te_fx.compile_report()
         results[variant] = {
+            "fwd_bwd_ms": fwd_bwd_ms,
             "step_ms": step_ms,
             "tokens_per_s": case.batch * case.seq / (step_ms * 1e-3),
             "prefill_ms": prefill_ms,

@@ -2,12 +2,14 @@
 plots under bench/results/<card>/ (or --out), and the targets as PASS / FAIL lines.
 
 Profiles: ``quick`` (every target's shape; one 10-minute GPU command), ``full`` (S 128 to 32768, every family and
-model; run with --only kernels and --only models as separate commands), ``smoke`` (tiny shapes: CPU, CI).
+model), ``smoke`` (tiny shapes: CPU, CI). Long runs go in parts (``--only``, ``--dtype``) with ``--merge``, which
+keeps what the folder's results.json holds for the same card and this run did not measure.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 from pathlib import Path
 
@@ -18,13 +20,16 @@ from . import kernels, models
 from .report import write_report
 from .timing import matmul_peak_tflops
 
-__all__ = ["build_parser", "run"]
+__all__ = ["build_parser", "merge_results", "run"]
 
 PROFILES = {
     "quick": (kernels.quick_cases, models.quick_models, 20),
     "full": (kernels.full_cases, models.full_models, 30),
     "smoke": (kernels.smoke_cases, models.smoke_models, 3),
 }
+
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class BenchError(Exception):
@@ -40,6 +45,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     parser.add_argument("--out", type=Path, help="output folder (default bench/results/<card>)")
     parser.add_argument("--reps", type=int, help="timed repetitions per measurement (default: the profile's)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="the kernels' dtype on a GPU")
+    parser.add_argument("--merge", action="store_true", help="add to the folder's results.json instead of replacing it")
     return parser
 
 
@@ -63,39 +70,67 @@ def _setup(args: argparse.Namespace) -> tuple[torch.device, torch.dtype, str]:
         load_te_executor()
     except TEUnavailableError as error:
         raise BenchError(str(error)) from error
-    return device, torch.bfloat16, "te"
+    return device, DTYPES[args.dtype], "te"
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def _previous_results(out: Path, device: torch.device) -> dict | None:
+    """The results.json in ``out`` to merge into (None if there is none), checked to be from this card."""
+    path = out / "results.json"
+    if not path.exists():
+        return None
+    previous = json.loads(path.read_text())
+    if previous.get("device") != _device_name(device):
+        raise BenchError(f"--merge: {path} holds results of {previous.get('device')!r}, not {_device_name(device)!r}")
+    return previous
+
+
+def merge_results(old: dict, new: dict) -> dict:
+    """``new`` plus what ``old`` (an earlier run on the same card) measured and ``new`` did not: kernel rows of
+    other (case, mode, variant, dtype) and other models."""
+    key = lambda row: (row["case"], row["mode"], row["variant"], row["dtype"])  # noqa: E731
+    measured = {key(row) for row in new["kernels"]}
+    return {**new, "profiles": list(dict.fromkeys([*old.get("profiles", []), *new["profiles"]])),
+            "kernels": [row for row in old.get("kernels", []) if key(row) not in measured] + new["kernels"],
+            "models": {**old.get("models", {}), **new["models"]}}  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark; returns 0 when every measured target passed, 1 otherwise (3 when it cannot run here)."""
     try:
         device, dtype, executor = _setup(args)
+        out = args.out or Path(__file__).parent / "results" / _card(device)
+        previous = _previous_results(out, device) if args.merge else None
     except BenchError as error:
         print(f"te-fx bench: {error}")
         return 3
     import transformers
 
     case_list, model_list, default_reps = PROFILES[args.profile]
+    model_dtype = torch.bfloat16 if device.type == "cuda" else dtype  # --dtype is the kernels' dtype
     reps = args.reps or default_reps
     te_version = "n/a"
     if executor == "te":
         import transformer_engine
 
         te_version = transformer_engine.__version__
-    results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+    results = {"device": _device_name(device),
                "torch": torch.__version__, "transformers": transformers.__version__, "te": te_version,
-               "profile": args.profile, "dtype": str(dtype).removeprefix("torch."), "executor": executor,
-               "kernels": [], "models": {}}  # fmt: skip
+               "profiles": [args.profile], "executor": executor, "kernels": [], "models": {}}  # fmt: skip
     if device.type == "cuda":
-        results["matmul_peak_tflops"] = matmul_peak_tflops(device, dtype)
+        results["matmul_peak_tflops"] = matmul_peak_tflops(device, torch.bfloat16)
     if args.only in ("kernels", "all"):
         for case in tqdm(case_list(), desc="kernels", unit="case"):
             results["kernels"] += kernels.run_case(case, device, dtype, executor, reps)
         kernels.add_ratios(results["kernels"], results.get("matmul_peak_tflops"))
     if args.only in ("models", "all"):
         for case in tqdm(model_list(), desc="models", unit="model"):
-            results["models"][case.name] = models.run_model_case(case, device, dtype, executor, max(3, reps // 2))
-    out = args.out or Path(__file__).parent / "results" / _card(device)
+            results["models"][case.name] = models.run_model_case(case, device, model_dtype, executor, max(3, reps // 4))
+    if previous is not None:
+        results = merge_results(previous, results)
     paths = write_report(results, out)
     print(f"results: {', '.join(str(p) for p in paths.values())}")
     failed = False

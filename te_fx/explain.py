@@ -66,6 +66,7 @@ _EAGER_REASONS = {
     "fallback_dtype": "dtype is not fp16/bf16",
     "fallback_head_dim": "head dim not a multiple of 8 or above 256",
     "fallback_shape": "TE's fused backend rejects the shape",
+    "fallback_fp8": "TE's FP8 attention rejects the shape (inside FP8 autocast)",
 }
 
 

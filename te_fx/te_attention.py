@@ -48,6 +48,7 @@ _STATS_KEYS = (
     "fallback_dtype",
     "fallback_head_dim",
     "fallback_shape",
+    "fallback_fp8",
 )
 _TE_STATS: dict[str, int] = dict.fromkeys(_STATS_KEYS, 0)
 _STATS_LOCK = threading.Lock()
@@ -59,7 +60,8 @@ def get_te_attention_stats() -> dict[str, int]:
     """A snapshot of the dispatch counters: ``te_hits`` (ran TE) and one ``fallback_*`` key per reason the
     original SDPA ran instead (``fallback_mask``: a mask that is not exactly causal / sliding-causal / all-visible;
     ``fallback_scale_mismatch``: the call's scale differs from the TE module's; ``fallback_dropout``,
-    ``fallback_layout``, ``fallback_device``, ``fallback_dtype``, ``fallback_head_dim``, ``fallback_shape``)."""
+    ``fallback_layout``, ``fallback_device``, ``fallback_dtype``, ``fallback_head_dim``, ``fallback_shape``;
+    ``fallback_fp8``: inside TE's FP8 autocast with FP8 attention, a call TE's FP8 attention cannot run)."""
     with _STATS_LOCK:
         return dict(_TE_STATS)
 
@@ -243,8 +245,9 @@ class _TESdpa:
             out = run(q_bshd, k_bshd, v_bshd, decision.mask_type, decision.window_size)
         else:
             out = te_module(q_bshd, k_bshd, v_bshd, attn_mask_type=decision.mask_type, window_size=decision.window_size)
+            out = out.view(batch, q_len, heads, -1)
         _count("te_hits")
-        out = out.view(batch, q_len, heads, -1).transpose(1, 2)
+        out = out.transpose(1, 2)
         return out.reshape(query.shape[0], query.shape[1], query.shape[2], -1) if packed else out
 
 

@@ -29,13 +29,15 @@ def test_smoke_profile_writes_every_output(smoke_run):
             assert set(variants) == set(VARIANTS)
             assert variants["TE DotProductAttention"]["ms"] is None  # needs TE: reported as n/a, not faked
             assert variants["te_fx eager"]["ms"] > 0 and variants["te_fx op"]["ms"] > 0
+            assert variants["te_fx eager fp8"]["ms"] is None  # FP8 needs TE and bf16
     for row in results["kernels"]:
-        if "error" in row:
+        if row.get("error"):
             assert row["error"]["rel"] < 1e-5, row  # te_fx against the float64 reference
     assert set(results["models"]) == {"tiny llama_gqa", "tiny mistral"}
     llama = results["models"]["tiny llama_gqa"]
     assert llama["te_attn"]["te_fx_compile"]["rewritten"] == llama["te_attn"]["te_fx_compile"]["sdpa_nodes"] > 0
     assert llama["eager te_fx"]["te_fx_eager"]["te_hits"] > 0
+    assert all(v["fwd_bwd_ms"] > 0 and v["step_ms"] > 0 for v in llama.values())
     report = (out / "report.md").read_text()
     assert "## Attention fwd+bwd" in report and "## Targets" in report and "NOT RUN" in report
     for plot in ("kernels_tflops.png", "speedup_vs_best.png"):
@@ -68,7 +70,7 @@ def test_flops_count_visible_pairs():
 
 def _row(case, mode, variant, ms, **fields):
     base = {"case": case, "mode": mode, "variant": variant, "ms": ms, "family": "llama3-8b", "kind": "causal",
-            "seq": 4096, "heads": 32, "kv_heads": 8, "window": None, "peak_fraction": None}
+            "seq": 4096, "heads": 32, "kv_heads": 8, "window": None, "peak_fraction": None, "dtype": "bfloat16"}
     return {**base, **fields}
 
 
@@ -82,8 +84,11 @@ def test_targets_pass_fail_and_miss_by():
             _row("b", "fwd+bwd", "sdpa HF compile mask", 9.0),
             _row("c", "fwd+bwd", "te_fx eager", 1.0, **sliding), _row("c", "fwd+bwd", "sdpa default", 4.0, **sliding),
             _row("d", "fwd", "te_fx eager", 1.0, peak_fraction=0.75),
+            _row("a", "fwd", "te_fx eager", 0.01, dtype="float16", **tiny),  # fp16 rows never count for a target
+            _row("b", "fwd+bwd", "sdpa flash", 0.5, dtype="float16"),
         ],
-        "models": {"llama x": {"inductor": {"step_ms": 130.0}, "te_attn": {"step_ms": 100.0}}},
+        "models": {"llama x": {"inductor": {"fwd_bwd_ms": 130.0, "step_ms": 150.0},
+                               "te_attn": {"fwd_bwd_ms": 100.0, "step_ms": 120.0}}},
     }  # fmt: skip
     targets = evaluate_targets(results)
     assert [t["pass"] for t in targets] == [False, True, True, True, True]
@@ -107,3 +112,23 @@ def test_te_fx_bench_command_dispatches_to_the_benchmark(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["bench", "--only", "everything"])
     assert exit_info.value.code == 2
+
+
+def test_merge_keeps_what_the_new_run_did_not_measure():
+    from bench.run import merge_results
+
+    old = {"device": "GPU", "profiles": ["full"], "models": {"m1": {"x": 1}, "m2": {"x": 2}},
+           "kernels": [_row("a", "fwd", "te_fx eager", 1.0), _row("a", "fwd", "te_fx eager", 3.0, dtype="float16")]}
+    new = {"device": "GPU", "profiles": ["quick"], "models": {"m2": {"x": 5}},
+           "kernels": [_row("a", "fwd", "te_fx eager", 2.0)]}  # fmt: skip
+    merged = merge_results(old, new)
+    assert merged["profiles"] == ["full", "quick"]
+    assert merged["models"] == {"m1": {"x": 1}, "m2": {"x": 5}}
+    assert sorted((r["dtype"], r["ms"]) for r in merged["kernels"]) == [("bfloat16", 2.0), ("float16", 3.0)]
+
+
+def test_merge_into_another_cards_results_is_refused(tmp_path, capsys):
+    (tmp_path / "results.json").write_text(json.dumps({"device": "some other card", "kernels": [], "models": {}}))
+    argv = ["--profile", "smoke", "--device", "cpu", "--out", str(tmp_path), "--merge"]
+    assert run(build_parser().parse_args(argv)) == 3
+    assert "some other card" in capsys.readouterr().out

@@ -458,7 +458,8 @@ def test_module_run_method_is_preferred():
         def run(self, q, k, v, mask_type, window_size):
             contiguous = all(t.is_contiguous() for t in (q, k, v))
             self.run_calls.append((contiguous, mask_type, window_size))
-            return ReferenceDotProductAttention.forward(self, q, k, v, mask_type, window_size)
+            out = ReferenceDotProductAttention.forward(self, q, k, v, mask_type, window_size)
+            return out.view(*q.shape[:3], -1)  # run's contract: (B, Sq, H, Dv)
 
     module = RunTE(4, 8, 2, window_size=(2, 0))
     module.run_calls = []

@@ -37,6 +37,19 @@ def _cu_seqlens(batch: int, seqlen: int, device: torch.device) -> torch.Tensor:
     return torch.arange(0, (batch + 1) * seqlen, seqlen, dtype=torch.int32, device=device)
 
 
+def _fp8_attention_recipe() -> Any:
+    """TE's recipe while FP8 autocast runs attention in FP8 (``fp8_dpa``), else None."""
+    if not FP8GlobalStateManager.is_fp8_enabled():
+        return None
+    recipe = FP8GlobalStateManager.get_fp8_recipe()
+    return recipe if recipe.fp8_dpa else None
+
+
+def _recipe_key(recipe: Any) -> tuple | None:
+    """What of an FP8 recipe TE's backend selection reads (recipes are unhashable dataclasses)."""
+    return None if recipe is None else (type(recipe).__name__, str(recipe.fp8_format), recipe.fp8_dpa, recipe.fp8_mha)
+
+
 @functools.lru_cache(maxsize=4096)
 def _backend_ok(
     dtype: torch.dtype,
@@ -45,8 +58,12 @@ def _backend_ok(
     window_size: tuple[int, int],
     dropout_p: float,
     training: bool,
+    fp8_key: tuple | None,
 ) -> bool:
+    """Whether TE selects its fused attention for this call: the F16 backend, or the FP8 one while FP8 attention
+    is on (``fp8_key``, from :func:`_recipe_key` of the current recipe)."""
     batch, heads, kv_heads, q_len, kv_len, dqk, dv, device_index = shape
+    fp8 = {} if fp8_key is None else dict(fp8=True, fp8_meta={"recipe": FP8GlobalStateManager.get_fp8_recipe()})
     params = dpa_utils.AttentionParams(
         qkv_dtype=dtype,
         qkv_layout="bshd_bshd_bshd",
@@ -62,11 +79,13 @@ def _backend_ok(
         bottom_right_diagonal=mask_type.endswith("bottom_right"),
         attention_dropout=dropout_p,
         is_training=training,
+        **fp8,
     )
     with torch.cuda.device(device_index):
         selection = dpa_utils.get_attention_backend(params)
     fused_available, fused_backend = selection[5][1], selection[3]
-    return bool(fused_available) and fused_backend is not None and int(fused_backend) == int(_F16)
+    wanted = _F16 if fp8_key is None else FusedAttnBackend.FP8
+    return bool(fused_available) and fused_backend is not None and int(fused_backend) == int(wanted)
 
 
 def shape_unsupported_reason(
@@ -77,15 +96,18 @@ def shape_unsupported_reason(
     dropout_p: float = 0.0,
     training: bool = False,
     device_index: int = 0,
+    fp8_recipe: Any = None,
 ) -> str | None:
-    """Why TE's F16 fused attention cannot run (batch, heads, kv_heads, q_len, kv_len, head_dim_qk, head_dim_v) in
-    ``dtype`` (a stats key), or None if it can. Decided from metadata only, so compile-time guards use it too."""
+    """Why TE's fused attention cannot run (batch, heads, kv_heads, q_len, kv_len, head_dim_qk, head_dim_v) in
+    ``dtype`` (a stats key), or None if it can: the F16 backend, or the FP8 one under an FP8 attention recipe.
+    Decided from metadata only, so compile-time guards use it too."""
     if dtype not in (torch.float16, torch.bfloat16):
         return "fallback_dtype"
     if not te_head_dims_supported(shape[5], shape[6]):
         return "fallback_head_dim"
-    if not _backend_ok(dtype, (*shape, device_index), mask_type, tuple(window_size), float(dropout_p), bool(training)):
-        return "fallback_shape"
+    key = _recipe_key(fp8_recipe)
+    if not _backend_ok(dtype, (*shape, device_index), mask_type, tuple(window_size), float(dropout_p), bool(training), key):
+        return "fallback_shape" if key is None else "fallback_fp8"
     return None
 
 
@@ -97,14 +119,16 @@ def unsupported_reason(
     window_size: tuple[int, int],
     dropout_p: float = 0.0,
     training: bool = False,
+    fp8_recipe: Any = None,
 ) -> str | None:
-    """Why TE's F16 fused attention cannot run these bshd tensors (a stats key), or None if it can."""
+    """Why TE's fused attention cannot run these bshd tensors (a stats key), or None if it can."""
     if not (q.is_cuda and k.device == q.device and v.device == q.device):
         return "fallback_device"
     if k.dtype != q.dtype or v.dtype != q.dtype:
         return "fallback_dtype"
     shape = (q.shape[0], q.shape[2], k.shape[2], q.shape[1], k.shape[1], q.shape[-1], v.shape[-1])
-    return shape_unsupported_reason(q.dtype, shape, mask_type, window_size, dropout_p, training, q.device.index or 0)
+    device_index = q.device.index or 0
+    return shape_unsupported_reason(q.dtype, shape, mask_type, window_size, dropout_p, training, device_index, fp8_recipe)
 
 
 def fused_forward(
@@ -215,9 +239,9 @@ def fused_attention(
 class TEDotProductAttention(te.DotProductAttention):
     """TE's ``DotProductAttention`` with a fast path for plain bshd calls.
 
-    Calls with only q/k/v, ``attn_mask_type`` and ``window_size``, outside FP8 autocast, on contiguous CUDA
+    Calls with only q/k/v, ``attn_mask_type`` and ``window_size``, outside FP8 attention, on contiguous CUDA
     fp16/bf16 tensors that TE's F16 fused backend supports go straight to the fused kernels; everything else
-    (FP8, padding masks, context parallelism, ...) runs TE's own forward unchanged.
+    (FP8 attention, padding masks, context parallelism, ...) runs TE's own forward unchanged.
     """
 
     def unsupported_reason(
@@ -225,15 +249,19 @@ class TEDotProductAttention(te.DotProductAttention):
     ) -> str | None:
         """Why this module cannot run these bshd tensors (a te_fx stats key), or None."""
         dropout_p = self.attention_dropout if self.training else 0.0
-        training = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-        return unsupported_reason(q, k, v, mask_type, window_size, dropout_p, training or dropout_p > 0)
+        fp8_recipe = _fp8_attention_recipe()
+        if fp8_recipe is not None:  # TE's own forward runs FP8 attention, and selects its backend by module mode
+            training = self.training
+        else:
+            training = dropout_p > 0 or (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
+        return unsupported_reason(q, k, v, mask_type, window_size, dropout_p, training, fp8_recipe)
 
     def run(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_type: str, window_size: tuple[int, int]
     ) -> torch.Tensor:
         """bshd in, bshd (B, Sq, H, Dv) out, for callers that have already asked :meth:`unsupported_reason` (te_fx's
-        SDPA replacement, once per call): the fused kernels directly, or TE's own forward inside FP8 autocast."""
-        if FP8GlobalStateManager.is_fp8_enabled():
+        SDPA replacement, once per call): the fused kernels directly, or TE's own forward for FP8 attention."""
+        if _fp8_attention_recipe() is not None:
             out = super().forward(q, k, v, attn_mask_type=mask_type, window_size=window_size)
             return out.view(*q.shape[:3], -1)
         dropout_p = self.attention_dropout if self.training else 0.0

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import te_fx
 from te_fx.executors.reference import reference_attention
-from te_fx.te_attention import _make_te_sdpa, get_te_attention_stats
+from te_fx.te_attention import _create_te_dot_product_attention, _make_te_sdpa, get_te_attention_stats
 
 CASES = [
     # batch, q_len, kv_len, heads, kv_heads, head_dim, mask_type, window
@@ -199,6 +199,23 @@ def test_injected_model_runs_fp8_attention_under_te_autocast(rel_error):
     print(f"injected model under FP8 autocast: fused backend {backend!r}, logits rel error vs bf16 {error:.3e}")
     assert backend is not None and int(backend) == int(te.cpp_extensions.fused_attn.FusedAttnBackend.FP8)
     assert 0 < error < 0.1
+
+
+def test_fp8_autocast_falls_back_where_fp8_attention_cannot_run():
+    """Head dim 64 at S 128 has no FP8 attention backend in TE (its own forward raises): SDPA runs, counted."""
+    import transformer_engine.pytorch as te
+    from transformer_engine.common.recipe import DelayedScaling
+
+    module = _create_te_dot_product_attention(8, 8, 64)
+    te_sdpa = _make_te_sdpa(module, 8, 8, F.scaled_dot_product_attention)
+    q, k, v = (torch.randn(1, 8, 128, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    with te.autocast(enabled=True, recipe=DelayedScaling(fp8_dpa=True)):
+        out = te_sdpa(q, k, v, is_causal=True)
+    assert torch.equal(out, F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    assert get_te_attention_stats()["fallback_fp8"] == 1 and get_te_attention_stats()["te_hits"] == 0
+    with te.autocast(enabled=True, recipe=DelayedScaling(fp8_dpa=False)):  # FP8 linears only: bf16 attention
+        te_sdpa(q, k, v, is_causal=True)
+    assert get_te_attention_stats()["te_hits"] == 1
 
 
 @pytest.mark.parametrize("pad", ["right", "left", "holes"])
