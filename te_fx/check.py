@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from .model_config import first_line
+
 __all__ = ["CheckResult", "TYPICAL_SHAPE", "run_check", "format_check", "TE_INSTALL"]
 
 TE_INSTALL = "pip install 'te-fx[te]'"
@@ -61,11 +63,6 @@ def _version(*distributions: str) -> str | None:
     return None
 
 
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
-
-
 def _te_installed() -> bool:
     try:
         return importlib.util.find_spec("transformer_engine") is not None
@@ -80,7 +77,7 @@ def _load_te() -> tuple[Any, str | None]:
     try:
         return load_te_executor(), None
     except Exception as error:  # noqa: BLE001 - a broken TE install may raise more than ImportError
-        return None, _first_line(error.__cause__ or error)
+        return None, first_line(error.__cause__ or error)
 
 
 def _fused_backend_name(te_executor: Any, backend: Any) -> str:
@@ -115,7 +112,7 @@ def _te_selection(te_executor: Any) -> str:
             return "UnfusedDotProductAttention (no fused kernel for this shape)"
         return "no backend"
     except Exception as error:  # noqa: BLE001 - TE's internal API moves between versions
-        return f"unknown (TE's backend selection failed: {_first_line(error)})"
+        return f"unknown (TE's backend selection failed: {first_line(error)})"
 
 
 def run_check() -> CheckResult:
@@ -170,7 +167,7 @@ def run_check() -> CheckResult:
                 torch.bfloat16, TYPICAL_SHAPE, "causal", (-1, 0), 0.0, True, 0
             )
         except Exception as error:  # noqa: BLE001
-            reason = f"the check failed ({_first_line(error)})"
+            reason = f"the check failed ({first_line(error)})"
         if reason is None:
             result.te_fx_backend = "FusedAttention (F16_arbitrary_seqlen) supported"
         else:

@@ -45,11 +45,11 @@ def _check(args: argparse.Namespace) -> int:
 def _explain(args: argparse.Namespace) -> int:
     import json
 
-    from .explain import AnalysisError, ExplainError, explain, format_explanation
+    from .explain import AnalysisError, ModelConfigError, explain, format_explanation
 
     try:
         result = explain(args.model, compile_path=not args.no_compile)
-    except ExplainError as error:
+    except ModelConfigError as error:
         print(f"te-fx explain: {error}", file=sys.stderr)
         return 2
     except AnalysisError as error:

@@ -25,27 +25,32 @@ import copy
 import json
 import logging
 import math
-import os
 import re
 import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from .executors import te_head_dims_supported
+from .model_config import (
+    TRACE_BATCH,
+    TRACE_SEQ,
+    ModelConfigError,
+    causal_lm_config,
+    config_dtype,
+    config_head_dims,
+    config_kv_heads,
+    first_line,
+    load_config,
+    offline,
+    shrink_config,
+)
 
-__all__ = ["ExplainError", "AnalysisError", "Explanation", "LayerExplanation", "explain", "format_explanation"]
+__all__ = ["ModelConfigError", "AnalysisError", "Explanation", "LayerExplanation", "explain", "format_explanation"]
 
-TRACE_BATCH, TRACE_SEQ = 2, 16
-SMALL_HEAD_DIM = 8
-SMALL_WINDOW = 4  # sliding windows longer than KEEP_WINDOW are shrunk to this, so that they cut keys off at TRACE_SEQ
-KEEP_WINDOW = 8
-# config fields holding an attention span in tokens (sliding windows, Llama 4's chunks, GPT-Neo's local window)
-_LENGTH_FIELDS = ("sliding_window", "sliding_window_size", "attention_chunk_size", "window_size")
 TYPICAL_SEQ = 4096  # sequence length of TE's backend check, capped by max_position_embeddings
 PAD_TAIL = 4  # right padding of the padded batch's second row
 
@@ -68,10 +73,6 @@ _EAGER_REASONS = {
     "fallback_shape": "TE's fused backend rejects the shape",
     "fallback_fp8": "TE's FP8 attention rejects the shape (inside FP8 autocast)",
 }
-
-
-class ExplainError(ValueError):
-    """MODEL names no family, file or folder, or its config cannot be read (the CLI's exit code 2)."""
 
 
 class AnalysisError(RuntimeError):
@@ -132,175 +133,6 @@ class Explanation:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-# --------------------------------------------------------------------------------------------- resolving MODEL
-
-
-@contextlib.contextmanager
-def _offline() -> Iterator[None]:
-    saved = {key: os.environ.get(key) for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
-    os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
-
-
-def load_config(model: str) -> tuple[Any, str]:
-    """(config, where it came from) for MODEL; raises :class:`ExplainError` with a one-line message."""
-    from transformers import CONFIG_MAPPING, __version__
-
-    from .tiny_models import FAMILIES, tiny_config
-
-    if model in FAMILIES:
-        return tiny_config(model), f"tiny config of the {model!r} family"
-    path = Path(model)
-    if not path.exists():
-        hint = (
-            "te-fx explain never downloads: fetch the config first (`hf download ORG/NAME config.json --local-dir DIR`)"
-            if "/" in model and not model.startswith((".", "/")) else f"families: {', '.join(FAMILIES)}"
-        )  # fmt: skip
-        raise ExplainError(
-            f"unknown model {model!r}: not a tiny model family, config.json or checkpoint folder ({hint})"
-        )
-    file = path / "config.json" if path.is_dir() else path
-    if not file.is_file():
-        raise ExplainError(f"{path} has no config.json")
-    try:
-        data = json.loads(file.read_text())
-    except json.JSONDecodeError as error:
-        where = f"line {error.lineno} column {error.colno}"
-        raise ExplainError(f"{file}: malformed JSON ({error.msg} at {where})") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise ExplainError(f"{file}: cannot be read ({_first_line(error)})") from None
-    if not isinstance(data, dict):
-        raise ExplainError(f"{file}: a config.json holds a JSON object, not {type(data).__name__}")
-    model_type = data.get("model_type")
-    if not isinstance(model_type, str):
-        raise ExplainError(f"{file}: no model_type")
-    if model_type not in CONFIG_MAPPING:
-        raise ExplainError(
-            f"{file}: unknown model_type {model_type!r} (transformers {__version__} has no such model; "
-            "te-fx explain runs no remote code)"
-        )
-    data.pop("auto_map", None)
-    try:
-        with _offline(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            config = CONFIG_MAPPING[model_type].from_dict(data)
-    except Exception as error:  # noqa: BLE001 - any validation error of the config is bad input
-        raise ExplainError(f"{file}: not a valid {model_type} config ({_first_line(error)})") from None
-    return config, str(file)
-
-
-def _causal_lm_config(config: Any) -> tuple[Any, str | None]:
-    """The config AutoModelForCausalLM builds the language model from: the text config of a composite model."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
-
-    text = config.get_text_config(decoder=True)
-    if text is not config and type(text) in MODEL_FOR_CAUSAL_LM_MAPPING:
-        return text, f"{config.model_type} is a composite model: explaining its text decoder ({text.model_type})"
-    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
-        raise ExplainError(f"model_type {config.model_type!r} has no causal-LM class in transformers")
-    return config, None
-
-
-# --------------------------------------------------------------------------------------------- the shrunk copy
-
-
-def _set(data: dict[str, Any], config: Any, name: str, value: Any) -> None:
-    """Set a config field under its stored name (``attribute_map``: GPT-2's ``n_embd`` for ``hidden_size``)."""
-    key = getattr(config, "attribute_map", {}).get(name, name)
-    if key in data and data[key] is not None:
-        data[key] = value
-
-
-def _default_rope(rope: Any) -> Any:
-    """RoPE parameters with the default type: scaled RoPE variants carry per-dimension tables (Phi-3's longrope) that
-    a shrunk head dim breaks, and no attention decision depends on the RoPE type."""
-    if not isinstance(rope, dict):
-        return rope
-    if rope and all(isinstance(value, dict) for value in rope.values()):  # per layer type (Gemma3)
-        return {key: _default_rope(value) for key, value in rope.items()}
-    small = {"rope_type": "default", "rope_theta": rope.get("rope_theta", 10000.0)}
-    if "partial_rotary_factor" in rope:
-        small["partial_rotary_factor"] = rope["partial_rotary_factor"]
-    return small
-
-
-def shrink_config(config: Any) -> tuple[Any, dict[str, tuple[int, int]], str]:
-    """A copy of ``config`` with tiny widths that keeps what te_fx's decisions depend on (layer count, heads,
-    KV heads, layer types, MLA head-dim ratios); the attention spans it shrank (name -> (real, shrunk)); and how
-    the head dims were shrunk, for the report."""
-    data = config.to_dict()
-    data.pop("quantization_config", None)
-    heads = config.num_attention_heads
-    num_layers = config.num_hidden_layers
-    if isinstance(getattr(config, "qk_rope_head_dim", None), int):  # MLA (DeepSeek-V2/V3): keep the dim ratios
-        dims = {name: getattr(config, name) for name in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")}
-        factor = max(1, min(d for d in dims.values() if d) // SMALL_HEAD_DIM)
-        small = {name: max(1, d // factor) if d else d for name, d in dims.items()}
-        data.update(small)
-        head_dims = "MLA head dims {} -> {}".format(
-            "/".join(str(d) for d in dims.values()), "/".join(str(d) for d in small.values())
-        )
-        if "qk_head_dim" in data:
-            data["qk_head_dim"] = small["qk_nope_head_dim"] + small["qk_rope_head_dim"]
-        _set(data, config, "head_dim", small["qk_rope_head_dim"])
-        for name in ("q_lora_rank", "kv_lora_rank"):
-            _set(data, config, name, 16)
-    else:
-        _set(data, config, "head_dim", SMALL_HEAD_DIM)
-        head_dims = f"head dim {SMALL_HEAD_DIM}"
-    _set(data, config, "hidden_size", heads * SMALL_HEAD_DIM)
-    for name in ("intermediate_size", "ffn_hidden_size", "moe_intermediate_size", "shared_expert_intermediate_size",
-                 "n_inner"):  # fmt: skip
-        _set(data, config, name, 32)
-    _set(data, config, "vocab_size", 128)
-    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
-        value = data.get(name)
-        if isinstance(value, int) and value >= 128:
-            data[name] = 0
-        elif isinstance(value, list):
-            data[name] = [v if v < 128 else 0 for v in value]
-    for name in ("n_routed_experts", "num_experts", "num_local_experts"):
-        if isinstance(data.get(name), int):
-            data[name] = min(data[name], 4)
-    if isinstance(data.get("num_experts_per_tok"), int):
-        data["num_experts_per_tok"] = min(data["num_experts_per_tok"], 2)
-    for name in ("n_group", "topk_group"):
-        _set(data, config, name, 1)
-    if isinstance(data.get("first_k_dense_replace"), int):  # DeepSeek: dense MLPs only (the MLP decides nothing)
-        data["first_k_dense_replace"] = num_layers
-    changed: dict[str, Any] = {}
-    for name in _LENGTH_FIELDS:  # attention spans: shrunk so that they cut keys off at TRACE_SEQ
-        span = data.get(name)
-        if isinstance(span, int) and not isinstance(span, bool) and span > KEEP_WINDOW:
-            data[name] = SMALL_WINDOW
-            changed[name] = (span, SMALL_WINDOW)
-    rotary_dim = data.get("rotary_dim")  # GPT-J, CodeGen: rotary dims out of the head dim, in absolute numbers
-    real_head_dim = _config_head_dims(config)[0]
-    if isinstance(rotary_dim, int) and real_head_dim:
-        data["rotary_dim"] = max(2, 2 * round(rotary_dim * SMALL_HEAD_DIM / real_head_dim / 2))
-    for name in ("rope_parameters", "rope_scaling"):
-        if isinstance(data.get(name), dict):
-            data[name] = _default_rope(data[name])
-    data["dtype"] = "float32"
-    data.pop("torch_dtype", None)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        small_config = type(config).from_dict(data)
-    return small_config, changed, head_dims
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -377,25 +209,6 @@ def _not_injected_reason(path: str, module: nn.Module) -> str:
     return reason or "not injected"
 
 
-def _config_head_dims(config: Any) -> tuple[int | None, int | None]:
-    head_dim = getattr(config, "head_dim", None)
-    if not isinstance(head_dim, int):
-        hidden, heads = getattr(config, "hidden_size", None), getattr(config, "num_attention_heads", None)
-        head_dim = hidden // heads if isinstance(hidden, int) and isinstance(heads, int) and heads else None
-    return head_dim, head_dim
-
-
-def _config_kv_heads(config: Any, heads: int | None) -> int | None:
-    """KV heads from the config, for layouts te_fx does not inject (no module to read them from)."""
-    kv_heads = getattr(config, "num_key_value_heads", None)
-    if isinstance(kv_heads, int):
-        return kv_heads
-    if getattr(config, "new_decoder_architecture", False):  # Falcon 40B/180B
-        return getattr(config, "num_kv_heads", None) or heads
-    if getattr(config, "multi_query", False):  # Falcon 7B, GPT-BigCode
-        return 1
-    return heads
-
 
 def _head_dim_limit(head_dim: int | None, v_head_dim: int | None) -> str | None:
     dims = [d for d in (head_dim, v_head_dim) if d is not None]
@@ -405,12 +218,6 @@ def _head_dim_limit(head_dim: int | None, v_head_dim: int | None) -> str | None:
     dims_text = ", ".join(map(str, bad))
     return f"fallback_head_dim: TE needs head dims that are multiples of 8 and <= 256, this layer has {dims_text}"
 
-
-def _dtype_of(config: Any) -> torch.dtype | None:
-    dtype = getattr(config, "dtype", None)
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype, None)
-    return dtype if isinstance(dtype, torch.dtype) else None
 
 
 # --------------------------------------------------------------------------------------------- the eager path
@@ -564,7 +371,7 @@ def _te_checker() -> tuple[Any, str]:
         te_executor = load_te_executor()
     except Exception as error:  # noqa: BLE001 - TE missing or broken: say so, decide nothing
         cause = error.__cause__ or error
-        return None, f"not run (TransformerEngine unavailable: {_first_line(cause)}; see `te-fx check`)"
+        return None, f"not run (TransformerEngine unavailable: {first_line(cause)}; see `te-fx check`)"
 
     def check(
         layer: LayerExplanation, dtype: torch.dtype, mask_type: str, window: tuple[int, int], q_len: int, kv_len: int,
@@ -574,7 +381,7 @@ def _te_checker() -> tuple[Any, str]:
         try:
             return te_executor.shape_unsupported_reason(dtype, shape, mask_type, window, 0.0, training, 0)
         except Exception as error:  # noqa: BLE001
-            return f"TE's backend check failed ({_first_line(error)})"
+            return f"TE's backend check failed ({first_line(error)})"
 
     return check, f"run on {torch.cuda.get_device_name(0)} at batch {TRACE_BATCH}, length {{seq}}"
 
@@ -608,7 +415,7 @@ def _apply_te_limits(layers: list[LayerExplanation], dtype: torch.dtype | None, 
 
 
 def explain(model: str, compile_path: bool = True) -> Explanation:
-    """Explain what te_fx does with MODEL (see the module docstring). Raises :class:`ExplainError` for bad input and
+    """Explain what te_fx does with MODEL (see the module docstring). Raises :class:`ModelConfigError` for bad input and
     :class:`AnalysisError` when the model cannot be built. Side effects: te_fx's eager counters grow by the calls
     of the shrunk copy; torch._dynamo and te_fx's compile report are reset."""
     from transformers import AutoModelForCausalLM
@@ -619,7 +426,7 @@ def explain(model: str, compile_path: bool = True) -> Explanation:
         config, source = load_config(model)
     notes: list[str] = []
     errors: list[str] = []
-    config, composite_note = _causal_lm_config(config)
+    config, composite_note = causal_lm_config(config)
     if composite_note:
         notes.append(composite_note)
     config = copy.deepcopy(config)
@@ -628,13 +435,13 @@ def explain(model: str, compile_path: bool = True) -> Explanation:
         notes.append("quantization_config ignored: attention decisions do not depend on weight quantization")
     num_layers = getattr(config, "num_hidden_layers", None)
 
-    with _quiet(), _offline():
+    with _quiet(), offline():
         try:
             with torch.device("meta"):
                 real = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
         except Exception as error:  # noqa: BLE001
             raise AnalysisError(
-                f"cannot build {config.model_type} with attn_implementation='sdpa' ({_first_line(error)})"
+                f"cannot build {config.model_type} with attn_implementation='sdpa' ({first_line(error)})"
             ) from None
         architecture = type(real).__name__
         te_attention.inject_te_attention(real, executor="reference")
@@ -651,9 +458,9 @@ def explain(model: str, compile_path: bool = True) -> Explanation:
                 heads, kv_heads = te_module.num_attention_heads, te_module.num_gqa_groups
                 scale = te_module.softmax_scale if te_module.softmax_scale is not None else head_dim**-0.5
             else:
-                head_dim, v_head_dim = _config_head_dims(config)
+                head_dim, v_head_dim = config_head_dims(config)
                 heads = getattr(config, "num_attention_heads", None)
-                kv_heads = _config_kv_heads(config, heads)
+                kv_heads = config_kv_heads(config, heads)
                 scaling = getattr(module, "scaling", None)
                 scale = float(scaling) if isinstance(scaling, (int, float)) else (head_dim**-0.5 if head_dim else None)
             layers.append(LayerExplanation(
@@ -674,7 +481,7 @@ def explain(model: str, compile_path: bool = True) -> Explanation:
             torch.manual_seed(0)
             small = AutoModelForCausalLM.from_config(small_config, attn_implementation="sdpa").float().eval()
         except Exception as error:  # noqa: BLE001
-            raise AnalysisError(f"cannot build the shrunk copy of {config.model_type} ({_first_line(error)})") from None
+            raise AnalysisError(f"cannot build the shrunk copy of {config.model_type} ({first_line(error)})") from None
         small_attention = _attention_modules(small)
         if [path for path, _ in small_attention] != [layer.module for layer in layers]:
             raise AnalysisError("the shrunk copy's attention modules differ from the model's")
@@ -693,7 +500,7 @@ def explain(model: str, compile_path: bool = True) -> Explanation:
             try:
                 per_layer, problem = _run_compile(small, [windows[layer.module] for layer in layers], window_map)
             except Exception as error:  # noqa: BLE001
-                per_layer, problem = None, f"torch.compile failed ({_first_line(error)})"
+                per_layer, problem = None, f"torch.compile failed ({first_line(error)})"
             if per_layer is None:
                 errors.append(f"compile path not analysed: {problem}")
             else:
@@ -702,7 +509,7 @@ def explain(model: str, compile_path: bool = True) -> Explanation:
         try:
             eager = _run_eager(small, [layer.module for layer in layers], windows)
         except Exception as error:  # noqa: BLE001
-            errors.append(f"eager path not analysed: running the injected shrunk copy failed ({_first_line(error)})")
+            errors.append(f"eager path not analysed: running the injected shrunk copy failed ({first_line(error)})")
         else:
             for layer in layers:
                 layer.eager = eager[layer.module]
@@ -711,7 +518,7 @@ def explain(model: str, compile_path: bool = True) -> Explanation:
                         if decision.runs == "sdpa":
                             decision.reason = f"not injected: {layer.not_injected_reason}"
 
-    dtype = _dtype_of(config)
+    dtype = config_dtype(config)
     dtype_note = None
     if dtype not in (torch.float16, torch.bfloat16):
         name = "float32 (not set in the config)" if dtype is None else str(dtype).removeprefix("torch.")
