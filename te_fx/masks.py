@@ -3,7 +3,7 @@
 TE takes a mask *type* (``causal``, ``causal_bottom_right``, ``no_mask``) and a window, not a tensor. A 4D SDPA mask
 may be handed to TE only if it equals the pattern of that type at every batch item, head, query and key, so the
 check here is exact: no sampling, no heuristics. HF passes the same mask object to every layer, so the decision is
-cached per mask object (one host sync per mask, not per layer).
+cached per mask object (one host sync per mask, not per layer), for one forward of an injected model at most.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["MaskDecision", "causal_pattern", "te_visible", "classify_mask", "attend_pattern"]
+__all__ = ["MaskDecision", "causal_pattern", "te_visible", "classify_mask", "attend_pattern", "forget_decisions"]
 
 
 class MaskDecision(NamedTuple):
@@ -143,6 +143,12 @@ class _MaskCache:
 
 
 _CACHE = _MaskCache()
+
+
+def forget_decisions() -> None:
+    """Drop every cached decision. Writes through ``.data`` or numpy bypass the version counter, so an injected
+    model calls this as each forward starts: a decision then holds for one forward (all its layers) at most."""
+    _CACHE.clear()
 
 
 def classify_mask(

@@ -360,11 +360,15 @@ def inject_te_attention_into_module(module: nn.Module, *, executor: str | None =
     return True
 
 
+def _forget_mask_decisions(_model: nn.Module, _args: tuple) -> None:
+    masks.forget_decisions()
+
+
 def inject_te_attention(model: nn.Module, *, executor: str | None = None) -> None:
     """Inject TE attention into every compatible ``self_attn`` module of ``model``.
 
     Skips modules that already carry ``attn_module``; sets ``model._te_attention_injected``. Call after loading
-    weights and before FSDP wrapping. ``executor``: "te" (default, or ``TE_FX_EXECUTOR``) needs TransformerEngine
+    weights and before FSDP wrapping. Mask decisions are cached per mask object for one forward of ``model``. ``executor``: "te" (default, or ``TE_FX_EXECUTOR``) needs TransformerEngine
     (``pip install 'te-fx[te]'``); "reference" runs the same call contract in plain PyTorch on any device.
     """
     if getattr(model, _TE_MODEL_FLAG, False):
@@ -384,6 +388,7 @@ def inject_te_attention(model: nn.Module, *, executor: str | None = None) -> Non
                 skipped.append(f"{path} (not a separate q/k/v layout, or SDPA is not reachable)")
     if injected:
         setattr(model, _TE_MODEL_FLAG, True)
+        model.register_forward_pre_hook(_forget_mask_decisions)  # masks are classified afresh in every forward
     logger.info(
         "te_fx: %s executor injected into %d self_attn modules%s", name, len(injected),
         f"; not injected: {'; '.join(skipped)}" if skipped else "",
@@ -398,3 +403,6 @@ def remove_te_attention(model: nn.Module) -> None:
             delattr(module, _TE_MODULE_ATTR)
     if hasattr(model, _TE_MODEL_FLAG):
         delattr(model, _TE_MODEL_FLAG)
+    for key, hook in list(model._forward_pre_hooks.items()):
+        if hook is _forget_mask_decisions:
+            del model._forward_pre_hooks[key]

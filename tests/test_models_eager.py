@@ -372,6 +372,37 @@ def test_deepcopy_of_an_injected_model_is_independent():
     torch.testing.assert_close(copied(ids).logits, plain(ids).logits, atol=ATOL, rtol=RTOL)
 
 
+def test_user_mask_rewritten_through_data_is_classified_again_in_the_next_forward():
+    """A 4D mask the user passes reaches SDPA as is; a write through ``.data`` (or numpy) keeps its version counter,
+    so the per-mask decision must not outlive the forward it was made in."""
+    plain, injected = _pair("llama_gqa")
+    ids = _input_ids()
+    mask = torch.ones(SEQ_LEN, SEQ_LEN, dtype=torch.bool).tril()[None, None].repeat(2, 1, 1, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(injected(ids, attention_mask=mask).logits, plain(ids, attention_mask=mask).logits,
+                                   atol=ATOL, rtol=RTOL)  # fmt: skip
+        assert te_fx.get_te_attention_stats()["te_hits"] == _num_layers(injected)
+        te_fx.reset_te_attention_stats()
+        mask.data[1, :, 3:, :3] = False  # left padding of row 1, invisible to mask._version
+        torch.testing.assert_close(injected(ids, attention_mask=mask).logits, plain(ids, attention_mask=mask).logits,
+                                   atol=ATOL, rtol=RTOL)  # fmt: skip
+    assert te_fx.get_te_attention_stats() == {**ZERO_STATS, "fallback_mask": _num_layers(injected)}
+
+
+def test_remove_te_attention_gives_back_the_plain_model():
+    plain, injected = _pair("llama_gqa")
+    te_fx.remove_te_attention(injected)
+    assert not any(hasattr(module, "attn_module") for module in injected.modules())
+    assert not hasattr(injected, "_te_attention_injected") and not injected._forward_pre_hooks
+    assert injected.state_dict().keys() == plain.state_dict().keys()
+    ids = _input_ids()
+    torch.testing.assert_close(injected(ids).logits, plain(ids).logits, atol=0, rtol=0)
+    assert te_fx.get_te_attention_stats() == ZERO_STATS
+    te_fx.inject_te_attention(injected, executor="reference")  # and it can be injected again
+    injected(ids)
+    assert te_fx.get_te_attention_stats()["te_hits"] == _num_layers(injected)
+
+
 @pytest.mark.parametrize("family", ["llama_gqa", "gemma3", "deepseek_v3"])
 def test_train_eval_and_dtype_follow_the_model(family):
     plain, injected = _pair(family)
