@@ -2,8 +2,8 @@
 plots under bench/results/<card>/ (or --out), and the targets as PASS / FAIL lines.
 
 Profiles: ``quick`` (every target's shape; one 10-minute GPU command), ``full`` (S 128 to 32768, every family and
-model), ``smoke`` (tiny shapes: CPU, CI). Long runs go in parts (``--only``, ``--dtype``) with ``--merge``, which
-keeps what the folder's results.json holds for the same card and this run did not measure.
+model), ``smoke`` (tiny shapes: CPU, CI). Long runs go in parts (``--only``, ``--seq``, ``--dtype``) with ``--merge``,
+which keeps what the folder's results.json holds for the same card and this run did not measure.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--out", type=Path, help="output folder (default bench/results/<card>)")
     parser.add_argument("--reps", type=int, help="timed repetitions per measurement (default: the profile's)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="the kernels' dtype on a GPU")
+    parser.add_argument("--seq", type=int, nargs="+", metavar="S", help="only the kernel cases of these lengths")
     parser.add_argument("--merge", action="store_true", help="add to the folder's results.json instead of replacing it")
     return parser
 
@@ -123,7 +124,8 @@ def run(args: argparse.Namespace) -> int:
     if device.type == "cuda":
         results["matmul_peak_tflops"] = matmul_peak_tflops(device, torch.bfloat16)
     if args.only in ("kernels", "all"):
-        for case in tqdm(case_list(), desc="kernels", unit="case"):
+        cases = [case for case in case_list() if args.seq is None or case.seq in args.seq]
+        for case in tqdm(cases, desc="kernels", unit="case"):
             results["kernels"] += kernels.run_case(case, device, dtype, executor, reps)
         kernels.add_ratios(results["kernels"], results.get("matmul_peak_tflops"))
     if args.only in ("models", "all"):

@@ -127,6 +127,22 @@ def test_merge_keeps_what_the_new_run_did_not_measure():
     assert sorted((r["dtype"], r["ms"]) for r in merged["kernels"]) == [("bfloat16", 2.0), ("float16", 3.0)]
 
 
+def test_a_run_in_parts_merges_into_the_folder(smoke_run, tmp_path):
+    _, out = smoke_run
+    (tmp_path / "results.json").write_text((out / "results.json").read_text())
+    before = json.loads((tmp_path / "results.json").read_text())
+    argv = ["--profile", "smoke", "--device", "cpu", "--out", str(tmp_path), "--reps", "2", "--only", "kernels",
+            "--seq", "16", "--merge"]  # fmt: skip
+    assert run(build_parser().parse_args(argv)) == 0
+    after = json.loads((tmp_path / "results.json").read_text())
+    assert after["models"] == before["models"]  # this part measured no model: the earlier ones stay
+    key = lambda r: (r["case"], r["mode"], r["variant"], r["dtype"])  # noqa: E731
+    assert sorted(map(key, after["kernels"])) == sorted(map(key, before["kernels"]))
+    remeasured = {r["case"] for r in after["kernels"] if r not in before["kernels"]}
+    assert remeasured and all(" S16 " in case for case in remeasured)
+    assert "## Models" in (tmp_path / "report.md").read_text()
+
+
 def test_merge_into_another_cards_results_is_refused(tmp_path, capsys):
     (tmp_path / "results.json").write_text(json.dumps({"device": "some other card", "kernels": [], "models": {}}))
     argv = ["--profile", "smoke", "--device", "cpu", "--out", str(tmp_path), "--merge"]
