@@ -18,7 +18,8 @@ import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from . import ops
-from .mask_subgraph import SubgraphMask, classify_mask_node, node_value
+from .fx_aliasing import written_in_place
+from .mask_subgraph import SubgraphMask, classify_mask_node, node_value, same_size
 
 __all__ = ["AttentionRewrite", "rewrite_attention"]
 
@@ -61,15 +62,6 @@ def _hint(value: Any) -> Any:
 def _int(size: Any) -> int | None:
     """A size as a Python int if it is static."""
     return int(size) if is_concrete_int(size) else None
-
-
-def _same_size(a: Any, b: Any) -> bool:
-    """Whether two (possibly symbolic) sizes are provably equal."""
-    if is_concrete_int(a) and is_concrete_int(b):
-        return int(a) == int(b)
-    if isinstance(a, torch.SymInt) and isinstance(b, torch.SymInt):
-        return a.node.expr == b.node.expr
-    return False
 
 
 def _sdpa_arguments(node: fx.Node) -> dict[str, Any]:
@@ -128,7 +120,9 @@ def _unrepeat_kv(node: fx.Node) -> fx.Node | None:
     if len(source_shape) != 4 or len(expanded_shape) != 5:
         return None
     kept_dims = zip(source_shape, (*expanded_shape[:2], *expanded_shape[3:]))
-    return source if all(_same_size(a, b) for a, b in kept_dims) else None
+    kv_heads, n_rep, heads = _int(expanded_shape[1]), _int(expanded_shape[2]), _int(node_value(node).shape[1])
+    merged = kv_heads is not None and n_rep is not None and heads == kv_heads * n_rep  # (B, KV * n, S, D)
+    return source if merged and all(same_size(a, b) for a, b in kept_dims) else None
 
 
 def _guard(
@@ -143,6 +137,8 @@ def _guard(
     if not all(isinstance(node_value(args[name]), (int, float, torch.SymFloat)) for name in ("dropout_p", "scale")
                if args[name] is not None):  # fmt: skip
         return "dropout_p or scale is not a float"
+    if isinstance(args["dropout_p"], (int, float)) and not 0 <= args["dropout_p"] < 1:
+        return f"dropout_p {args['dropout_p']} is outside [0, 1)"
     if not isinstance(args["enable_gqa"], bool):
         return "enable_gqa is not a compile-time constant"
     if not q.dtype.is_floating_point or k.dtype != q.dtype or v.dtype != q.dtype:
@@ -174,21 +170,24 @@ def _te_shape_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Su
     )
 
 
-def _classify(node: fx.Node, args: dict[str, Any], q: torch.Tensor, k: torch.Tensor) -> SubgraphMask | str:
+def _classify(args: dict[str, Any], q: torch.Tensor, k: torch.Tensor, written: set[fx.Node]) -> SubgraphMask | str:
     batch, q_len, kv_len = q.shape[0], q.shape[2], k.shape[2]
     mask = args["attn_mask"]
     if mask is None:
         if not args["is_causal"]:
             return SubgraphMask("no_mask", (-1, -1))
-        if not _same_size(q_len, kv_len):
+        if not same_size(q_len, kv_len):
             return "is_causal with q_len != kv_len (top-left causal)"
         return SubgraphMask("causal", (-1, 0))
     if args["is_causal"]:
         return "attn_mask together with is_causal"
     if not isinstance(mask, fx.Node):
         return "attn_mask is not a graph value"
-    classified = classify_mask_node(mask, batch, q_len, kv_len)
-    if isinstance(classified, str) or classified.mask_type != "causal" or _same_size(q_len, kv_len):
+    try:
+        classified = classify_mask_node(mask, batch, q_len, kv_len, written)
+    except Exception as error:  # noqa: BLE001 - a mask the classifier cannot handle stays on SDPA
+        return f"mask classification failed ({type(error).__name__})"
+    if isinstance(classified, str) or classified.mask_type != "causal" or same_size(q_len, kv_len):
         return classified
     # HF's causal masks sit at the bottom right when there are fewer queries than keys (a KV cache)
     if classified.padding is not None:
@@ -196,16 +195,18 @@ def _classify(node: fx.Node, args: dict[str, Any], q: torch.Tensor, k: torch.Ten
     return SubgraphMask("causal_bottom_right", classified.window_size)
 
 
-def _rewrite_one(graph: fx.Graph, node: fx.Node, executor: str) -> AttentionRewrite:
+def _rewrite_one(graph: fx.Graph, node: fx.Node, executor: str, written: set[fx.Node]) -> AttentionRewrite:
     entry = AttentionRewrite(node=node.name, executor=executor)
     args = _sdpa_arguments(node)
     query, key, value = args["query"], args["key"], args["value"]
     q, k, v = node_value(query), node_value(key), node_value(value)
     if isinstance(q, torch.Tensor) and q.dim() == 4:
         entry.num_heads, entry.head_dim = _int(q.shape[1]), _int(q.shape[3])
-    # K/V repeated by repeat_kv are replaced by their source: TE runs GQA natively
+    # K/V repeated by repeat_kv are replaced by their source (TE runs GQA natively), unless an in-place write could
+    # make the source differ from the copy SDPA reads
     kv_source = [_unrepeat_kv(t) if isinstance(t, fx.Node) else None for t in (key, value)]
-    if all(s is not None for s in kv_source) and _same_size(node_value(kv_source[0]).shape[1], node_value(kv_source[1]).shape[1]):
+    if (all(s is not None and s not in written for s in kv_source)
+            and same_size(node_value(kv_source[0]).shape[1], node_value(kv_source[1]).shape[1])):  # fmt: skip
         key, value = kv_source
         k, v = node_value(key), node_value(value)
         args = {**args, "enable_gqa": True}
@@ -213,7 +214,7 @@ def _rewrite_one(graph: fx.Graph, node: fx.Node, executor: str) -> AttentionRewr
         entry.num_kv_heads = _int(k.shape[1])
     reason = _guard(q, k, v, args, executor)
     if reason is None:
-        classified = _classify(node, args, q, k)
+        classified = _classify(args, q, k, written)
         if isinstance(classified, str):
             reason = classified
         else:
@@ -273,8 +274,9 @@ def _erase_dead_producers(nodes: list[fx.Node]) -> None:
 def rewrite_attention(gm: fx.GraphModule, executor: str = "te") -> list[dict[str, Any]]:
     """Rewrite every safe SDPA node of a Dynamo graph into :func:`te_fx.ops.attention`; returns one report entry
     per SDPA node. The graph is recompiled and the rewrite's dead producers (repeat_kv, mask construction) removed."""
+    written = written_in_place(gm.graph)
     entries = [
-        _rewrite_one(gm.graph, node, executor)
+        _rewrite_one(gm.graph, node, executor, written)
         for node in list(gm.graph.nodes)
         if node.op == "call_function" and node.target in _SDPA_TARGETS
     ]

@@ -9,11 +9,13 @@ symbolic sizes, at several sample sizes:
   visible) at every sample size;
 * with random 2D input masks, the result must be exactly that pattern AND ``input_mask[b, kv] != 0``.
 
-Anything else (other inputs, float masks, a mismatch anywhere) leaves the SDPA node untouched.
+Anything else (other inputs, float masks, half-precision arithmetic, in-place writes, dynamic integers other than the
+batch and sequence sizes, a mismatch anywhere) leaves the SDPA node untouched.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +24,7 @@ from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from .masks import causal_pattern
 
-__all__ = ["SubgraphMask", "classify_mask_node", "node_value"]
+__all__ = ["SubgraphMask", "classify_mask_node", "node_value", "same_size"]
 
 _SAMPLE_SIZES = (1, 2, 3, 7, 16, 33)  # substituted for symbolic sizes, besides the traced ones
 _MAX_SAMPLE = 1 << 14  # a window constant larger than this cannot be checked at compile time
@@ -80,11 +82,10 @@ def _extract(mask: fx.Node) -> tuple[fx.GraphModule, list[fx.Node]] | None:
     return fx.GraphModule(torch.nn.Module(), graph), leaves
 
 
-def _symbols(leaves: list[fx.Node]) -> dict:
-    """sympy symbol -> traced value (hint) of every symbolic size among the leaves."""
+def _symbols(values: list[object]) -> dict:
+    """sympy symbol -> traced value (hint) of every symbolic size among ``values`` (SymInts or tensors)."""
     symbols = {}
-    for leaf in leaves:
-        value = node_value(leaf)
+    for value in values:
         sizes = [value] if isinstance(value, torch.SymInt) else list(getattr(value, "shape", ()))
         for size in sizes:
             if isinstance(size, torch.SymInt) and not is_concrete_int(size):
@@ -99,16 +100,16 @@ def _free_symbols(size: object) -> set:
     return set(size.node.expr.free_symbols) if isinstance(size, torch.SymInt) else set()
 
 
-def _int_constants(*values: object) -> list[int]:
-    """The Python ints among (nested) node arguments."""
+def _constants(*values: object) -> list[int]:
+    """The magnitudes of the Python numbers among (nested) node arguments, rounded up."""
     found = []
     for value in values:
         if isinstance(value, (list, tuple)):
-            found += _int_constants(*value)
+            found += _constants(*value)
         elif isinstance(value, dict):
-            found += _int_constants(*value.values())
-        elif isinstance(value, int) and not isinstance(value, bool):
-            found.append(abs(value))
+            found += _constants(*value.values())
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            found.append(math.ceil(abs(value)))
     return found
 
 
@@ -166,25 +167,54 @@ def _leaf_args(leaves: list[fx.Node], assignment: dict) -> list:
     return args
 
 
-def classify_mask_node(mask: fx.Node, batch: object, q_len: object, kv_len: object) -> SubgraphMask | str:
+def same_size(a: object, b: object) -> bool:
+    """Whether two (possibly symbolic) sizes are provably equal."""
+    if is_concrete_int(a) and is_concrete_int(b):
+        return int(a) == int(b)
+    return isinstance(a, torch.SymInt) and isinstance(b, torch.SymInt) and a.node.expr == b.node.expr
+
+
+def classify_mask_node(
+    mask: fx.Node, batch: object, q_len: object, kv_len: object, written: set[fx.Node]
+) -> SubgraphMask | str:
     """Classify the SDPA mask produced by ``mask`` for queries (batch, *, q_len) and kv_len keys (ints or SymInts of
-    the graph); returns a :class:`SubgraphMask`, or the reason the mask is left to SDPA."""
+    the graph); ``written`` holds the graph's values that in-place ops write (:mod:`te_fx.fx_aliasing`). Returns a
+    :class:`SubgraphMask`, or the reason the mask is left to SDPA."""
     extracted = _extract(mask)
     if extracted is None:
         return "mask built from parameters, submodules or random ops"
     module, leaves = extracted
+    ancestors = _ancestors(mask)
+    if any(node in written for node in ancestors):
+        return "the mask, or a value it is built from, is written in place"
+    # float32 holds every integer position up to 2**24; fp16 / bf16 positions round beyond 2048 / 256 tokens
+    computed = [node_value(n) for n in ancestors[:-1] if n.op != "placeholder"]
+    if any(isinstance(value, torch.Tensor) and value.is_floating_point() and torch.finfo(value.dtype).bits < 32
+           for value in computed):  # fmt: skip
+        return "mask computed with half-precision floating-point values"
     tensors = [leaf for leaf in leaves if isinstance(node_value(leaf), torch.Tensor)]
     if len(tensors) > 1:
         return "mask built from more than one input tensor"
     padding = tensors[0] if tensors else None
-    if padding is not None and (node_value(padding).dim() != 2 or node_value(padding).is_floating_point()):
-        return "mask input is not a 2D integer or bool attention mask"
-    symbols = _symbols(leaves)
+    if padding is not None:
+        value = node_value(padding)
+        if value.dim() != 2 or value.is_floating_point():
+            return "mask input is not a 2D integer or bool attention mask"
+        if not same_size(value.shape[0], batch):
+            return "mask input does not have the query's batch size"
+    if any(isinstance(node_value(leaf), (float, torch.SymFloat)) for leaf in leaves):
+        return "mask depends on a float graph input"
+    # sizes are sampled together (all sequence lengths equal), which says nothing of an integer input's relation to
+    # them: a mask may depend on a dynamic integer only through the sizes
+    sizes = {*_free_symbols(batch), *_free_symbols(q_len), *_free_symbols(kv_len), *_symbols([node_value(padding)])}
+    if any(set(_symbols([value])) - sizes for value in map(node_value, leaves) if isinstance(value, torch.SymInt)):
+        return "mask depends on a dynamic integer other than the batch and sequence sizes"
+    symbols = _symbols([*map(node_value, leaves), batch, q_len, kv_len])
     assignments = [dict(symbols)]
     if symbols:
         # sequence lengths must also be sampled beyond every constant of the subgraph (a sliding window of 4096
         # looks like full causal attention at the traced 2048); other sizes stay small to bound the cost
-        largest = max([0, *(c for n in _ancestors(mask) for c in _int_constants(n.args, n.kwargs))])
+        largest = max([0, *(c for n in ancestors for c in _constants(n.args, n.kwargs))])
         batch_symbols = _free_symbols(batch) - _free_symbols(q_len) - _free_symbols(kv_len)
         if 2 * largest + 3 > (_MAX_SAMPLE if batch_symbols == _free_symbols(batch) else 64):
             return "mask subgraph has constants too large to check at every sequence length"

@@ -72,13 +72,14 @@ def infer_attn_params(module: nn.Module) -> dict[str, Any] | None:
     head_dim = head_dim or q_out // num_heads
     if num_heads * head_dim != q_out:
         return None
-    groups = _first_int(getattr(module, "num_key_value_groups", None))
-    num_kv_heads = _first_int(getattr(module, "num_key_value_heads", None))
-    if num_kv_heads is None and is_mla:
-        num_kv_heads = num_heads // groups if groups else num_heads
-    num_kv_heads = num_kv_heads or (k_out // head_dim if k_out and k_out % head_dim == 0 else None)
-    if not num_kv_heads and groups:
-        num_kv_heads = num_heads // groups
+    if is_mla:  # kv_b_proj gives every query head its own K and V, whatever num_key_value_heads says
+        num_kv_heads = num_heads
+    else:
+        groups = _first_int(getattr(module, "num_key_value_groups", None))
+        num_kv_heads = _first_int(getattr(module, "num_key_value_heads", None))
+        num_kv_heads = num_kv_heads or (k_out // head_dim if k_out and k_out % head_dim == 0 else None)
+        if not num_kv_heads and groups:
+            num_kv_heads = num_heads // groups
     if not num_kv_heads or num_heads % num_kv_heads:
         return None
     v_head_dim = _first_int(getattr(module, "v_head_dim", None)) or (v_out // num_kv_heads if v_out else head_dim)

@@ -322,13 +322,40 @@ def _skip_reason(module: nn.Module) -> str | None:
     return None
 
 
+def _forget_mask_decisions(_module: nn.Module, _args: tuple) -> None:
+    masks.forget_decisions()
+
+
+def _forget_masks_on_entry(root: nn.Module, paths: list[str]) -> None:
+    """Clear the mask decisions whenever a forward enters ``root`` or a module above all the attention modules at
+    ``paths`` (model, decoder; never a single layer): a decision then lasts one forward. Writes through ``.data``
+    or numpy do not bump a mask's version counter, so a decision must not outlive the forward that made it."""
+    common = [part.split(".") for part in paths]
+    prefix = []
+    for parts in zip(*common):
+        if len(set(parts)) > 1:
+            break
+        prefix.append(parts[0])
+    for depth in range(len(prefix) + 1):
+        module = root.get_submodule(".".join(prefix[:depth]))
+        if _forget_mask_decisions not in module._forward_pre_hooks.values():
+            module.register_forward_pre_hook(_forget_mask_decisions)
+
+
 def inject_te_attention_into_module(module: nn.Module, *, executor: str | None = None) -> bool:
     """Inject TE attention into one HF ``self_attn`` module.
 
     Returns True on success, False when the module does not match the expected layout (or calls SDPA in a way the
     patch cannot intercept; logged as a warning). ``executor``: "te" (default, or ``TE_FX_EXECUTOR``) or
-    "reference" (the pure-PyTorch executor, any device).
+    "reference" (the pure-PyTorch executor, any device). Mask decisions last one call of the module.
     """
+    if not _inject(module, executor):
+        return False
+    _forget_masks_on_entry(module, [""])
+    return True
+
+
+def _inject(module: nn.Module, executor: str | None) -> bool:
     if hasattr(module, _TE_MODULE_ATTR):
         return False
     attn = _infer_attn_params(module)
@@ -360,15 +387,12 @@ def inject_te_attention_into_module(module: nn.Module, *, executor: str | None =
     return True
 
 
-def _forget_mask_decisions(_model: nn.Module, _args: tuple) -> None:
-    masks.forget_decisions()
-
-
 def inject_te_attention(model: nn.Module, *, executor: str | None = None) -> None:
     """Inject TE attention into every compatible ``self_attn`` module of ``model``.
 
     Skips modules that already carry ``attn_module``; sets ``model._te_attention_injected``. Call after loading
-    weights and before FSDP wrapping. Mask decisions are cached per mask object for one forward of ``model``. ``executor``: "te" (default, or ``TE_FX_EXECUTOR``) needs TransformerEngine
+    weights and before FSDP wrapping. Mask decisions are cached per mask object for one forward of ``model`` (or of
+    the module that holds all its attention layers, such as the decoder). ``executor``: "te" (default, or ``TE_FX_EXECUTOR``) needs TransformerEngine
     (``pip install 'te-fx[te]'``); "reference" runs the same call contract in plain PyTorch on any device.
     """
     if getattr(model, _TE_MODEL_FLAG, False):
@@ -382,13 +406,13 @@ def inject_te_attention(model: nn.Module, *, executor: str | None = None) -> Non
         if fused is not None:  # GPT-NeoX `.attention`, Falcon `.self_attention`, Phi3 `.self_attn`
             skipped.append(f"{path} (fused q/k/v projection {fused!r})")
         elif path.rsplit(".", 1)[-1] == "self_attn":
-            if inject_te_attention_into_module(module, executor=name):
+            if _inject(module, name):
                 injected.append(path)
             else:
                 skipped.append(f"{path} (not a separate q/k/v layout, or SDPA is not reachable)")
     if injected:
         setattr(model, _TE_MODEL_FLAG, True)
-        model.register_forward_pre_hook(_forget_mask_decisions)  # masks are classified afresh in every forward
+        _forget_masks_on_entry(model, injected)
     logger.info(
         "te_fx: %s executor injected into %d self_attn modules%s", name, len(injected),
         f"; not injected: {'; '.join(skipped)}" if skipped else "",
@@ -401,8 +425,8 @@ def remove_te_attention(model: nn.Module) -> None:
         if hasattr(module, _TE_MODULE_ATTR) and "forward" in vars(module):
             del module.forward
             delattr(module, _TE_MODULE_ATTR)
+        for key, hook in list(module._forward_pre_hooks.items()):
+            if hook is _forget_mask_decisions:
+                del module._forward_pre_hooks[key]
     if hasattr(model, _TE_MODEL_FLAG):
         delattr(model, _TE_MODEL_FLAG)
-    for key, hook in list(model._forward_pre_hooks.items()):
-        if hook is _forget_mask_decisions:
-            del model._forward_pre_hooks[key]

@@ -389,6 +389,38 @@ def test_user_mask_rewritten_through_data_is_classified_again_in_the_next_forwar
     assert te_fx.get_te_attention_stats() == {**ZERO_STATS, "fallback_mask": _num_layers(injected)}
 
 
+def test_user_mask_rewritten_between_calls_of_the_decoder_or_of_one_module_is_classified_again():
+    """The decisions also end with a forward of the decoder alone (``model.model``, as embedding and reward heads
+    call it) and with a call of a module injected through ``inject_te_attention_into_module``."""
+    plain, injected = _pair("llama")
+    single = copy.deepcopy(plain)
+    for module in _attn_modules(single):
+        assert te_fx.inject_te_attention_into_module(module, executor="reference")
+    ids = _input_ids(batch=1)
+    mask = torch.ones(SEQ_LEN, SEQ_LEN, dtype=torch.bool).tril()[None, None].clone()
+    half = SEQ_LEN // 2
+    for model in (injected, single):
+        with torch.no_grad():
+            mask.data.copy_(torch.ones(SEQ_LEN, SEQ_LEN, dtype=torch.bool).tril())
+            model.model(ids, attention_mask=mask)
+            te_fx.reset_te_attention_stats()
+            mask.data[0, 0, half:, :half] = False  # two documents, block-diagonal, invisible to mask._version
+            torch.testing.assert_close(model.model(ids, attention_mask=mask).last_hidden_state,
+                                       plain.model(ids, attention_mask=mask).last_hidden_state, atol=ATOL, rtol=RTOL)
+        assert te_fx.get_te_attention_stats() == {**ZERO_STATS, "fallback_mask": _num_layers(model)}
+
+
+def test_mla_keeps_every_kv_head_whatever_num_key_value_heads_says():
+    """DeepSeek's kv_b_proj gives each query head its own K and V; a config with fewer KV heads must not make te_fx
+    drop K/V heads (HF calls SDPA with enable_gqa and equal head counts here)."""
+    plain, injected = _pair("deepseek_v3", num_key_value_heads=1, qk_nope_head_dim=8, qk_rope_head_dim=8,
+                            v_head_dim=16)  # fmt: skip
+    ids = _input_ids()
+    with torch.no_grad():
+        torch.testing.assert_close(injected(ids).logits, plain(ids).logits, atol=ATOL, rtol=RTOL)
+    assert te_fx.get_te_attention_stats()["te_hits"] == _num_layers(injected)
+
+
 def test_remove_te_attention_gives_back_the_plain_model():
     plain, injected = _pair("llama_gqa")
     te_fx.remove_te_attention(injected)

@@ -1,0 +1,165 @@
+"""Graphs that look like attention the pass could rewrite, but where a rewrite would be wrong unless done with care:
+in-place writes, dynamic integers, a padding mask shared over the batch, reshapes that are not repeat_kv, float
+constants, dtype-limited positions, dropout 1, a symbolic batch. Each compiled output is compared with eager
+SDPA (the oracle) and the report must show the expected decision (CPU, reference executor, aot_eager)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import te_fx
+
+OPTIONS = {"executor": "reference", "inner": "aot_eager"}
+ATOL = RTOL = 1e-5
+
+
+def _causal(s: int) -> torch.Tensor:
+    idx = torch.arange(s)
+    return idx[None, :] <= idx[:, None]
+
+
+def _compile_and_compare(fn, *args, dynamic=None) -> list[dict]:
+    """Compile ``fn``, check it against eager on fresh copies of ``args``, and return the report."""
+    torch._dynamo.reset()
+    te_fx.reset_compile_report()
+    expected = fn(*(a.clone() for a in args))
+    compiled = torch.compile(fn, backend="te_attn", options=OPTIONS, fullgraph=True, dynamic=dynamic)
+    torch.testing.assert_close(compiled(*(a.clone() for a in args)), expected, atol=ATOL, rtol=RTOL)
+    return te_fx.compile_report()
+
+
+def _qkv(batch=2, heads=2, seq=8, dim=16, kv_heads=None):
+    torch.manual_seed(0)
+    return (torch.randn(batch, heads, seq, dim), torch.randn(batch, kv_heads or heads, seq, dim),
+            torch.randn(batch, kv_heads or heads, seq, dim))  # fmt: skip
+
+
+def test_mask_edited_in_place_after_it_was_built_stays_on_sdpa():
+    def prefix_lm(q, k, v):  # causal, then a bidirectional prefix written in place
+        mask = _causal(q.shape[2])[None, None].repeat(q.shape[0], 1, 1, 1)
+        mask[:, :, :, :3] = True
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    def prefix_lm_masked_fill(q, k, v):
+        mask = _causal(q.shape[2])[None, None].clone()
+        mask.masked_fill_((torch.arange(q.shape[2]) < 3)[None, :], True)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    for fn in (prefix_lm, prefix_lm_masked_fill):
+        (entry,) = _compile_and_compare(fn, *_qkv())
+        assert entry["decision"] == "sdpa" and "written in place" in entry["reason"], entry
+
+
+def test_padding_input_written_in_place_stays_on_sdpa():
+    pad = torch.tensor([[1] * 8, [0, 0] + [1] * 6])
+
+    def edited_padding(q, k, v, attention_mask):
+        keep = attention_mask.bool()
+        keep[:, 0] = True
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=_causal(q.shape[2])[None, None] & keep[:, None, None, :])
+
+    def cleared_after_use(q, k, v, attention_mask):
+        mask = _causal(q.shape[2])[None, None] & attention_mask[:, None, None, :].bool()
+        attention_mask.zero_()
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    for fn in (edited_padding, cleared_after_use):
+        (entry,) = _compile_and_compare(fn, *_qkv(), pad)
+        assert entry["decision"] == "sdpa" and "written in place" in entry["reason"], entry
+
+
+def test_repeat_kv_source_written_after_the_copy_is_not_elided():
+    def repeat_then_scale(q, k, v):
+        b, kv, s, d = k.shape
+        k_rep = k[:, :, None].expand(b, kv, 2, s, d).reshape(b, kv * 2, s, d)
+        v_rep = v[:, :, None].expand(b, kv, 2, s, d).reshape(b, kv * 2, s, d)
+        k.mul_(3.0)
+        return F.scaled_dot_product_attention(q, k_rep, v_rep, is_causal=True)
+
+    (entry,) = _compile_and_compare(repeat_then_scale, *_qkv(heads=4, kv_heads=2))
+    assert entry["decision"] == "te" and entry["num_kv_heads"] == 4, entry  # rewritten on the repeated copies
+
+
+def test_reshape_of_an_expand_that_is_not_repeat_kv_is_not_elided():
+    def other_reshape(q, k, v):  # (B, KV, 3, S, D) read as S heads of KV * 3 positions: not HF's repeat_kv
+        b, kv, s, d = k.shape
+        k_rep = k[:, :, None].expand(b, kv, 3, s, d).reshape(b, s, kv * 3, d)
+        v_rep = v[:, :, None].expand(b, kv, 3, s, d).reshape(b, s, kv * 3, d)
+        return F.scaled_dot_product_attention(q, k_rep, v_rep, enable_gqa=True)
+
+    torch.manual_seed(0)
+    (entry,) = _compile_and_compare(other_reshape, torch.randn(1, 4, 5, 8), torch.randn(1, 2, 4, 8),
+                                    torch.randn(1, 2, 4, 8))  # fmt: skip
+    assert entry["num_kv_heads"] == 4, entry  # the reshaped tensors' own head count
+
+
+def test_padding_mask_shared_over_the_batch_stays_on_sdpa():
+    def shared(q, k, v, attention_mask):  # attention_mask (1, S) broadcast over a batch of 2
+        mask = _causal(q.shape[2])[None, None] & attention_mask[:, None, None, :].bool()
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    (entry,) = _compile_and_compare(shared, *_qkv(), torch.tensor([[0, 1, 1, 1, 1, 1, 1, 1]]))
+    assert entry["decision"] == "sdpa" and "batch" in entry["reason"], entry
+
+
+def test_window_from_a_dynamic_integer_stays_on_sdpa():
+    def windowed(q, k, v, window: int):
+        idx = torch.arange(q.shape[2])
+        mask = (idx[None, :] <= idx[:, None]) & (idx[None, :] > idx[:, None] - window)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[None, None])
+
+    torch._dynamo.reset()
+    te_fx.reset_compile_report()
+    compiled = torch.compile(windowed, backend="te_attn", options=OPTIONS, fullgraph=True)
+    for seq, window in ((8, 16), (9, 20), (20, 3), (32, 8)):  # the second call compiles a dynamic graph
+        q, k, v = _qkv(seq=seq)
+        torch.testing.assert_close(compiled(q, k, v, window), windowed(q, k, v, window), atol=ATOL, rtol=RTOL)
+    dynamic = te_fx.compile_report()[-1]
+    assert dynamic["decision"] == "sdpa" and "dynamic integer" in dynamic["reason"], dynamic
+
+
+def test_float_window_constant_is_sampled_beyond():
+    def windowed(q, k, v):
+        idx = torch.arange(q.shape[2])
+        distance = idx[:, None] - idx[None, :]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=((distance >= 0) & (distance < 50.0))[None, None])
+
+    torch._dynamo.reset()
+    te_fx.reset_compile_report()
+    compiled = torch.compile(windowed, backend="te_attn", options=OPTIONS, fullgraph=True)
+    for seq in (16, 20, 64):  # the second call compiles a dynamic graph, which the third reuses
+        q, k, v = _qkv(seq=seq)
+        torch.testing.assert_close(compiled(q, k, v), windowed(q, k, v), atol=ATOL, rtol=RTOL)
+    dynamic = te_fx.compile_report()[-1]
+    assert dynamic["decision"] == "te" and dynamic["window_size"] == (49, 0), dynamic
+
+
+def test_positions_in_a_low_precision_float_stay_on_sdpa():
+    def bf16_positions(q, k, v):  # exact up to 256 positions only
+        pos = torch.arange(q.shape[2], dtype=torch.bfloat16)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=(pos[None, :] <= pos[:, None])[None, None])
+
+    (entry,) = _compile_and_compare(bf16_positions, *_qkv(seq=300, batch=1, dim=8))
+    assert entry["decision"] == "sdpa" and "floating-point" in entry["reason"], entry
+
+
+def test_dropout_of_one_stays_on_sdpa():
+    def all_dropped(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=1.0, is_causal=True)
+
+    (entry,) = _compile_and_compare(all_dropped, *_qkv())
+    assert entry["decision"] == "sdpa" and "dropout_p" in entry["reason"], entry
+
+
+def test_symbolic_batch_with_a_batch_free_mask_compiles():
+    def causal(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=_causal(q.shape[2])[None, None])
+
+    torch._dynamo.reset()
+    te_fx.reset_compile_report()
+    compiled = torch.compile(causal, backend="te_attn", options=OPTIONS, fullgraph=True)
+    for batch in (2, 3):  # the second call recompiles with a symbolic batch
+        q, k, v = _qkv(batch=batch)
+        torch.testing.assert_close(compiled(q, k, v), causal(q, k, v), atol=ATOL, rtol=RTOL)
+    assert [e["decision"] for e in te_fx.compile_report()] == ["te", "te"]
