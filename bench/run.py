@@ -91,12 +91,16 @@ def _previous_results(out: Path, device: torch.device) -> dict | None:
 
 def merge_results(old: dict, new: dict) -> dict:
     """``new`` plus what ``old`` (an earlier run on the same card) measured and ``new`` did not: kernel rows of
-    other (case, mode, variant, dtype) and other models."""
+    other (case, mode, variant, dtype) and other models. The matmul peak is the higher of the two measurements,
+    and every row's fraction of it and ratio to the best alternative are computed again."""
     key = lambda row: (row["case"], row["mode"], row["variant"], row["dtype"])  # noqa: E731
     measured = {key(row) for row in new["kernels"]}
-    return {**new, "profiles": list(dict.fromkeys([*old.get("profiles", []), *new["profiles"]])),
-            "kernels": [row for row in old.get("kernels", []) if key(row) not in measured] + new["kernels"],
-            "models": {**old.get("models", {}), **new["models"]}}  # fmt: skip
+    peaks = [r["matmul_peak_tflops"] for r in (old, new) if r.get("matmul_peak_tflops")]
+    merged = {**new, "profiles": list(dict.fromkeys([*old.get("profiles", []), *new["profiles"]])),
+              "kernels": [row for row in old.get("kernels", []) if key(row) not in measured] + new["kernels"],
+              "models": {**old.get("models", {}), **new["models"]}, "matmul_peak_tflops": max(peaks, default=None)}
+    kernels.add_ratios(merged["kernels"], merged["matmul_peak_tflops"])
+    return merged
 
 
 def run(args: argparse.Namespace) -> int:

@@ -117,14 +117,17 @@ def test_te_fx_bench_command_dispatches_to_the_benchmark(capsys):
 def test_merge_keeps_what_the_new_run_did_not_measure():
     from bench.run import merge_results
 
-    old = {"device": "GPU", "profiles": ["full"], "models": {"m1": {"x": 1}, "m2": {"x": 2}},
-           "kernels": [_row("a", "fwd", "te_fx eager", 1.0), _row("a", "fwd", "te_fx eager", 3.0, dtype="float16")]}
-    new = {"device": "GPU", "profiles": ["quick"], "models": {"m2": {"x": 5}},
-           "kernels": [_row("a", "fwd", "te_fx eager", 2.0)]}  # fmt: skip
+    old = {"device": "GPU", "profiles": ["full"], "models": {"m1": {"x": 1}, "m2": {"x": 2}}, "matmul_peak_tflops": 800,
+           "kernels": [_row("a", "fwd", "te_fx eager", 1.0, tflops=400.0),
+                       _row("a", "fwd", "te_fx eager", 3.0, dtype="float16", tflops=100.0)]}
+    new = {"device": "GPU", "profiles": ["quick"], "models": {"m2": {"x": 5}}, "matmul_peak_tflops": 780,
+           "kernels": [_row("a", "fwd", "te_fx eager", 2.0, tflops=200.0)]}  # fmt: skip
     merged = merge_results(old, new)
     assert merged["profiles"] == ["full", "quick"]
     assert merged["models"] == {"m1": {"x": 1}, "m2": {"x": 5}}
     assert sorted((r["dtype"], r["ms"]) for r in merged["kernels"]) == [("bfloat16", 2.0), ("float16", 3.0)]
+    assert merged["matmul_peak_tflops"] == 800  # one peak for every row: the higher measurement
+    assert sorted(r["peak_fraction"] for r in merged["kernels"]) == [0.125, 0.25]
 
 
 def test_a_run_in_parts_merges_into_the_folder(smoke_run, tmp_path):
