@@ -41,9 +41,16 @@ def _is_view(node: fx.Node) -> bool:
 
 
 def _written_targets(node: fx.Node) -> list[fx.Node]:
-    """The graph values ``node`` writes in place (its first argument, or ``out=``)."""
+    """The graph values ``node`` writes in place (its first argument, ``out=``, or what an ATen schema marks)."""
     if node.op not in ("call_function", "call_method"):
         return []
+    schema = getattr(node.target, "_schema", None)  # an ATen overload called directly
+    if schema is not None:
+        specs = {spec.name: spec for spec in schema.arguments}
+        named = [*zip(schema.arguments, node.args), *((specs.get(k), v) for k, v in node.kwargs.items())]
+        return [arg for spec, arg in named
+                if spec is not None and spec.alias_info is not None and spec.alias_info.is_write
+                and isinstance(arg, fx.Node)]  # fmt: skip
     targets = []
     name = _name(node)
     in_place = node.target in _IN_PLACE_OPERATORS or node.kwargs.get("inplace") is True or (

@@ -51,6 +51,16 @@ def test_mask_edited_in_place_after_it_was_built_stays_on_sdpa():
         assert entry["decision"] == "sdpa" and "written in place" in entry["reason"], entry
 
 
+def test_mask_written_by_an_aten_overload_stays_on_sdpa():
+    def aten_fill(q, k, v):
+        mask = _causal(q.shape[2])[None, None].clone()
+        torch.ops.aten.fill_.Scalar(mask[:, :, :, :2], True)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    (entry,) = _compile_and_compare(aten_fill, *_qkv())
+    assert entry["decision"] == "sdpa" and "written in place" in entry["reason"], entry
+
+
 def test_padding_input_written_in_place_stays_on_sdpa():
     pad = torch.tensor([[1] * 8, [0, 0] + [1] * 6])
 
