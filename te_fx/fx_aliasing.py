@@ -54,10 +54,11 @@ def _written_targets(node: fx.Node) -> list[fx.Node]:
     targets = []
     name = _name(node)
     in_place = node.target in _IN_PLACE_OPERATORS or node.kwargs.get("inplace") is True or (
-        getattr(node.target, "__module__", None) != "_operator" and name.endswith("_") and not name.startswith("_")
+        getattr(node.target, "__module__", None) != "_operator" and name.endswith("_") and not name.startswith("__")
     )  # fmt: skip
-    if in_place and node.args and isinstance(node.args[0], fx.Node):
-        targets.append(node.args[0])
+    if in_place and node.args:  # one tensor, or a list of them (``torch._foreach_add_``)
+        first = node.args[0]
+        targets += [t for t in (first if isinstance(first, (list, tuple)) else [first]) if isinstance(t, fx.Node)]
     out = node.kwargs.get("out")
     targets += [t for t in (out if isinstance(out, (list, tuple)) else [out]) if isinstance(t, fx.Node)]
     return targets

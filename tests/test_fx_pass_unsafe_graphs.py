@@ -74,7 +74,12 @@ def test_padding_input_written_in_place_stays_on_sdpa():
         attention_mask.zero_()
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
-    for fn in (edited_padding, cleared_after_use):
+    def foreach_cleared(q, k, v, attention_mask):
+        mask = _causal(q.shape[2])[None, None] & attention_mask[:, None, None, :].bool()
+        torch._foreach_mul_([attention_mask], 0)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    for fn in (edited_padding, cleared_after_use, foreach_cleared):
         (entry,) = _compile_and_compare(fn, *_qkv(), pad)
         assert entry["decision"] == "sdpa" and "written in place" in entry["reason"], entry
 
