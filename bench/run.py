@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -33,7 +34,23 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class BenchError(Exception):
-    """A run that cannot be made here (no GPU for a GPU profile, TE missing for the te executor)."""
+    """A run that cannot be made here (no GPU for a GPU profile, TE missing for the te executor): exit code 3."""
+
+    exit_code = 3
+
+
+class BenchUsageError(BenchError):
+    """Arguments that cannot work anywhere (an output folder that cannot be one, a results file that cannot be
+    merged into, lengths no case has): exit code 2."""
+
+    exit_code = 2
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -44,9 +61,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--only", choices=("kernels", "models", "all"), default="all")
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     parser.add_argument("--out", type=Path, help="output folder (default bench/results/<card>)")
-    parser.add_argument("--reps", type=int, help="timed repetitions per measurement (default: the profile's)")
+    parser.add_argument("--reps", type=_positive_int, help="timed repetitions per measurement (default: the profile's)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="the kernels' dtype on a GPU")
-    parser.add_argument("--seq", type=int, nargs="+", metavar="S", help="only the kernel cases of these lengths")
+    parser.add_argument("--seq", type=_positive_int, nargs="+", metavar="S", help="only the kernel cases of these lengths")
     parser.add_argument("--merge", action="store_true", help="add to the folder's results.json instead of replacing it")
     return parser
 
@@ -83,10 +100,24 @@ def _previous_results(out: Path, device: torch.device) -> dict | None:
     path = out / "results.json"
     if not path.exists():
         return None
-    previous = json.loads(path.read_text())
+    try:
+        previous = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise BenchUsageError(f"--merge: {path} is not a readable results file ({error})") from None
+    if not isinstance(previous, dict) or not isinstance(previous.get("kernels"), list):
+        raise BenchUsageError(f"--merge: {path} is not a te-fx bench results file")
     if previous.get("device") != _device_name(device):
-        raise BenchError(f"--merge: {path} holds results of {previous.get('device')!r}, not {_device_name(device)!r}")
+        raise BenchUsageError(f"--merge: {path} holds results of {previous.get('device')!r}, not {_device_name(device)!r}")
     return previous
+
+
+def _output_folder(out: Path) -> Path:
+    """``out``, created now so that a path that cannot be a folder fails before the measurements, not after."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise BenchUsageError(f"--out {out}: cannot be used as the output folder ({error.strerror})") from None
+    return out
 
 
 def merge_results(old: dict, new: dict) -> dict:
@@ -104,17 +135,22 @@ def merge_results(old: dict, new: dict) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the benchmark; returns 0 when every measured target passed, 1 otherwise (3 when it cannot run here)."""
+    """Run the benchmark; returns 0 when every measured target passed, 1 otherwise (2 for arguments that cannot
+    work, 3 when it cannot run here)."""
+    case_list, model_list, default_reps = PROFILES[args.profile]
+    cases = [case for case in case_list() if args.seq is None or case.seq in args.seq]
     try:
+        if not cases and args.only != "models":
+            lengths = ", ".join(map(str, sorted({case.seq for case in case_list()})))
+            raise BenchUsageError(f"--seq: profile {args.profile!r} has no kernel case of those lengths ({lengths})")
         device, dtype, executor = _setup(args)
-        out = args.out or Path(__file__).parent / "results" / _card(device)
+        out = _output_folder(args.out or Path(__file__).parent / "results" / _card(device))
         previous = _previous_results(out, device) if args.merge else None
     except BenchError as error:
-        print(f"te-fx bench: {error}")
-        return 3
+        print(f"te-fx bench: {error}", file=sys.stderr)
+        return error.exit_code
     import transformers
 
-    case_list, model_list, default_reps = PROFILES[args.profile]
     model_dtype = torch.bfloat16 if device.type == "cuda" else dtype  # --dtype is the kernels' dtype
     reps = args.reps or default_reps
     te_version = "n/a"
@@ -128,7 +164,6 @@ def run(args: argparse.Namespace) -> int:
     if device.type == "cuda":
         results["matmul_peak_tflops"] = matmul_peak_tflops(device, torch.bfloat16)
     if args.only in ("kernels", "all"):
-        cases = [case for case in case_list() if args.seq is None or case.seq in args.seq]
         for case in tqdm(cases, desc="kernels", unit="case"):
             results["kernels"] += kernels.run_case(case, device, dtype, executor, reps)
         kernels.add_ratios(results["kernels"], results.get("matmul_peak_tflops"))

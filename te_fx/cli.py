@@ -8,13 +8,15 @@
 
 Exit codes: 0 success; 1 the demo found a mismatch, check found something missing for the default executor,
 explain could not complete its analysis, or a benchmark target failed; 2 bad usage (unknown family or model,
-missing path, unreadable config); 3 the benchmark cannot run here (no GPU for a GPU profile, TE missing).
+missing path, unreadable config, benchmark arguments that cannot work); 3 the benchmark cannot run here (no GPU for
+a GPU profile, TE missing).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 __all__ = ["main"]
@@ -95,7 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``te-fx`` console script."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
-    return args.handler(args)
+    try:
+        return args.handler(args)
+    except BrokenPipeError:  # `te-fx demo | head`: the reader left, nothing is wrong
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes stdout
+        return 0
 
 
 if __name__ == "__main__":

@@ -54,8 +54,12 @@ def offline() -> Iterator[None]:
 
 
 def first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+    """``Type: message`` on one line; a first line that only introduces the reason (ends with ':') gets the next."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    summary = f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+    return f"{type(error).__name__}: {summary}"
 
 
 def load_config(model: str) -> tuple[Any, str]:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .executors import load_te_executor
+from .executors import EXECUTORS, load_te_executor
 from .executors.reference import reference_attention, reference_attention_backward
 
 __all__ = ["attention"]
@@ -181,6 +181,23 @@ class _PermuteRows(torch.autograd.Function):
         return _gather_rows(grad, restore), None, None
 
 
+def _check_arguments(
+    q: Tensor, k: Tensor, v: Tensor, dropout_p: float, key_padding_mask: Tensor | None, executor: str
+) -> None:
+    """Clear errors for arguments no executor can run (metadata only: no guards under torch.compile)."""
+    if executor not in EXECUTORS:
+        raise ValueError(f"unknown te_fx executor {executor!r}; choose one of {EXECUTORS}")
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"te_fx attention takes 4D (B, S, H, D) tensors, got {q.dim()}D/{k.dim()}D/{v.dim()}D")
+    if not q.dtype.is_floating_point or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k and v must share one floating-point dtype, got {q.dtype}/{k.dtype}/{v.dtype}")
+    if isinstance(dropout_p, (int, float)) and not 0 <= dropout_p < 1:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if key_padding_mask is not None and (key_padding_mask.dim() != 2 or key_padding_mask.is_floating_point()):
+        raise ValueError("key_padding_mask must be a (B, S) bool or integer tensor (nonzero = keep), "
+                         f"got {key_padding_mask.dim()}D {key_padding_mask.dtype}")  # fmt: skip
+
+
 def attention(
     q: Tensor,
     k: Tensor,
@@ -200,6 +217,7 @@ def attention(
     ``executor`` "te" needs CUDA fp16/bf16 tensors that TE's F16 fused backend supports; "reference" runs anywhere.
     Dropout draws fresh randomness per call; the backward reuses the forward's.
     """
+    _check_arguments(q, k, v, dropout_p, key_padding_mask, executor)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     training = needs_grad or dropout_p > 0
     cu_seqlens_q = cu_seqlens_kv = None

@@ -413,7 +413,8 @@ def inject_te_attention(model: nn.Module, *, executor: str | None = None) -> Non
     if injected:
         setattr(model, _TE_MODEL_FLAG, True)
         _forget_masks_on_entry(model, injected)
-    logger.info(
+    logger.log(
+        logging.INFO if injected else logging.WARNING,
         "te_fx: %s executor injected into %d self_attn modules%s", name, len(injected),
         f"; not injected: {'; '.join(skipped)}" if skipped else "",
     )  # fmt: skip

@@ -51,7 +51,7 @@ def test_gpu_profiles_refuse_to_run_on_cpu(argv, capsys, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     assert run(build_parser().parse_args([*argv, "--out", str(tmp_path)])) == 3
-    assert "te-fx bench:" in capsys.readouterr().out
+    assert "te-fx bench:" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
 
 
@@ -108,7 +108,7 @@ def test_te_fx_bench_command_dispatches_to_the_benchmark(capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     assert main(["bench", "--profile", "quick", "--device", "cpu"]) == 3
-    assert "--profile smoke" in capsys.readouterr().out
+    assert "--profile smoke" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         main(["bench", "--only", "everything"])
     assert exit_info.value.code == 2
@@ -149,5 +149,29 @@ def test_a_run_in_parts_merges_into_the_folder(smoke_run, tmp_path):
 def test_merge_into_another_cards_results_is_refused(tmp_path, capsys):
     (tmp_path / "results.json").write_text(json.dumps({"device": "some other card", "kernels": [], "models": {}}))
     argv = ["--profile", "smoke", "--device", "cpu", "--out", str(tmp_path), "--merge"]
-    assert run(build_parser().parse_args(argv)) == 3
-    assert "some other card" in capsys.readouterr().out
+    assert run(build_parser().parse_args(argv)) == 2
+    assert "some other card" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("problem", ["out_is_a_file", "corrupt_results", "list_results", "no_such_length"])
+def test_arguments_that_cannot_work_fail_before_measuring(problem, tmp_path, capsys):
+    argv = ["--profile", "smoke", "--device", "cpu", "--out", str(tmp_path), "--merge"]
+    if problem == "out_is_a_file":
+        (tmp_path / "file").write_text("")
+        argv[argv.index("--out") + 1] = str(tmp_path / "file")
+    elif problem == "corrupt_results":
+        (tmp_path / "results.json").write_text("{not json")
+    elif problem == "list_results":
+        (tmp_path / "results.json").write_text("[]")
+    else:
+        argv += ["--seq", "99999"]
+    assert run(build_parser().parse_args(argv)) == 2
+    assert capsys.readouterr().err.startswith("te-fx bench: ")
+    assert not (tmp_path / "report.md").exists()
+
+
+@pytest.mark.parametrize("reps", ["0", "-3"])
+def test_non_positive_repetitions_are_a_usage_error(reps):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["--reps", reps])
+    assert exit_info.value.code == 2

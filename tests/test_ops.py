@@ -227,6 +227,27 @@ def test_key_padding_mask_needs_full_causal_self_attention():
                           key_padding_mask=padding, executor="reference")  # fmt: skip
 
 
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(executor="tee"), "unknown te_fx executor"),
+        (dict(q=lambda q: q[0]), "4D"),
+        (dict(k=lambda k: k.half()), "dtype"),
+        (dict(dropout_p=1.0), "dropout_p"),
+        (dict(dropout_p=-0.1), "dropout_p"),
+        (dict(key_padding_mask=torch.zeros(2, 5)), "bool or integer"),  # additive float: 0 would read as padding
+        (dict(key_padding_mask=torch.ones(2, 1, 1, 5, dtype=torch.bool)), "bool or integer"),
+    ],
+)
+def test_arguments_no_executor_can_run_are_clear_errors(change, match):
+    q, k, v = _qkv(grad=False)
+    arguments = dict(q=q, k=k, v=v, mask_type="causal", window_size=(-1, 0), softmax_scale=0.5, executor="reference")
+    for name, value in change.items():
+        arguments[name] = value(arguments[name]) if callable(value) else value
+    with pytest.raises(ValueError, match=match):
+        ops.attention(**arguments)
+
+
 def test_attention_float32_and_no_grad():
     """fp32 outputs equal fp64 ones to fp32 precision; under no_grad the op runs without training state."""
     q, k, v = _qkv(grad=False)
