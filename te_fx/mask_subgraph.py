@@ -62,9 +62,9 @@ def node_value(node: object) -> object:
 
 
 
-def _extract(mask: fx.Node) -> tuple[fx.GraphModule, list[fx.Node]] | None:
-    """A standalone GraphModule computing ``mask`` from the placeholders it depends on (returned in order)."""
-    nodes = _ancestors(mask)
+def _extract(mask: fx.Node, nodes: list[fx.Node]) -> tuple[fx.GraphModule, list[fx.Node]] | None:
+    """A standalone GraphModule computing ``mask`` from the placeholders it depends on (returned in order);
+    ``nodes`` are its :func:`_ancestors`."""
     if any(any(word in str(getattr(n.target, "__name__", n.target)) for word in _RANDOM_OPS) for n in nodes):
         return None
     graph = fx.Graph()
@@ -180,11 +180,11 @@ def classify_mask_node(
     """Classify the SDPA mask produced by ``mask`` for queries (batch, *, q_len) and kv_len keys (ints or SymInts of
     the graph); ``written`` holds the graph's values that in-place ops write (:mod:`te_fx.fx_aliasing`). Returns a
     :class:`SubgraphMask`, or the reason the mask is left to SDPA."""
-    extracted = _extract(mask)
+    ancestors = _ancestors(mask)
+    extracted = _extract(mask, ancestors)
     if extracted is None:
         return "mask built from parameters, submodules or random ops"
     module, leaves = extracted
-    ancestors = _ancestors(mask)
     if any(node in written for node in ancestors):
         return "the mask, or a value it is built from, is written in place"
     # float32 holds every integer position up to 2**24; fp16 / bf16 positions round beyond 2048 / 256 tokens
