@@ -43,7 +43,7 @@ def _real(family: str, **fields: object) -> tuple[tuple[str, object], ...]:
 LLAMA3_8B = _real("llama_gqa", hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
                   intermediate_size=14336)  # fmt: skip
 QWEN2_7B = _real("qwen2", hidden_size=3584, num_attention_heads=28, num_key_value_heads=4, head_dim=128,
-                 intermediate_size=18944, use_sliding_window=False)  # fmt: skip
+                 intermediate_size=18944, use_sliding_window=False, layer_types=None)  # fmt: skip
 MISTRAL_7B = _real("mistral", hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
                    intermediate_size=14336, sliding_window=4096)  # fmt: skip
 GEMMA3 = _real("gemma3", hidden_size=2560, num_attention_heads=8, num_key_value_heads=4, head_dim=256,

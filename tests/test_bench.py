@@ -3,10 +3,14 @@
 import json
 
 import pytest
+import torch
+from transformers import AutoModelForCausalLM
 
 from bench.kernels import VARIANTS, Case, flops
 from bench.report import evaluate_targets
+from bench.models import full_models
 from bench.run import build_parser, run
+from te_fx.model_config import shrink_config
 
 
 @pytest.fixture(scope="module")
@@ -175,3 +179,18 @@ def test_non_positive_repetitions_are_a_usage_error(reps):
     with pytest.raises(SystemExit) as exit_info:
         build_parser().parse_args(["--reps", reps])
     assert exit_info.value.code == 2
+
+
+@pytest.mark.parametrize("case", full_models(), ids=lambda case: case.name)
+def test_every_model_of_the_gpu_profiles_builds_and_trains(case):
+    """The GPU profiles' real-size configs, shrunk in width, run a training step with an attention_mask: a config
+    that transformers rejects or cannot run (Qwen2 once got sliding layer types without a window) fails here, not
+    minutes into a GPU run."""
+    config, _, _ = shrink_config(case.config())
+    config.vocab_size = 128
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").train()
+    ids = torch.randint(0, config.vocab_size, (1, 16))
+    loss = model(ids, attention_mask=torch.ones_like(ids), labels=ids).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
