@@ -3,7 +3,8 @@ plots under bench/results/<card>/ (or --out), and the targets as PASS / FAIL lin
 
 Profiles: ``quick`` (every target's shape; one 10-minute GPU command), ``full`` (S 128 to 32768, every family and
 model), ``smoke`` (tiny shapes: CPU, CI). Long runs go in parts (``--only``, ``--seq``, ``--dtype``) with ``--merge``,
-which keeps what the folder's results.json holds for the same card and this run did not measure.
+which keeps what the folder's results.json holds for the same card and this run did not measure. results.json is
+saved after every case, so a run cut short (a time limit) keeps what it measured; ``--resume`` goes on from there.
 """
 
 from __future__ import annotations
@@ -65,6 +66,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="the kernels' dtype on a GPU")
     parser.add_argument("--seq", type=_positive_int, nargs="+", metavar="S", help="only the kernel cases of these lengths")
     parser.add_argument("--merge", action="store_true", help="add to the folder's results.json instead of replacing it")
+    parser.add_argument("--resume", action="store_true",
+                        help="--merge, skipping the kernel cases and models the folder's results.json already holds")
     return parser
 
 
@@ -134,6 +137,21 @@ def merge_results(old: dict, new: dict) -> dict:
     return merged
 
 
+def _save_progress(results: dict, previous: dict | None, out: Path) -> None:
+    """results.json as it would be if the run ended now (report.md and the plots are written at the end)."""
+    merged = merge_results(previous, results) if previous is not None else results
+    (out / "results.json").write_text(json.dumps(merged, indent=1, default=str))
+
+
+def _already_measured(previous: dict | None, dtype: torch.dtype) -> tuple[set[str], set[str]]:
+    """(kernel case names measured in ``dtype``, model names) that ``previous`` holds."""
+    if previous is None:
+        return set(), set()
+    dtype_name = str(dtype).removeprefix("torch.")
+    cases = {row["case"] for row in previous["kernels"] if row.get("dtype") == dtype_name}
+    return cases, set(previous.get("models", {}))
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark; returns 0 when every measured target passed, 1 otherwise (2 for arguments that cannot
     work, 3 when it cannot run here)."""
@@ -145,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
             raise BenchUsageError(f"--seq: profile {args.profile!r} has no kernel case of those lengths ({lengths})")
         device, dtype, executor = _setup(args)
         out = _output_folder(args.out or Path(__file__).parent / "results" / _card(device))
-        previous = _previous_results(out, device) if args.merge else None
+        previous = _previous_results(out, device) if args.merge or args.resume else None
     except BenchError as error:
         print(f"te-fx bench: {error}", file=sys.stderr)
         return error.exit_code
@@ -163,13 +181,16 @@ def run(args: argparse.Namespace) -> int:
                "profiles": [args.profile], "executor": executor, "kernels": [], "models": {}}  # fmt: skip
     if device.type == "cuda":
         results["matmul_peak_tflops"] = matmul_peak_tflops(device, torch.bfloat16)
+    done_cases, done_models = _already_measured(previous, dtype) if args.resume else (set(), set())
     if args.only in ("kernels", "all"):
-        for case in tqdm(cases, desc="kernels", unit="case"):
+        for case in tqdm([c for c in cases if c.name not in done_cases], desc="kernels", unit="case"):
             results["kernels"] += kernels.run_case(case, device, dtype, executor, reps)
+            _save_progress(results, previous, out)
         kernels.add_ratios(results["kernels"], results.get("matmul_peak_tflops"))
     if args.only in ("models", "all"):
-        for case in tqdm(model_list(), desc="models", unit="model"):
+        for case in tqdm([m for m in model_list() if m.name not in done_models], desc="models", unit="model"):
             results["models"][case.name] = models.run_model_case(case, device, model_dtype, executor, max(3, reps // 4))
+            _save_progress(results, previous, out)
     if previous is not None:
         results = merge_results(previous, results)
     paths = write_report(results, out)

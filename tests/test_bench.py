@@ -150,6 +150,41 @@ def test_a_run_in_parts_merges_into_the_folder(smoke_run, tmp_path):
     assert "## Models" in (tmp_path / "report.md").read_text()
 
 
+def test_a_run_cut_short_keeps_its_cases_and_resume_goes_on(tmp_path, monkeypatch):
+    """results.json is saved after every case: a run stopped in its third case (a time limit) keeps the first two
+    cases next to the earlier results, and --resume measures only the cases it lacks."""
+    import bench.kernels
+
+    smoke_case_names = [case.name for case in bench.kernels.smoke_cases()]
+    argv = ["--profile", "smoke", "--device", "cpu", "--out", str(tmp_path), "--reps", "2", "--only", "kernels"]
+    real_run_case, measured = bench.kernels.run_case, []
+
+    def stopped_in_the_third_case(case, *args):
+        if len(measured) == 2:
+            raise KeyboardInterrupt
+        measured.append(case.name)
+        return real_run_case(case, *args)
+
+    monkeypatch.setattr(bench.kernels, "run_case", stopped_in_the_third_case)
+    with pytest.raises(KeyboardInterrupt):
+        run(build_parser().parse_args(argv))
+    kept = json.loads((tmp_path / "results.json").read_text())
+    assert {row["case"] for row in kept["kernels"]} == set(smoke_case_names[:2])
+
+    measured.clear()
+    def recorded(case, *args):
+        measured.append(case.name)
+        return real_run_case(case, *args)
+
+    monkeypatch.setattr(bench.kernels, "run_case", recorded)
+    assert run(build_parser().parse_args([*argv, "--resume"])) == 0
+    assert measured == smoke_case_names[2:]
+    after = json.loads((tmp_path / "results.json").read_text())
+    assert {row["case"] for row in after["kernels"]} == set(smoke_case_names)
+    timings = lambda rows: sorted((r["case"], r["mode"], r["variant"], r["ms"] or 0.0) for r in rows)  # noqa: E731
+    assert timings(r for r in after["kernels"] if r["case"] in smoke_case_names[:2]) == timings(kept["kernels"])
+
+
 def test_merge_into_another_cards_results_is_refused(tmp_path, capsys):
     (tmp_path / "results.json").write_text(json.dumps({"device": "some other card", "kernels": [], "models": {}}))
     argv = ["--profile", "smoke", "--device", "cpu", "--out", str(tmp_path), "--merge"]
