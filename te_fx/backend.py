@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch._inductor.config
 import torch.fx as fx
 
 from .executors import resolve_executor
@@ -54,7 +55,12 @@ def te_attn(
     if inner not in INNER_COMPILERS:
         raise ValueError(f"te_attn option 'inner' must be one of {INNER_COMPILERS}, got {inner!r}")
     if inner != "inductor" and (options or mode):
-        raise ValueError(f"te_attn: options {sorted(options)} and mode {mode!r} need inner='inductor'")
+        raise ValueError(f"te_attn: options {sorted(options)} and mode {mode!r} need inner='inductor' "
+                         "(te_attn's own options are 'executor' and 'inner')")  # fmt: skip
+    unknown = [name for name in options if not hasattr(torch._inductor.config, name)]
+    if unknown:
+        raise ValueError(f"te_attn: unknown option(s) {unknown}: te_attn takes 'executor' and 'inner', and passes "
+                         "the others to Inductor, which has no such config")  # fmt: skip
     entries = rewrite_attention(gm, executor)
     with _REPORT_LOCK:
         _REPORT.extend(entries)

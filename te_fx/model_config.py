@@ -110,15 +110,21 @@ def load_config(model: str) -> tuple[Any, str]:
 
 
 def causal_lm_config(config: Any) -> tuple[Any, str | None]:
-    """The config AutoModelForCausalLM builds the language model from: the text config of a composite model."""
+    """The config AutoModelForCausalLM builds the language model from (the text config of a composite model), and
+    a note when it is not ``config`` itself."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-    text = config.get_text_config(decoder=True)
+    text, note = config.get_text_config(decoder=True), None
     if text is not config and type(text) in MODEL_FOR_CAUSAL_LM_MAPPING:
-        return text, f"{config.model_type} is a composite model: explaining its text decoder ({text.model_type})"
-    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        config, note = text, f"{config.model_type} is a composite model: explaining its text decoder ({text.model_type})"
+    elif type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
         raise ModelConfigError(f"model_type {config.model_type!r} has no causal-LM class in transformers")
-    return config, None
+    heads, kv_heads = getattr(config, "num_attention_heads", None), getattr(config, "num_key_value_heads", None)
+    is_mla = isinstance(getattr(config, "qk_rope_head_dim", None), int)  # K/V heads equal the query heads
+    if isinstance(heads, int) and isinstance(kv_heads, int) and not is_mla and (kv_heads < 1 or heads % kv_heads):
+        raise ModelConfigError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}: "
+                               "no model can be built from this config")  # fmt: skip
+    return config, note
 
 
 def config_head_dims(config: Any) -> tuple[int | None, int | None]:

@@ -452,6 +452,9 @@ def test_explain_bad_input(capsys, tmp_path):
                         "no model_type")  # fmt: skip
     (tmp_path / "list.json").write_text("[1, 2]")
     _assert_usage_error(capsys, ["explain", str(tmp_path / "list.json")], "JSON object")
+    uneven = {"model_type": "llama", "num_attention_heads": 32, "num_key_value_heads": 5, "hidden_size": 4096}
+    _assert_usage_error(capsys, ["explain", str(_write_config(tmp_path / "uneven", uneven))],
+                        "num_attention_heads 32 is not a multiple of num_key_value_heads 5")  # fmt: skip
 
 
 def test_demo_and_parser_errors(capsys):
