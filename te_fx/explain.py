@@ -546,15 +546,14 @@ def explain(model: str, compile_path: bool = True) -> Explanation:
         notes.append(
             "compile: decided once per compiled graph from the subgraph that builds the mask, whatever its values"
         )
-        from .mask_subgraph import _SAMPLE_SIZES
+        from .mask_subgraph import _MAX_SAMPLE
 
-        largest = max(_SAMPLE_SIZES)
-        if any(layer.sliding_window and layer.sliding_window > largest for layer in layers):
+        if any(layer.sliding_window for layer in layers):
             notes.append(
-                "compile: te_attn sees a sliding window only if it cuts keys off at the traced length or at the sizes "
-                f"it samples (up to {largest}); the windows above assume it does. A graph first traced inside the "
-                "window with the mask materialised (seen with use_cache=False) is rewritten as plain causal "
-                "and is wrong for longer sequences: a te_fx bug, not a decision"
+                "compile: the sliding window is read from the mask subgraph, evaluated at the traced length and "
+                "beyond every constant in it, so a dynamic graph traced inside the window keeps it for longer "
+                "sequences (where transformers leaves the window out, its guard recompiles them); a subgraph with a "
+                f"constant above {(_MAX_SAMPLE - 3) // 2} stays on SDPA"
             )
     return Explanation(
         model=model, source=source, model_type=config.model_type, architecture=architecture,

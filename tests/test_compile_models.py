@@ -294,6 +294,24 @@ def test_dynamic_lengths_add_no_recompilation(case, mask_kind):
     assert counts["te_attn"][-1], "no dynamic graph was compiled: the test checks nothing dynamic"
 
 
+def test_real_size_window_traced_inside_it_holds_for_longer_sequences():
+    """A 4096-token window, first compiled at lengths inside it (a dynamic graph from the third length on), then run
+    past it: the window must hold there (read from the subgraph's constants, or a guard recompiles), never plain
+    causal attention."""
+    torch.manual_seed(0)
+    model = tiny_model("mistral", sliding_window=4096, max_position_embeddings=8192, num_hidden_layers=1)
+    torch._dynamo.reset()
+    te_fx.reset_compile_report()
+    compiled = torch.compile(model, backend="te_attn", options=OPTIONS)
+    for seq in (16, 20, 24, 4200):
+        ids = torch.randint(0, model.config.vocab_size, (1, seq), generator=torch.Generator().manual_seed(seq))
+        with torch.no_grad():
+            ref, out = model(ids, use_cache=False).logits, compiled(ids, use_cache=False).logits
+        torch.testing.assert_close(out, ref, **LOGIT_TOL, msg=f"length {seq}")
+    assert ("te", (4095, 0)) in {(entry["decision"], entry["window_size"]) for entry in te_fx.compile_report()}
+    torch._dynamo.reset()
+
+
 # --------------------------------------------------------------------------------------------- inference
 
 
