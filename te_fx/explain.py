@@ -63,7 +63,7 @@ EAGER_SCENARIOS = {
 COMPILE_SCENARIOS = {"no_attention_mask": "no attention_mask", "attention_mask": "attention_mask (any values)"}
 
 _EAGER_REASONS = {
-    "fallback_mask": "not exactly a causal, sliding-window causal or all-visible mask",
+    "fallback_mask": "not exactly a causal, sliding-window causal or all-visible mask (or one that needs its gradient)",
     "fallback_scale_mismatch": "the call's softmax scale differs from the TE module's",
     "fallback_dropout": "the call's dropout differs from the TE module's",
     "fallback_layout": "a q/k/v layout te_fx does not convert",

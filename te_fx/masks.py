@@ -8,13 +8,24 @@ cached per mask object (one host sync per mask, not per layer), for one forward 
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import weakref
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
 
-__all__ = ["MaskDecision", "causal_pattern", "te_visible", "classify_mask", "attend_pattern", "forget_decisions"]
+__all__ = [
+    "MaskDecision",
+    "causal_pattern",
+    "te_visible",
+    "classify_mask",
+    "attend_pattern",
+    "cached_decisions",
+    "enter_forward",
+    "leave_forward",
+]
 
 
 class MaskDecision(NamedTuple):
@@ -145,10 +156,32 @@ class _MaskCache:
 _CACHE = _MaskCache()
 
 
-def forget_decisions() -> None:
-    """Drop every cached decision. Writes through ``.data`` or numpy bypass the version counter, so an injected
-    model calls this as each forward starts: a decision then holds for one forward (all its layers) at most."""
-    _CACHE.clear()
+_SCOPE = threading.local()  # this thread's depth of forwards that cache decisions
+
+
+def enter_forward() -> None:
+    """A forward holding attention layers starts: decisions are cached until the outermost one ends, and that one
+    starts afresh. Writes through ``.data`` or numpy bypass the version counter, so a decision lasts one forward
+    (all its layers) at most; outside such forwards (the SDPA replacement called on its own) nothing is cached."""
+    depth = getattr(_SCOPE, "depth", 0)
+    if depth == 0:
+        _CACHE.clear()
+    _SCOPE.depth = depth + 1
+
+
+def leave_forward() -> None:
+    """The forward :func:`enter_forward` announced has ended (normally or not)."""
+    _SCOPE.depth = max(0, getattr(_SCOPE, "depth", 0) - 1)
+
+
+@contextlib.contextmanager
+def cached_decisions() -> Iterator[None]:
+    """Decisions are cached inside this block, as inside an injected model's forward."""
+    enter_forward()
+    try:
+        yield
+    finally:
+        leave_forward()
 
 
 def classify_mask(
@@ -167,7 +200,7 @@ def classify_mask(
             return None
     except RuntimeError:
         return None
-    if mask.is_inference():  # no version counter: an in-place refill could not be detected, so never cache
+    if mask.is_inference() or not getattr(_SCOPE, "depth", 0):  # inference tensors have no version counter
         return _classify(mask, q_len, kv_len, window_left)
     key = (tuple(mask.shape), mask.data_ptr(), q_len, kv_len, window_left)
     hit, decision = _CACHE.lookup(mask, key)

@@ -148,7 +148,13 @@ def _scale_matches(call_scale: float | None, head_dim: int, module_scale: float 
 
 
 def _plan_mask(
-    attn_mask: torch.Tensor | None, is_causal: bool, batch: int, heads: int, q_len: int, kv_len: int, window_left: int
+    attn_mask: torch.Tensor | None,
+    is_causal: bool,
+    query: torch.Tensor,
+    heads: int,
+    q_len: int,
+    kv_len: int,
+    window_left: int,
 ) -> masks.MaskDecision | None:
     if attn_mask is None:
         if not is_causal:
@@ -156,9 +162,11 @@ def _plan_mask(
         # SDPA's is_causal is top-left aligned: with fewer queries than keys the keys past q_len are never seen
         # (the caller slices them off); with more queries than keys SDPA and TE disagree on empty rows.
         return masks.MaskDecision("causal", (-1, 0)) if q_len <= kv_len else None
-    if is_causal:
-        return None  # SDPA rejects the combination; let it raise its own error
-    return masks.classify_mask(attn_mask, batch, heads, q_len, kv_len, window_left)
+    if is_causal or (attn_mask.is_floating_point() and attn_mask.dtype != query.dtype):
+        return None  # SDPA rejects these; let it raise its own error
+    if attn_mask.requires_grad and torch.is_grad_enabled():
+        return None  # a learned bias that is 0 / -inf now still needs its gradient
+    return masks.classify_mask(attn_mask, query.shape[0], heads, q_len, kv_len, window_left)
 
 
 class _TESdpa:
@@ -211,8 +219,10 @@ class _TESdpa:
                 return self._fallback("fallback_layout", sdpa_args, sdpa_kwargs)
             q = q.reshape(q.shape[0], num_heads, 1, q.shape[-1])
         batch, heads, q_len, head_dim = q.shape
-        if k.shape[0] != batch or v.shape[:3] != k.shape[:3] or k.shape[-1] != head_dim:
+        if k.shape[0] != batch or v.shape[:3] != k.shape[:3] or k.shape[-1] != head_dim or 0 in q.shape or 0 in k.shape:
             return self._fallback("fallback_layout", sdpa_args, sdpa_kwargs)
+        if k.dtype != q.dtype or v.dtype != q.dtype:
+            return self._fallback("fallback_dtype", sdpa_args, sdpa_kwargs)
         if k.shape[1] != heads and not ((enable_gqa or packed) and heads % k.shape[1] == 0):
             return self._fallback("fallback_layout", sdpa_args, sdpa_kwargs)
         if k.shape[1] == heads == num_heads and n_rep > 1:
@@ -229,7 +239,7 @@ class _TESdpa:
         if dropout_p != te_dropout:
             return self._fallback("fallback_dropout", sdpa_args, sdpa_kwargs)
         kv_len = k.shape[2]
-        decision = _plan_mask(attn_mask, is_causal, batch, heads, q_len, kv_len, self.window_size[0])
+        decision = _plan_mask(attn_mask, is_causal, q, heads, q_len, kv_len, self.window_size[0])
         if decision is None:
             return self._fallback("fallback_mask", sdpa_args, sdpa_kwargs)
         if attn_mask is None and is_causal and q_len < kv_len:
@@ -322,24 +332,31 @@ def _skip_reason(module: nn.Module) -> str | None:
     return None
 
 
-def _forget_mask_decisions(_module: nn.Module, _args: tuple) -> None:
-    masks.forget_decisions()
+def _enter_mask_scope(_module: nn.Module, _args: tuple) -> None:
+    masks.enter_forward()
 
 
-def _forget_masks_on_entry(root: nn.Module, paths: list[str]) -> None:
-    """Clear the mask decisions whenever a forward enters ``root`` or a module above all the attention modules at
-    ``paths`` (model, decoder; never a single layer): a decision then lasts one forward. Writes through ``.data``
-    or numpy do not bump a mask's version counter, so a decision must not outlive the forward that made it."""
-    common = [part.split(".") for part in paths]
-    prefix = []
-    for parts in zip(*common):
+def _leave_mask_scope(_module: nn.Module, _args: tuple, _output: Any) -> None:
+    masks.leave_forward()
+
+
+def _scope_mask_decisions(root: nn.Module, paths: list[str]) -> None:
+    """Cache mask decisions while a forward runs in ``root``, in a module above all the attention modules at
+    ``paths`` (the decoder) or in one holding such a module (a decoder layer called on its own); the outermost
+    such forward starts afresh (:func:`te_fx.masks.enter_forward`). The forward hook runs even when the forward
+    raises, so an error cannot leave decisions cached."""
+    common = []
+    for parts in zip(*(path.split(".") for path in paths)):
         if len(set(parts)) > 1:
             break
-        prefix.append(parts[0])
-    for depth in range(len(prefix) + 1):
-        module = root.get_submodule(".".join(prefix[:depth]))
-        if _forget_mask_decisions not in module._forward_pre_hooks.values():
-            module.register_forward_pre_hook(_forget_mask_decisions)
+        common.append(parts[0])
+    names = {".".join(common[:depth]) for depth in range(len(common) + 1)}
+    names |= {path.rpartition(".")[0] for path in paths}
+    for name in sorted(names):
+        module = root.get_submodule(name)
+        if _enter_mask_scope not in module._forward_pre_hooks.values():
+            module.register_forward_pre_hook(_enter_mask_scope)
+            module.register_forward_hook(_leave_mask_scope, always_call=True)
 
 
 def inject_te_attention_into_module(module: nn.Module, *, executor: str | None = None) -> bool:
@@ -351,7 +368,7 @@ def inject_te_attention_into_module(module: nn.Module, *, executor: str | None =
     """
     if not _inject(module, executor):
         return False
-    _forget_masks_on_entry(module, [""])
+    _scope_mask_decisions(module, [""])
     return True
 
 
@@ -391,9 +408,10 @@ def inject_te_attention(model: nn.Module, *, executor: str | None = None) -> Non
     """Inject TE attention into every compatible ``self_attn`` module of ``model``.
 
     Skips modules that already carry ``attn_module``; sets ``model._te_attention_injected``. Call after loading
-    weights and before FSDP wrapping. Mask decisions are cached per mask object for one forward of ``model`` (or of
-    the module that holds all its attention layers, such as the decoder). ``executor``: "te" (default, or ``TE_FX_EXECUTOR``) needs TransformerEngine
-    (``pip install 'te-fx[te]'``); "reference" runs the same call contract in plain PyTorch on any device.
+    weights and before FSDP wrapping. Mask decisions are cached per mask object for one forward of ``model``, of
+    the decoder or of a decoder layer called on its own. ``executor``: "te" (default, or ``TE_FX_EXECUTOR``) needs
+    TransformerEngine (``pip install 'te-fx[te]'``); "reference" runs the same call contract in plain PyTorch on
+    any device.
     """
     if getattr(model, _TE_MODEL_FLAG, False):
         return
@@ -412,7 +430,7 @@ def inject_te_attention(model: nn.Module, *, executor: str | None = None) -> Non
                 skipped.append(f"{path} (not a separate q/k/v layout, or SDPA is not reachable)")
     if injected:
         setattr(model, _TE_MODEL_FLAG, True)
-        _forget_masks_on_entry(model, injected)
+        _scope_mask_decisions(model, injected)
     logger.log(
         logging.INFO if injected else logging.WARNING,
         "te_fx: %s executor injected into %d self_attn modules%s", name, len(injected),
@@ -426,8 +444,9 @@ def remove_te_attention(model: nn.Module) -> None:
         if hasattr(module, _TE_MODULE_ATTR) and "forward" in vars(module):
             del module.forward
             delattr(module, _TE_MODULE_ATTR)
-        for key, hook in list(module._forward_pre_hooks.items()):
-            if hook is _forget_mask_decisions:
-                del module._forward_pre_hooks[key]
+        for hooks, hook in ((module._forward_pre_hooks, _enter_mask_scope), (module._forward_hooks, _leave_mask_scope)):
+            for key in [key for key, value in hooks.items() if value is hook]:
+                del hooks[key]
+                module._forward_hooks_always_called.pop(key, None)
     if hasattr(model, _TE_MODEL_FLAG):
         delattr(model, _TE_MODEL_FLAG)

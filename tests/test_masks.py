@@ -463,7 +463,8 @@ def classify_calls(monkeypatch):
         return real(mask, q_len, kv_len, window_left)
 
     monkeypatch.setattr(masks, "_classify", counting)
-    yield calls
+    with masks.cached_decisions():  # as inside an injected model's forward
+        yield calls
     masks._CACHE.clear()
 
 
@@ -547,6 +548,34 @@ def test_inference_mode_tensors(classify_calls):
     assert len(classify_calls) == 5  # every inference tensor call, plus the normal tensor once
 
 
+def test_nothing_is_cached_outside_a_forward(classify_calls):
+    """The SDPA replacement called on its own (no injected forward around it) decides every call afresh: a mask
+    refilled through ``.data`` between two calls keeps its version counter and would reuse a stale decision."""
+    mask = hf_causal(6, 6).view(1, 1, 6, 6).clone()
+    masks.leave_forward()  # out of the fixture's scope
+    try:
+        assert classify_mask(mask, 1, 2, 6, 6) == ("causal", (-1, 0))
+        mask.data[0, 0, 3:, :3] = False  # two documents, version unchanged
+        assert classify_mask(mask, 1, 2, 6, 6) is None
+    finally:
+        masks.enter_forward()
+    assert len(classify_calls) == 2
+
+
+def test_the_outermost_forward_starts_afresh(classify_calls):
+    mask = hf_causal(6, 6).view(1, 1, 6, 6).clone()
+    assert classify_mask(mask, 1, 2, 6, 6) == ("causal", (-1, 0))
+    with masks.cached_decisions():  # a nested forward (a layer inside the model) keeps the decisions
+        assert classify_mask(mask, 1, 2, 6, 6) == ("causal", (-1, 0))
+    assert len(classify_calls) == 1
+    masks.leave_forward()
+    with masks.cached_decisions():  # the next outermost forward does not
+        mask.data[0, 0, 3:, :3] = False
+        assert classify_mask(mask, 1, 2, 6, 6) is None
+    masks.enter_forward()
+    assert len(classify_calls) == 2
+
+
 def test_cache_is_consistent_across_threads():
     masks._CACHE.clear()
     shared = [hf_causal(8, 8, w).view(1, 1, 8, 8).clone() for w in (-1, 2, 5)]
@@ -561,7 +590,9 @@ def test_cache_is_consistent_across_threads():
             window = (-1, 2, 5)[int(torch.randint(0, 3, (1,), generator=gen))]
             mask = shared[which] if n % 2 else shared[which].clone()
             try:
-                check_classify(mask, 1, 2, 8, 8, window)
+                with masks.cached_decisions():  # each thread's forwards start and end on their own
+                    check_classify(mask, 1, 2, 8, 8, window)
+                    check_classify(mask, 1, 2, 8, 8, window)
             except AssertionError as error:  # pragma: no cover - reported below
                 errors.append(error)
 

@@ -410,6 +410,43 @@ def test_user_mask_rewritten_between_calls_of_the_decoder_or_of_one_module_is_cl
         assert te_fx.get_te_attention_stats() == {**ZERO_STATS, "fallback_mask": _num_layers(model)}
 
 
+def _layer_call(model, hidden, mask):
+    """One decoder layer called on its own, as pipeline stages and user loops do."""
+    positions = torch.arange(hidden.shape[1])[None]
+    embeddings = model.model.rotary_emb(hidden, positions)
+    out = model.model.layers[0](hidden, attention_mask=mask, position_embeddings=embeddings, position_ids=positions)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def test_user_mask_rewritten_between_calls_of_one_decoder_layer_is_classified_again():
+    plain, injected = _pair("llama")
+    hidden = torch.randn(1, SEQ_LEN, plain.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(SEQ_LEN, SEQ_LEN, dtype=torch.bool).tril()[None, None].clone()
+    with torch.no_grad():
+        _layer_call(injected, hidden, mask)
+        te_fx.reset_te_attention_stats()
+        mask.data[0, 0, SEQ_LEN // 2 :, : SEQ_LEN // 2] = False  # block-diagonal, invisible to mask._version
+        torch.testing.assert_close(_layer_call(injected, hidden, mask), _layer_call(plain, hidden, mask),
+                                   atol=ATOL, rtol=RTOL)  # fmt: skip
+    assert te_fx.get_te_attention_stats() == {**ZERO_STATS, "fallback_mask": 1}
+
+
+def test_a_mask_is_classified_once_per_forward_not_per_layer(monkeypatch):
+    """HF hands every layer the same mask object: one classification (one host sync) per forward of the model."""
+    from te_fx import masks
+
+    plain, injected = _pair("llama", num_hidden_layers=3)
+    calls = []
+    real = masks._classify
+    monkeypatch.setattr(masks, "_classify", lambda *args: calls.append(args) or real(*args))
+    mask = torch.ones(SEQ_LEN, SEQ_LEN, dtype=torch.bool).tril()[None, None].repeat(2, 1, 1, 1)
+    with torch.no_grad():
+        for _ in range(2):
+            injected(_input_ids(), attention_mask=mask)
+    assert te_fx.get_te_attention_stats()["te_hits"] == 2 * 3
+    assert len(calls) == 2
+
+
 def test_mla_keeps_every_kv_head_whatever_num_key_value_heads_says():
     """DeepSeek's kv_b_proj gives each query head its own K and V; a config with fewer KV heads must not make te_fx
     drop K/V heads (HF calls SDPA with enable_gqa and equal head counts here)."""
@@ -425,7 +462,8 @@ def test_remove_te_attention_gives_back_the_plain_model():
     plain, injected = _pair("llama_gqa")
     te_fx.remove_te_attention(injected)
     assert not any(hasattr(module, "attn_module") for module in injected.modules())
-    assert not hasattr(injected, "_te_attention_injected") and not injected._forward_pre_hooks
+    assert not hasattr(injected, "_te_attention_injected")
+    assert not any(m._forward_pre_hooks or m._forward_hooks or m._forward_hooks_always_called for m in injected.modules())
     assert injected.state_dict().keys() == plain.state_dict().keys()
     ids = _input_ids()
     torch.testing.assert_close(injected(ids).logits, plain(ids).logits, atol=0, rtol=0)

@@ -407,6 +407,48 @@ def test_scale_mismatch_falls_back_and_warns_once(monkeypatch, caplog):
     assert te_fx.get_te_attention_stats() == stats_delta(te_hits=4)
 
 
+def test_a_mask_that_needs_its_gradient_falls_back():
+    """A learned additive bias that is exactly 0 / -inf (zero-initialised) looks causal, but as a mask type it would
+    get no gradient; without grad mode it is an ordinary mask."""
+    q, k, v = _simple_inputs()
+    fn, module = make_sdpa(4, 2, 8)
+    bias = torch.zeros(1, 4, 5, 5, requires_grad=True)
+    plain_bias = torch.zeros(1, 4, 5, 5, requires_grad=True)
+    causal = torch.ones(5, 5, dtype=torch.bool).tril()
+    out = fn(q, k, v, attn_mask=bias.masked_fill(~causal, float("-inf")))
+    expected = ORIGINAL_SDPA(q, k, v, attn_mask=plain_bias.masked_fill(~causal, float("-inf")))
+    torch.testing.assert_close(out, expected)
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    assert bias.grad is not None and bias.grad.abs().max() > 0
+    torch.testing.assert_close(bias.grad, plain_bias.grad)
+    assert te_fx.get_te_attention_stats() == stats_delta(fallback_mask=1)
+    with torch.no_grad():
+        fn(q, k, v, attn_mask=bias.masked_fill(~causal, float("-inf")))
+    assert te_fx.get_te_attention_stats() == stats_delta(te_hits=1, fallback_mask=1)
+    assert len(module.calls) == 1
+
+
+def test_calls_sdpa_rejects_or_answers_with_an_empty_tensor_go_to_sdpa():
+    """Where SDPA raises (a float mask of another dtype, mixed q/k/v dtypes) the caller gets SDPA's own error; where
+    it returns an empty tensor (no queries, no keys, no batch), the same empty tensor."""
+    q, k, v = _simple_inputs()
+    fn, module = make_sdpa(4, 2, 8)
+    causal = torch.zeros(5, 5).masked_fill(~torch.ones(5, 5, dtype=torch.bool).tril(), float("-inf"))
+    for call in (lambda f: f(q, k, v, attn_mask=causal.double()), lambda f: f(q, k.double(), v.double())):
+        with pytest.raises(RuntimeError) as expected:
+            call(ORIGINAL_SDPA)
+        with pytest.raises(RuntimeError) as got:
+            call(fn)
+        assert str(got.value) == str(expected.value)
+    assert te_fx.get_te_attention_stats() == stats_delta(fallback_mask=1, fallback_dtype=1)
+    for empty in (q[:, :, :0], q[:0]):
+        keys = (k, v) if empty.shape[0] else (k[:0], v[:0])
+        assert fn(empty, *keys).shape == ORIGINAL_SDPA(empty, *keys).shape == empty.shape
+    assert fn(q, k[:, :, :0], v[:, :, :0]).shape == ORIGINAL_SDPA(q, k[:, :, :0], v[:, :, :0]).shape
+    assert module.calls == []
+
+
 def test_dropout_in_eval_falls_back():
     q, k, v = _simple_inputs()
     fn, module = make_sdpa(4, 2, 8, dropout=0.1, training=False)
