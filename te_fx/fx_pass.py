@@ -143,6 +143,8 @@ def _guard(
         return "enable_gqa is not a compile-time constant"
     if not q.dtype.is_floating_point or k.dtype != q.dtype or v.dtype != q.dtype:
         return f"dtype {q.dtype}"
+    if not (same_size(k.shape[0], q.shape[0]) and same_size(v.shape[0], q.shape[0])):
+        return "K/V batch differs from the query's (SDPA broadcasts it)"
     heads, kv_heads = _int(q.shape[1]), _int(k.shape[1])
     if heads is None or kv_heads is None or _int(q.shape[3]) is None or _int(v.shape[3]) is None:
         return "symbolic head count or head dim"
@@ -243,15 +245,30 @@ def _rewrite_one(graph: fx.Graph, node: fx.Node, executor: str, written: set[fx.
             executor=executor,
         )
         out = graph.call_function(ops.attention, tuple(operands), kwargs)
-        out.meta["example_value"] = node_value(node).transpose(1, 2)
+        traced = node_value(node)
+        out.meta["example_value"] = traced.transpose(1, 2).contiguous()
         replacement = graph.call_method("transpose", (out, 1, 2))
-        replacement.meta["example_value"] = node_value(node)
+        replacement.meta["example_value"] = out.meta["example_value"].transpose(1, 2)
+        # a user that relies on SDPA's contiguous output (a .view) gets it; HF transposes it back to bshd, for free
+        if traced.is_contiguous() and not replacement.meta["example_value"].is_contiguous() and not all(
+            _transposes_back(user, node) for user in node.users
+        ):
+            replacement = graph.call_method("contiguous", (replacement,))
+            replacement.meta["example_value"] = traced
     producers = node.all_input_nodes
     node.replace_all_uses_with(replacement)
     graph.erase_node(node)
     _erase_dead_producers(producers)
     entry.decision, entry.reason = "te", "rewritten"
     return entry
+
+
+def _transposes_back(user: fx.Node, node: fx.Node) -> bool:
+    """Whether ``user`` is ``node.transpose(1, 2)`` (the (B, S, H, D) layout the op returns)."""
+    is_transpose = (user.op == "call_method" and user.target == "transpose") or user.target is torch.transpose
+    dims = user.args[1:3]
+    return (is_transpose and user.args[0] is node and all(isinstance(d, int) for d in dims)
+            and sorted(d % 4 for d in dims) == [1, 2])  # fmt: skip
 
 
 def _erase_dead_producers(nodes: list[fx.Node]) -> None:

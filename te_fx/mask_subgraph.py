@@ -28,6 +28,7 @@ __all__ = ["SubgraphMask", "classify_mask_node", "node_value", "same_size"]
 
 _SAMPLE_SIZES = (1, 2, 3, 7, 16, 33)  # substituted for symbolic sizes, besides the traced ones
 _MAX_SAMPLE = 1 << 14  # a window constant larger than this cannot be checked at compile time
+_LONG_SAMPLE = 1031  # a length past periods no constant shows (position dtypes, spans computed at run time)
 # nondeterministic ops: a mask drawn from them is a different mask at every call
 _RANDOM_OPS = ("rand", "bernoulli", "normal", "dropout", "multinomial", "uniform", "poisson", "exponential", "random")
 _RANDOM_TRIALS = 4
@@ -100,17 +101,31 @@ def _free_symbols(size: object) -> set:
     return set(size.node.expr.free_symbols) if isinstance(size, torch.SymInt) else set()
 
 
-def _constants(*values: object) -> list[int]:
-    """The magnitudes of the Python numbers among (nested) node arguments, rounded up."""
+def _numbers(*values: object) -> list[int | float]:
+    """The finite Python numbers among (nested) node arguments."""
     found = []
     for value in values:
         if isinstance(value, (list, tuple)):
-            found += _constants(*value)
+            found += _numbers(*value)
         elif isinstance(value, dict):
-            found += _constants(*value.values())
+            found += _numbers(*value.values())
         elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            found.append(math.ceil(abs(value)))
+            found.append(value)
     return found
+
+
+def _spans(node: fx.Node) -> list[int]:
+    """The lengths a node's constants can stand for, rounded up: the constant itself, ``1 / c`` for a fraction
+    (``idx * (1 / 64)``) and ``2 ** c`` for a shift (``idx >> 6``)."""
+    shift = "shift" in str(node.target)
+    spans = []
+    for number in _numbers(node.args, node.kwargs):
+        spans.append(math.ceil(abs(number)))
+        if 0 < abs(number) < 1:
+            spans.append(math.ceil(1 / abs(number)))
+        if shift and isinstance(number, int) and 0 <= number < 63:
+            spans.append(2**number)
+    return spans
 
 
 def _concrete(size: object, assignment: dict) -> int:
@@ -192,6 +207,10 @@ def classify_mask_node(
     if any(isinstance(value, torch.Tensor) and value.is_floating_point() and torch.finfo(value.dtype).bits < 32
            for value in computed):  # fmt: skip
         return "mask computed with half-precision floating-point values"
+    # int8 / int16 positions wrap at a length the samples may not reach
+    if any(isinstance(value, torch.Tensor) and value.dtype not in (torch.bool, torch.int32, torch.int64)
+           and not value.is_floating_point() for value in computed):  # fmt: skip
+        return "mask computed with integers narrower than 32 bits"
     tensors = [leaf for leaf in leaves if isinstance(node_value(leaf), torch.Tensor)]
     if len(tensors) > 1:
         return "mask built from more than one input tensor"
@@ -214,12 +233,17 @@ def classify_mask_node(
     if symbols:
         # sequence lengths must also be sampled beyond every constant of the subgraph (a sliding window of 4096
         # looks like full causal attention at the traced 2048); other sizes stay small to bound the cost
-        largest = max([0, *(c for n in ancestors for c in _constants(n.args, n.kwargs))])
+        largest = max([0, *(span for n in ancestors for span in _spans(n))])
         batch_symbols = _free_symbols(batch) - _free_symbols(q_len) - _free_symbols(kv_len)
-        if 2 * largest + 3 > (_MAX_SAMPLE if batch_symbols == _free_symbols(batch) else 64):
+        independent_batch = batch_symbols == _free_symbols(batch)
+        if 2 * largest + 3 > (_MAX_SAMPLE if independent_batch else 64):
             return "mask subgraph has constants too large to check at every sequence length"
-        for n in (*_SAMPLE_SIZES, largest + 1, 2 * largest + 3):
+        long_sample = [_LONG_SAMPLE] if independent_batch and largest < _LONG_SAMPLE else []
+        lengths = [*_SAMPLE_SIZES, largest + 1, 2 * largest + 3, *long_sample]
+        for n in lengths:
             assignments.append({s: min(n, 3) if s in batch_symbols else n for s in symbols})
+        if batch_symbols:  # batch rows beyond every constant, at a short length
+            assignments.append({s: max(4, largest + 1) if s in batch_symbols else 7 for s in symbols})
     samples = []
     for assignment in assignments:
         shape = tuple(_concrete(size, assignment) for size in (batch, q_len, kv_len))
@@ -235,7 +259,7 @@ def classify_mask_node(
             return "mask does not have the query/key shape"
         samples.append((args, ones))
     # the largest sample decides the window; smaller ones (possibly inside the window) must agree with it
-    kind = _classify_evaluated(max(samples, key=lambda sample: sample[1].numel())[1])
+    kind = _classify_evaluated(max(samples, key=lambda sample: sample[1].shape[-2] * sample[1].shape[-1])[1])
     if kind is None:
         return "mask is not a causal, sliding-window causal or all-visible pattern"
     mask_type, window = kind
@@ -249,24 +273,44 @@ def classify_mask_node(
             return "padding masks are converted for full causal attention only"
         generator = torch.Generator().manual_seed(0)
         index = leaves.index(padding)
-        if not all(_padding_consistent(module, args, index, ones, generator) for args, ones in samples):
+        numbers = [number for node in ancestors for number in _numbers(node.args, node.kwargs)]
+        if not all(_padding_consistent(module, args, index, ones, numbers, generator) for args, ones in samples):
             return "mask combines its input with the pattern in a way other than key padding"
     window_size = (-1, -1) if mask_type == "no_mask" else (window, 0)
     return SubgraphMask(mask_type, window_size, padding)
 
 
 def _padding_consistent(
-    module: fx.GraphModule, args: list, index: int, pattern: torch.Tensor, generator: torch.Generator
+    module: fx.GraphModule,
+    args: list,
+    index: int,
+    pattern: torch.Tensor,
+    numbers: list[int | float],
+    generator: torch.Generator,
 ) -> bool:
-    """Whether the subgraph computes ``pattern & (input[b, kv] != 0)`` for random inputs (and all-zero rows)."""
+    """Whether the subgraph computes ``pattern & (input[b, kv] != 0)`` for inputs holding 0, 1, 2, -1, the subgraph's
+    integer constants and their neighbours (a mask that also drops a separator id compares the input with it),
+    and random values; one random trial has an all-zero row."""
     template = args[index]
     batch, kv_len = template.shape
     if pattern.shape[0] not in (1, batch) or pattern.shape[-1] != kv_len:
         return False
-    values = torch.tensor([0, 1] if template.dtype == torch.bool else [0, 1, 2, -1])
-    for trial in range(_RANDOM_TRIALS):
-        data = values[torch.randint(len(values), (batch, kv_len), generator=generator)]
-        if trial == 0:
+    if template.dtype == torch.bool:
+        values = torch.tensor([False, True])
+    else:
+        info = torch.iinfo(template.dtype)
+        wanted = {0, 1, 2, -1, info.max, info.min}
+        wanted |= {int(n) + d for n in numbers if float(n).is_integer() for d in (-1, 0, 1)}
+        wanted |= set(torch.randint(info.min, info.max, (8,), generator=generator).tolist())
+        values = torch.tensor(sorted(v for v in wanted if info.min <= v <= info.max), dtype=template.dtype)
+    cells = batch * kv_len
+    deterministic = [values[(torch.arange(cells) + start) % len(values)] for start in range(0, len(values), cells)]
+    for trial in range(len(deterministic) + _RANDOM_TRIALS):
+        if trial < len(deterministic):  # every value at least once
+            data = deterministic[trial].view(batch, kv_len).clone()
+        else:
+            data = values[torch.randint(len(values), (batch, kv_len), generator=generator)]
+        if trial == len(deterministic):
             data[0] = 0
         data = data.to(device=template.device, dtype=template.dtype)
         trial_args = list(args)
@@ -277,4 +321,3 @@ def _padding_consistent(
         if result.shape != expected.shape or not torch.equal(result, expected):
             return False
     return True
-

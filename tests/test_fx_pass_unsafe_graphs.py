@@ -178,3 +178,92 @@ def test_symbolic_batch_with_a_batch_free_mask_compiles():
         q, k, v = _qkv(batch=batch)
         torch.testing.assert_close(compiled(q, k, v), causal(q, k, v), atol=ATOL, rtol=RTOL)
     assert [e["decision"] for e in te_fx.compile_report()] == ["te", "te"]
+
+
+def _compile_over(fn, shapes) -> list[dict]:
+    """Compile ``fn`` and compare it with eager at each (batch, seq): the second shape compiles a dynamic graph,
+    which the later ones reuse. Returns the report."""
+    torch._dynamo.reset()
+    te_fx.reset_compile_report()
+    compiled = torch.compile(fn, backend="te_attn", options=OPTIONS, fullgraph=True)
+    for batch, seq in shapes:
+        q, k, v = _qkv(batch=batch, seq=seq, dim=8)
+        torch.testing.assert_close(compiled(q, k, v), fn(q, k, v), atol=ATOL, rtol=RTOL, msg=f"B{batch} S{seq}")
+    return te_fx.compile_report()
+
+
+def test_spans_hidden_in_shifts_reciprocals_or_narrow_integers_are_checked():
+    """64-token chunks written as a shift or a reciprocal, and uint8 positions (wrapping at 256), are plain causal
+    at every length up to 2 * 6 + 3: a dynamic graph must not carry that decision to 300 tokens (error 1.9)."""
+
+    def chunks_by_shift(q, k, v):
+        idx = torch.arange(q.shape[2])
+        block = idx >> 6
+        mask = (idx[None, :] <= idx[:, None]) & (block[None, :] == block[:, None])
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[None, None])
+
+    def chunks_by_reciprocal(q, k, v):
+        idx = torch.arange(q.shape[2])
+        block = (idx * (1.0 / 64)).floor()
+        mask = (idx[None, :] <= idx[:, None]) & (block[None, :] == block[:, None])
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[None, None])
+
+    def uint8_positions(q, k, v):
+        idx = torch.arange(q.shape[2]).to(torch.uint8)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=(idx[None, :] <= idx[:, None])[None, None])
+
+    for fn in (chunks_by_shift, chunks_by_reciprocal, uint8_positions):
+        report = _compile_over(fn, [(1, 16), (1, 20), (1, 300)])
+        assert all(e["decision"] == "sdpa" for e in report[1:]), (fn.__name__, report)
+    assert "narrower than 32 bits" in report[-1]["reason"]
+
+
+def test_batch_rows_beyond_the_sampled_ones_are_checked():
+    def rows_from_three_on_see_everything(q, k, v):
+        idx, rows = torch.arange(q.shape[2]), torch.arange(q.shape[0])
+        mask = (idx[None, :] <= idx[:, None])[None, None] | (rows >= 3)[:, None, None, None]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    report = _compile_over(rows_from_three_on_see_everything, [(2, 8), (3, 8), (5, 8)])
+    assert report[-1]["decision"] == "sdpa", report
+
+
+def test_a_key_mask_that_also_drops_a_token_id_stays_on_sdpa():
+    """``causal & (ids != 0) & (ids != SEP)`` is not key padding on ``ids != 0``: separator keys must stay hidden
+    (error 0.26 when it was rewritten as padding_causal)."""
+    sep = 5
+
+    def drop_padding_and_separators(q, k, v, ids):
+        keep = (ids != 0) & (ids != sep)
+        mask = _causal(q.shape[2])[None, None] & keep[:, None, None, :]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    ids = torch.randint(6, 16, (2, 8), generator=torch.Generator().manual_seed(0))
+    ids[:, 4], ids[0, 6:] = sep, 0
+    (entry,) = _compile_and_compare(drop_padding_and_separators, *_qkv(), ids)
+    assert entry["decision"] == "sdpa" and "other than key padding" in entry["reason"], entry
+
+
+def test_kv_batch_broadcast_over_the_queries_stays_on_sdpa():
+    def shared_memory(q, k, v, attention_mask):
+        mask = _causal(q.shape[2])[None, None] & attention_mask[:, None, None, :].bool()
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    q, _, _ = _qkv(batch=3)
+    _, k, v = _qkv(batch=1)
+    attention_mask = torch.ones(3, 8, dtype=torch.long)
+    attention_mask[0, 6:] = 0
+    (entry,) = _compile_and_compare(shared_memory, q, k, v, attention_mask)
+    assert entry["decision"] == "sdpa" and "K/V batch" in entry["reason"], entry
+
+
+def test_output_viewed_as_sdpa_laid_it_out():
+    """SDPA's output on contiguous (B, H, S, D) inputs is contiguous, and a user may ``.view`` it; the op's output,
+    a transposed (B, S, H, D) tensor, is made contiguous there (the compile crashed before)."""
+
+    def viewed(q, k, v):
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return out.view(out.shape[0], out.shape[1], -1)
+
+    (entry,) = _compile_and_compare(viewed, *_qkv())
+    assert entry["decision"] == "te", entry
