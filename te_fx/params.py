@@ -64,9 +64,12 @@ def infer_attn_params(module: nn.Module) -> dict[str, Any] | None:
     head_dim = _first_int(getattr(module, "qk_head_dim", None), getattr(module, "head_dim", None))
     head_dim = head_dim or _first_int(getattr(config, "head_dim", None))
     num_heads = _first_int(getattr(module, "num_heads", None), getattr(module, "num_attention_heads", None))
+    config_heads = _first_int(getattr(config, "num_attention_heads", None))
     if num_heads is None and head_dim:
         num_heads = q_out // head_dim
-    num_heads = num_heads or _first_int(getattr(config, "num_attention_heads", None))
+        if config_heads and num_heads != config_heads:  # q_proj also computes something else (Qwen3-Next's gate)
+            return None
+    num_heads = num_heads or config_heads
     if not num_heads:
         return None
     head_dim = head_dim or q_out // num_heads

@@ -583,3 +583,23 @@ def test_scale_that_differs_from_the_te_module_falls_back(family):
     out = injected(ids).logits
     _expect_stats(fallback_scale_mismatch=_num_layers(injected))
     assert torch.equal(out, ref)
+
+
+def test_a_query_projection_that_also_computes_a_gate_is_not_injected():
+    """Qwen3-Next's q_proj gives queries and an output gate (twice H * D) and its module has no head count: the
+    width says 2H heads, the config H. te_fx does not guess which; the module keeps SDPA."""
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    class GatedAttention(nn.Module):
+        def __init__(self, heads, kv_heads, head_dim, gated=True):
+            super().__init__()
+            self.config = SimpleNamespace(num_attention_heads=heads, num_key_value_heads=kv_heads)
+            self.head_dim = head_dim
+            self.q_proj = nn.Linear(64, (2 if gated else 1) * heads * head_dim)
+            self.k_proj = nn.Linear(64, kv_heads * head_dim)
+            self.v_proj = nn.Linear(64, kv_heads * head_dim)
+
+    assert params.infer_attn_params(GatedAttention(4, 2, 16)) is None
+    assert params.infer_attn_params(GatedAttention(4, 2, 16, gated=False))["num_heads"] == 4
