@@ -156,32 +156,50 @@ class _MaskCache:
 _CACHE = _MaskCache()
 
 
-_SCOPE = threading.local()  # this thread's depth of forwards that cache decisions
+_SCOPE = threading.local()  # this thread's stack of running forwards that cache decisions (weak references)
 
 
-def enter_forward() -> None:
-    """A forward holding attention layers starts: decisions are cached until the outermost one ends, and that one
-    starts afresh. Writes through ``.data`` or numpy bypass the version counter, so a decision lasts one forward
-    (all its layers) at most; outside such forwards (the SDPA replacement called on its own) nothing is cached."""
-    depth = getattr(_SCOPE, "depth", 0)
-    if depth == 0:
+def _scope_stack() -> list[weakref.ref]:
+    if not hasattr(_SCOPE, "stack"):
+        _SCOPE.stack = []
+    return _SCOPE.stack
+
+
+def enter_forward(owner: object, parent: object | None = None) -> None:
+    """``owner``'s forward starts; ``parent`` is the scoped module that calls it (None: none does). Decisions are
+    cached until the outermost forward ends, and each outermost forward starts afresh: writes through ``.data``
+    or numpy bypass the version counter, so a decision lasts one forward (all its layers) at most. A forward not
+    called from ``parent`` (the stack top) is outermost too, which also drops a stack that an interrupted forward
+    (KeyboardInterrupt skips PyTorch's forward hooks) left behind. Outside such forwards nothing is cached."""
+    stack = _scope_stack()
+    if parent is None or not stack or stack[-1]() is not parent:
+        stack.clear()
         _CACHE.clear()
-    _SCOPE.depth = depth + 1
+    stack.append(weakref.ref(owner))
 
 
-def leave_forward() -> None:
-    """The forward :func:`enter_forward` announced has ended (normally or not)."""
-    _SCOPE.depth = max(0, getattr(_SCOPE, "depth", 0) - 1)
+def leave_forward(owner: object) -> None:
+    """``owner``'s forward has ended (normally or by an exception)."""
+    stack = _scope_stack()
+    for depth in range(len(stack) - 1, -1, -1):
+        if stack[depth]() is owner:
+            del stack[depth:]
+            return
 
 
 @contextlib.contextmanager
 def cached_decisions() -> Iterator[None]:
     """Decisions are cached inside this block, as inside an injected model's forward."""
-    enter_forward()
+    owner = _ScopeOwner()
+    enter_forward(owner)
     try:
         yield
     finally:
-        leave_forward()
+        leave_forward(owner)
+
+
+class _ScopeOwner:
+    """A weak-referenceable owner for :func:`cached_decisions`."""
 
 
 def classify_mask(
@@ -200,7 +218,7 @@ def classify_mask(
             return None
     except RuntimeError:
         return None
-    if mask.is_inference() or not getattr(_SCOPE, "depth", 0):  # inference tensors have no version counter
+    if mask.is_inference() or not _scope_stack():  # inference tensors have no version counter
         return _classify(mask, q_len, kv_len, window_left)
     key = (tuple(mask.shape), mask.data_ptr(), q_len, kv_len, window_left)
     hit, decision = _CACHE.lookup(mask, key)

@@ -332,19 +332,21 @@ def _skip_reason(module: nn.Module) -> str | None:
     return None
 
 
-def _enter_mask_scope(_module: nn.Module, _args: tuple) -> None:
-    masks.enter_forward()
+_SCOPE_PARENT = "_te_fx_mask_scope_parent"  # the scoped module whose forward calls this one, in the module's __dict__
 
 
-def _leave_mask_scope(_module: nn.Module, _args: tuple, _output: Any) -> None:
-    masks.leave_forward()
+def _enter_mask_scope(module: nn.Module, _args: tuple) -> None:
+    masks.enter_forward(module, vars(module).get(_SCOPE_PARENT))
+
+
+def _leave_mask_scope(module: nn.Module, _args: tuple, _output: Any) -> None:
+    masks.leave_forward(module)
 
 
 def _scope_mask_decisions(root: nn.Module, paths: list[str]) -> None:
-    """Cache mask decisions while a forward runs in ``root``, in a module above all the attention modules at
-    ``paths`` (the decoder) or in one holding such a module (a decoder layer called on its own); the outermost
-    such forward starts afresh (:func:`te_fx.masks.enter_forward`). The forward hook runs even when the forward
-    raises, so an error cannot leave decisions cached."""
+    """Cache mask decisions while a forward runs in ``root``, in the modules above all the attention modules at
+    ``paths`` (the decoder) and in the modules holding one (the decoder layers, which may be called on their own);
+    see :func:`te_fx.masks.enter_forward`. Containers without a forward (ModuleList) are skipped."""
     common = []
     for parts in zip(*(path.split(".") for path in paths)):
         if len(set(parts)) > 1:
@@ -352,11 +354,23 @@ def _scope_mask_decisions(root: nn.Module, paths: list[str]) -> None:
         common.append(parts[0])
     names = {".".join(common[:depth]) for depth in range(len(common) + 1)}
     names |= {path.rpartition(".")[0] for path in paths}
-    for name in sorted(names):
+    scoped = {}
+    for name in sorted(names, key=lambda name: (name.count("."), name) if name else (-1, name)):
         module = root.get_submodule(name)
+        if isinstance(module, (nn.ModuleList, nn.ModuleDict)):
+            continue
+        parent = next((scoped[p] for p in _prefixes(name) if p in scoped), None)
+        object.__setattr__(module, _SCOPE_PARENT, parent)  # not a submodule: no state_dict entry, no cycle
+        scoped[name] = module
         if _enter_mask_scope not in module._forward_pre_hooks.values():
             module.register_forward_pre_hook(_enter_mask_scope)
             module.register_forward_hook(_leave_mask_scope, always_call=True)
+
+
+def _prefixes(name: str) -> list[str]:
+    """The module paths above ``name``, nearest first ("" is the root)."""
+    parts = name.split(".") if name else []
+    return [".".join(parts[:depth]) for depth in range(len(parts) - 1, -1, -1)]
 
 
 def inject_te_attention_into_module(module: nn.Module, *, executor: str | None = None) -> bool:
@@ -448,5 +462,6 @@ def remove_te_attention(model: nn.Module) -> None:
             for key in [key for key, value in hooks.items() if value is hook]:
                 del hooks[key]
                 module._forward_hooks_always_called.pop(key, None)
+        vars(module).pop(_SCOPE_PARENT, None)
     if hasattr(model, _TE_MODEL_FLAG):
         delattr(model, _TE_MODEL_FLAG)

@@ -552,28 +552,45 @@ def test_nothing_is_cached_outside_a_forward(classify_calls):
     """The SDPA replacement called on its own (no injected forward around it) decides every call afresh: a mask
     refilled through ``.data`` between two calls keeps its version counter and would reuse a stale decision."""
     mask = hf_causal(6, 6).view(1, 1, 6, 6).clone()
-    masks.leave_forward()  # out of the fixture's scope
+    stack = list(masks._scope_stack())
+    masks._scope_stack().clear()  # out of the fixture's scope
     try:
         assert classify_mask(mask, 1, 2, 6, 6) == ("causal", (-1, 0))
         mask.data[0, 0, 3:, :3] = False  # two documents, version unchanged
         assert classify_mask(mask, 1, 2, 6, 6) is None
     finally:
-        masks.enter_forward()
+        masks._scope_stack()[:] = stack
     assert len(classify_calls) == 2
 
 
-def test_the_outermost_forward_starts_afresh(classify_calls):
+class _Owner:
+    pass
+
+
+def test_forwards_nested_in_their_parent_keep_decisions_and_others_start_afresh():
+    model, decoder, layer, other_layer = _Owner(), _Owner(), _Owner(), _Owner()
     mask = hf_causal(6, 6).view(1, 1, 6, 6).clone()
-    assert classify_mask(mask, 1, 2, 6, 6) == ("causal", (-1, 0))
-    with masks.cached_decisions():  # a nested forward (a layer inside the model) keeps the decisions
-        assert classify_mask(mask, 1, 2, 6, 6) == ("causal", (-1, 0))
-    assert len(classify_calls) == 1
-    masks.leave_forward()
-    with masks.cached_decisions():  # the next outermost forward does not
-        mask.data[0, 0, 3:, :3] = False
-        assert classify_mask(mask, 1, 2, 6, 6) is None
-    masks.enter_forward()
-    assert len(classify_calls) == 2
+
+    def decide():
+        return classify_mask(mask, 1, 2, 6, 6)
+
+    masks.enter_forward(model)
+    masks.enter_forward(decoder, parent=model)
+    masks.enter_forward(layer, parent=decoder)
+    assert decide() == ("causal", (-1, 0))
+    masks.leave_forward(layer)
+    mask.data[0, 0, 3:, :3] = False  # a refill inside one forward is not seen (decided once per forward) ...
+    masks.enter_forward(other_layer, parent=decoder)
+    assert decide() == ("causal", (-1, 0))
+    # ... an interrupted forward (KeyboardInterrupt skips the forward hooks) never leaves: the next forward that is
+    # not called from the stack top starts afresh, whether it is the model or a layer called on its own
+    masks.enter_forward(layer, parent=decoder)
+    assert decide() is None
+    mask.data.copy_(hf_causal(6, 6))
+    masks.enter_forward(model)
+    assert decide() == ("causal", (-1, 0))
+    masks.leave_forward(model)
+    assert not masks._scope_stack()
 
 
 def test_cache_is_consistent_across_threads():

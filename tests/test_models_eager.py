@@ -431,6 +431,28 @@ def test_user_mask_rewritten_between_calls_of_one_decoder_layer_is_classified_ag
     assert te_fx.get_te_attention_stats() == {**ZERO_STATS, "fallback_mask": 1}
 
 
+def test_a_forward_interrupted_by_keyboard_interrupt_leaves_no_decision_behind():
+    """KeyboardInterrupt skips PyTorch's forward hooks: the next forward must still start afresh (error 6.7)."""
+    plain, injected = _pair("llama_gqa")
+    ids = _input_ids()
+    mask = torch.ones(SEQ_LEN, SEQ_LEN, dtype=torch.bool).tril()[None, None].repeat(2, 1, 1, 1)
+
+    def interrupt(_module, _args):
+        raise KeyboardInterrupt
+
+    handle = injected.model.layers[1].register_forward_pre_hook(interrupt)
+    with torch.no_grad():
+        with pytest.raises(KeyboardInterrupt):
+            injected(ids, attention_mask=mask)
+        handle.remove()
+        injected(ids, attention_mask=mask)
+        mask.data[1, :, 3:, :3] = False
+        te_fx.reset_te_attention_stats()
+        torch.testing.assert_close(injected(ids, attention_mask=mask).logits, plain(ids, attention_mask=mask).logits,
+                                   atol=ATOL, rtol=RTOL)  # fmt: skip
+    assert te_fx.get_te_attention_stats() == {**ZERO_STATS, "fallback_mask": _num_layers(injected)}
+
+
 def test_a_mask_is_classified_once_per_forward_not_per_layer(monkeypatch):
     """HF hands every layer the same mask object: one classification (one host sync) per forward of the model."""
     from te_fx import masks
