@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from torch._prims_common import make_contiguous_strides_for
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from . import ops
@@ -224,6 +225,9 @@ def _rewrite_one(graph: fx.Graph, node: fx.Node, executor: str, written: set[fx.
             entry.window_size = classified.window_size
             if executor == "te":
                 reason = _te_shape_reason(q, k, v, classified, _hint(node_value(args["dropout_p"])))
+    layout = _output_layout(node_value(node)) if reason is None else None
+    if reason is None and layout is None:
+        reason = "SDPA's output has a memory layout the op does not give"
     if reason is not None:
         entry.reason = reason
         return entry
@@ -245,16 +249,11 @@ def _rewrite_one(graph: fx.Graph, node: fx.Node, executor: str, written: set[fx.
             executor=executor,
         )
         out = graph.call_function(ops.attention, tuple(operands), kwargs)
-        traced = node_value(node)
-        out.meta["example_value"] = traced.transpose(1, 2).contiguous()
+        out.meta["example_value"] = node_value(node).transpose(1, 2)
         replacement = graph.call_method("transpose", (out, 1, 2))
-        replacement.meta["example_value"] = out.meta["example_value"].transpose(1, 2)
-        # a user that relies on SDPA's contiguous output (a .view) gets it; HF transposes it back to bshd, for free
-        if traced.is_contiguous() and not replacement.meta["example_value"].is_contiguous() and not all(
-            _transposes_back(user, node) for user in node.users
-        ):
+        if layout == "contiguous":  # users may rely on SDPA's memory layout (a .view, as_strided)
             replacement = graph.call_method("contiguous", (replacement,))
-            replacement.meta["example_value"] = traced
+        replacement.meta["example_value"] = node_value(node)
     producers = node.all_input_nodes
     node.replace_all_uses_with(replacement)
     graph.erase_node(node)
@@ -263,12 +262,16 @@ def _rewrite_one(graph: fx.Graph, node: fx.Node, executor: str, written: set[fx.
     return entry
 
 
-def _transposes_back(user: fx.Node, node: fx.Node) -> bool:
-    """Whether ``user`` is ``node.transpose(1, 2)`` (the (B, S, H, D) layout the op returns)."""
-    is_transpose = (user.op == "call_method" and user.target == "transpose") or user.target is torch.transpose
-    dims = user.args[1:3]
-    return (is_transpose and user.args[0] is node and all(isinstance(d, int) for d in dims)
-            and sorted(d % 4 for d in dims) == [1, 2])  # fmt: skip
+def _output_layout(out: torch.Tensor) -> str | None:
+    """How SDPA lays out its (B, H, S, D) output, from its traced strides: "bshd" (the op's layout, transposed, as
+    SDPA's CUDA kernels give it for HF's inputs), "contiguous", or None (another layout)."""
+    batch, heads, seq, dim = out.shape
+    bshd = make_contiguous_strides_for((batch, seq, heads, dim))
+    layouts = {"bshd": (bshd[0], bshd[2], bshd[1], bshd[3]), "contiguous": make_contiguous_strides_for(out.shape)}
+    for name, strides in layouts.items():
+        if all(same_size(a, b) for a, b in zip(out.stride(), strides)):
+            return name
+    return None
 
 
 def _erase_dead_producers(nodes: list[fx.Node]) -> None:

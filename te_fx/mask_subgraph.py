@@ -114,18 +114,33 @@ def _numbers(*values: object) -> list[int | float]:
     return found
 
 
-def _spans(node: fx.Node) -> list[int]:
-    """The lengths a node's constants can stand for, rounded up: the constant itself, ``1 / c`` for a fraction
-    (``idx * (1 / 64)``) and ``2 ** c`` for a shift (``idx >> 6``)."""
+_SCALING = ("div", "shift", "mul", "mod", "remainder")  # ops whose constants multiply an input's period
+
+
+def _own_span(node: fx.Node) -> int:
+    """The longest length a node's own constants can stand for, rounded up: the constant itself, ``1 / c`` for a
+    fraction (``idx * (1 / 64)``) and ``2 ** c`` for a shift (``idx >> 6``)."""
     shift = "shift" in str(node.target)
-    spans = []
+    spans = [0]
     for number in _numbers(node.args, node.kwargs):
         spans.append(math.ceil(abs(number)))
         if 0 < abs(number) < 1:
             spans.append(math.ceil(1 / abs(number)))
         if shift and isinstance(number, int) and 0 <= number < 63:
             spans.append(2**number)
-    return spans
+    return max(spans)
+
+
+def _largest_span(nodes: list[fx.Node]) -> int:
+    """The longest period or window the subgraph ``nodes`` (in graph order) can hold: a node's own span, times its
+    inputs' where it divides, shifts, scales or wraps them (``idx // 40 // 40`` has chunks of 1600)."""
+    spans: dict[fx.Node, int] = {}
+    for node in nodes:
+        own = _own_span(node)
+        inherited = max([0, *(spans.get(n, 0) for n in node.all_input_nodes)])
+        scales = any(name in str(node.target) for name in _SCALING)
+        spans[node] = max(own, inherited, own * inherited if scales else 0)
+    return max([0, *spans.values()])
 
 
 def _concrete(size: object, assignment: dict) -> int:
@@ -233,7 +248,7 @@ def classify_mask_node(
     if symbols:
         # sequence lengths must also be sampled beyond every constant of the subgraph (a sliding window of 4096
         # looks like full causal attention at the traced 2048); other sizes stay small to bound the cost
-        largest = max([0, *(span for n in ancestors for span in _spans(n))])
+        largest = _largest_span(ancestors)
         batch_symbols = _free_symbols(batch) - _free_symbols(q_len) - _free_symbols(kv_len)
         independent_batch = batch_symbols == _free_symbols(batch)
         if 2 * largest + 3 > (_MAX_SAMPLE if independent_batch else 64):
@@ -244,6 +259,15 @@ def classify_mask_node(
             assignments.append({s: min(n, 3) if s in batch_symbols else n for s in symbols})
         if batch_symbols:  # batch rows beyond every constant, at a short length
             assignments.append({s: max(4, largest + 1) if s in batch_symbols else 7 for s in symbols})
+        # sizes of their own symbols may differ at run time: top-left and bottom-right causal agree only where
+        # q_len == kv_len
+        q_only = _free_symbols(q_len) - _free_symbols(kv_len)
+        kv_only = _free_symbols(kv_len) - _free_symbols(q_len)
+        for n in (7, largest + 1) if q_only and kv_only else ():
+            for q_size, kv_size in ((n, n + 3), (n + 3, n)):
+                assignment = {s: min(n, 3) if s in batch_symbols else n for s in symbols}
+                assignment.update({**dict.fromkeys(q_only, q_size), **dict.fromkeys(kv_only, kv_size)})
+                assignments.append(assignment)
     samples = []
     for assignment in assignments:
         shape = tuple(_concrete(size, assignment) for size in (batch, q_len, kv_len))

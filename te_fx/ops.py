@@ -193,9 +193,15 @@ def _check_arguments(
         raise ValueError(f"q, k and v must share one floating-point dtype, got {q.dtype}/{k.dtype}/{v.dtype}")
     if isinstance(dropout_p, (int, float)) and not 0 <= dropout_p < 1:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    if key_padding_mask is not None and (key_padding_mask.dim() != 2 or key_padding_mask.is_floating_point()):
-        raise ValueError("key_padding_mask must be a (B, S) bool or integer tensor (nonzero = keep), "
-                         f"got {key_padding_mask.dim()}D {key_padding_mask.dtype}")  # fmt: skip
+    if key_padding_mask is not None:
+        if key_padding_mask.dim() != 2 or key_padding_mask.is_floating_point():
+            raise ValueError("key_padding_mask must be a (B, S) bool or integer tensor (nonzero = keep), "
+                             f"got {key_padding_mask.dim()}D {key_padding_mask.dtype}")  # fmt: skip
+        # symbolic sizes make these run-time asserts, not guards; Dynamo takes only constant messages
+        torch._check_value(key_padding_mask.shape[0] == q.shape[0],
+                           lambda: "key_padding_mask must be (B, S_kv): its batch differs from the query's")
+        torch._check_value(key_padding_mask.shape[1] == k.shape[1],
+                           lambda: "key_padding_mask must be (B, S_kv): its length differs from the keys'")
 
 
 def attention(

@@ -267,3 +267,47 @@ def test_output_viewed_as_sdpa_laid_it_out():
 
     (entry,) = _compile_and_compare(viewed, *_qkv())
     assert entry["decision"] == "te", entry
+
+
+def test_a_top_left_causal_mask_is_not_taken_for_bottom_right_when_lengths_differ():
+    """SDPA's documented explicit mask, ``ones(L, S).tril()``, is aligned top-left; a dynamic graph with separate
+    query and key lengths must not become TE's bottom-right causal (error 2.6 at L=5, S=9)."""
+
+    def top_left(q, k, v):
+        mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool).tril()
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[None, None])
+
+    torch._dynamo.reset()
+    te_fx.reset_compile_report()
+    compiled = torch.compile(top_left, backend="te_attn", options=OPTIONS, fullgraph=True)
+    generator = torch.Generator().manual_seed(0)
+    for q_len, kv_len in ((8, 8), (12, 12), (5, 9)):
+        q = torch.randn(1, 2, q_len, 8, generator=generator)
+        k, v = (torch.randn(1, 2, kv_len, 8, generator=generator) for _ in range(2))
+        torch.testing.assert_close(compiled(q, k, v), top_left(q, k, v), atol=ATOL, rtol=RTOL)
+    assert te_fx.compile_report()[-1]["decision"] == "sdpa"
+
+
+def test_chained_divisions_multiply_the_span():
+    """``idx // 40 // 40`` has 1600-token chunks, though no constant is above 40 (error 2.6 at 1700 tokens)."""
+
+    def chunks(q, k, v):
+        idx = torch.arange(q.shape[2])
+        chunk = idx // 40 // 40
+        mask = (idx[None, :] <= idx[:, None]) & (chunk[None, :] == chunk[:, None])
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[None, None])
+
+    report = _compile_over(chunks, [(1, 16), (1, 20), (1, 1700)])
+    assert report[-1]["decision"] == "sdpa", report
+
+
+def test_storage_read_after_the_transpose_back_sees_sdpa_layout():
+    """``as_strided`` reads storage: the op's output gets the layout SDPA's traced output had (error 2.5)."""
+
+    def flat_storage(q, k, v):
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+        return torch.as_strided(out, (out.numel(),), (1,))
+
+    (entry,) = _compile_and_compare(flat_storage, *_qkv())
+    assert entry["decision"] == "te", entry
+

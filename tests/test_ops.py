@@ -237,6 +237,8 @@ def test_key_padding_mask_needs_full_causal_self_attention():
         (dict(dropout_p=-0.1), "dropout_p"),
         (dict(key_padding_mask=torch.zeros(2, 5)), "bool or integer"),  # additive float: 0 would read as padding
         (dict(key_padding_mask=torch.ones(2, 1, 1, 5, dtype=torch.bool)), "bool or integer"),
+        (dict(key_padding_mask=torch.ones(1, 5, dtype=torch.bool)), "batch differs"),  # no broadcast
+        (dict(key_padding_mask=torch.ones(2, 4, dtype=torch.bool)), "length differs"),  # gather would cut q/k/v
     ],
 )
 def test_arguments_no_executor_can_run_are_clear_errors(change, match):
