@@ -294,9 +294,18 @@ class _TEForward:
             return type(self.module).forward(self.module, *args, **kwargs)
 
 
+def _refuse_replication() -> nn.Module:
+    raise RuntimeError(
+        "te_fx: nn.DataParallel cannot replicate a module with te_fx attention (each replica would run the original "
+        "module's forward); use DistributedDataParallel (torchrun), or te_fx.remove_te_attention(model) first"
+    )
+
+
 def _patch_module_forward(module: nn.Module, te_sdpa: Callable) -> None:
-    """Shadow ``module.forward`` with one that routes this thread's SDPA calls to ``te_sdpa`` while it runs."""
+    """Shadow ``module.forward`` with one that routes this thread's SDPA calls to ``te_sdpa`` while it runs.
+    nn.DataParallel's replicas would share that forward, bound to this module: replicating it raises instead."""
     module.forward = _TEForward(module, te_sdpa)
+    module._replicate_for_data_parallel = _refuse_replication
 
 
 def _imports_sdpa_locally(module: nn.Module) -> bool:
@@ -455,8 +464,11 @@ def inject_te_attention(model: nn.Module, *, executor: str | None = None) -> Non
 def remove_te_attention(model: nn.Module) -> None:
     """Undo :func:`inject_te_attention`: restore each module's own forward and drop ``attn_module``."""
     for module in model.modules():
-        if hasattr(module, _TE_MODULE_ATTR) and "forward" in vars(module):
-            del module.forward
+        forward = vars(module).get("forward")
+        if hasattr(module, _TE_MODULE_ATTR) and isinstance(forward, _TEForward):
+            del module.forward, module._replicate_for_data_parallel
+            if forward.inner is not None:  # a forward installed before injection (accelerate hooks, wrappers)
+                module.forward = forward.inner
             delattr(module, _TE_MODULE_ATTR)
         for hooks, hook in ((module._forward_pre_hooks, _enter_mask_scope), (module._forward_hooks, _leave_mask_scope)):
             for key in [key for key, value in hooks.items() if value is hook]:

@@ -7,6 +7,7 @@ generation, checkpoints, module state and dropout. Counters are checked too, but
 from __future__ import annotations
 
 import copy
+import importlib
 import inspect
 import io
 
@@ -493,6 +494,46 @@ def test_remove_te_attention_gives_back_the_plain_model():
     te_fx.inject_te_attention(injected, executor="reference")  # and it can be injected again
     injected(ids)
     assert te_fx.get_te_attention_stats()["te_hits"] == _num_layers(injected)
+
+
+def test_remove_te_attention_gives_back_a_forward_installed_before_injection():
+    """Accelerate's hooks and user wrappers set ``module.forward``: injection runs them, removal restores them."""
+    import functools
+
+    plain, injected = _pair("llama")
+    for model in (plain, injected):
+        attention = model.model.layers[0].self_attn
+        own = attention.forward
+
+        def halved(*args, own=own, **kwargs):
+            out, weights = own(*args, **kwargs)
+            return out * 0.5, weights
+
+        attention.forward = functools.update_wrapper(halved, own)
+    te_fx.remove_te_attention(injected)
+    te_fx.inject_te_attention(injected, executor="reference")
+    ids = _input_ids()
+    with torch.no_grad():
+        torch.testing.assert_close(injected(ids).logits, plain(ids).logits, atol=ATOL, rtol=RTOL)
+        te_fx.remove_te_attention(injected)
+        torch.testing.assert_close(injected(ids).logits, plain(ids).logits, atol=ATOL, rtol=RTOL)
+    assert vars(injected.model.layers[0].self_attn)["forward"].__wrapped__ is not None
+
+
+def test_data_parallel_replication_of_an_injected_model_is_refused(monkeypatch):
+    """A replica would share the original module's patched forward (its weights, its device): a clear error instead.
+    The GPU broadcast of torch's replicate() is emulated by copies on the CPU."""
+    replicate_module = importlib.import_module("torch.nn.parallel.replicate")  # the package exports the function
+
+    monkeypatch.setattr(replicate_module, "_get_device_index", lambda device, optional=False: 0)
+    monkeypatch.setattr(replicate_module, "_broadcast_coalesced_reshape",
+                        lambda tensors, devices, detach=False: [[t.detach().clone() for t in tensors] for _ in devices])
+    plain, injected = _pair("llama")
+    assert replicate_module.replicate(plain, [0], detach=True)  # the emulation works for a plain model
+    with pytest.raises(RuntimeError, match="DistributedDataParallel"):
+        replicate_module.replicate(injected, [0], detach=True)
+    te_fx.remove_te_attention(injected)
+    assert replicate_module.replicate(injected, [0], detach=True)
 
 
 @pytest.mark.parametrize("family", ["llama_gqa", "gemma3", "deepseek_v3"])
