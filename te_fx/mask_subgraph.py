@@ -28,6 +28,7 @@ __all__ = ["SubgraphMask", "classify_mask_node", "node_value", "same_size"]
 
 _SAMPLE_SIZES = (1, 2, 3, 7, 16, 33)  # substituted for symbolic sizes, besides the traced ones
 _MAX_SAMPLE = 1 << 14  # a window constant larger than this cannot be checked at compile time
+_MAX_SAMPLE_ELEMENTS = 1 << 30  # batch * q_len * kv_len of one evaluation (compile-time memory)
 _LONG_SAMPLE = 1031  # a length past periods no constant shows (position dtypes, spans computed at run time)
 # nondeterministic ops: a mask drawn from them is a different mask at every call
 _RANDOM_OPS = ("rand", "bernoulli", "normal", "dropout", "multinomial", "uniform", "poisson", "exponential", "random")
@@ -269,8 +270,13 @@ def classify_mask_node(
                 assignment.update({**dict.fromkeys(q_only, q_size), **dict.fromkeys(kv_only, kv_size)})
                 assignments.append(assignment)
     samples = []
+    # the traced size costs what the model's own mask costs; samples beyond it (a large static batch times a long
+    # sampled length) are bounded
+    limit = max(_MAX_SAMPLE_ELEMENTS, math.prod(_concrete(size, assignments[0]) for size in (batch, q_len, kv_len)))
     for assignment in assignments:
         shape = tuple(_concrete(size, assignment) for size in (batch, q_len, kv_len))
+        if math.prod(shape) > limit:
+            return "mask too large to evaluate at the lengths it must be checked at"
         args = _leaf_args(leaves, assignment)
         try:
             with torch.no_grad():

@@ -311,3 +311,27 @@ def test_storage_read_after_the_transpose_back_sees_sdpa_layout():
     (entry,) = _compile_and_compare(flat_storage, *_qkv())
     assert entry["decision"] == "te", entry
 
+
+
+def test_a_mask_too_large_to_sample_stays_on_sdpa(monkeypatch):
+    """A large static batch times the lengths a window must be checked at (2 * window + 3) could exhaust memory at
+    compile time: such a mask stays on SDPA instead (the limit is lowered here to keep the test small)."""
+    from te_fx import mask_subgraph
+
+    monkeypatch.setattr(mask_subgraph, "_MAX_SAMPLE_ELEMENTS", 20_000)
+
+    def padded_window(q, k, v, attention_mask):
+        idx = torch.arange(q.shape[2])
+        distance = idx[:, None] - idx[None, :]
+        mask = ((distance >= 0) & (distance < 50))[None, None] & attention_mask[:, None, None, :].bool()
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    torch._dynamo.reset()
+    te_fx.reset_compile_report()
+    compiled = torch.compile(padded_window, backend="te_attn", options=OPTIONS, fullgraph=True)
+    for seq in (16, 20):  # the second call compiles the dynamic graph: 4 * 103 * 103 elements at length 103
+        q, k, v = _qkv(batch=4, seq=seq)
+        attention_mask = torch.ones(4, seq, dtype=torch.long)
+        torch.testing.assert_close(compiled(q, k, v, attention_mask), padded_window(q, k, v, attention_mask),
+                                   atol=ATOL, rtol=RTOL)  # fmt: skip
+    assert "too large to evaluate" in te_fx.compile_report()[-1]["reason"], te_fx.compile_report()
