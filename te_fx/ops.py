@@ -158,7 +158,9 @@ def _compact_valid_first(key_padding_mask: Tensor) -> tuple[Tensor, Tensor, Tens
     # each token's place after the stable partition: kept ones by rank, padding after them in order
     restore = torch.where(keep, kept_before - 1, lengths + torch.arange(keep.shape[1], device=keep.device) - kept_before)
     order = torch.empty_like(restore).scatter_(1, restore, torch.arange(keep.shape[1], device=keep.device).expand_as(restore))
-    cu_seqlens = torch.nn.functional.pad(lengths.flatten().cumsum(0).to(torch.int32), (1, 0))
+    # a row with no kept token still gets one key (a padding one, at the front), so that no kernel sees an empty
+    # sequence and leaves its output or statistics unwritten; those rows are zeroed afterwards
+    cu_seqlens = torch.nn.functional.pad(lengths.clamp(min=1).flatten().cumsum(0).to(torch.int32), (1, 0))
     return order, restore, cu_seqlens, kept_before > 0
 
 
@@ -182,7 +184,14 @@ class _PermuteRows(torch.autograd.Function):
 
 
 def _check_arguments(
-    q: Tensor, k: Tensor, v: Tensor, dropout_p: float, key_padding_mask: Tensor | None, executor: str
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask_type: str,
+    window_size: tuple[int, int],
+    dropout_p: float,
+    key_padding_mask: Tensor | None,
+    executor: str,
 ) -> None:
     """Clear errors for arguments no executor can run (metadata only: no guards under torch.compile)."""
     if executor not in EXECUTORS:
@@ -193,6 +202,10 @@ def _check_arguments(
         raise ValueError(f"q, k and v must share one floating-point dtype, got {q.dtype}/{k.dtype}/{v.dtype}")
     if isinstance(dropout_p, (int, float)) and not 0 <= dropout_p < 1:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    # TE aligns the window of a non-causal type top-left in its fused functions, bottom-right in DotProductAttention:
+    # the two agree only for q_len == kv_len
+    if not mask_type.startswith("causal") and tuple(window_size) != (-1, -1) and q.shape[1] != k.shape[1]:
+        raise ValueError(f"window_size {tuple(window_size)} with mask_type {mask_type!r} needs q_len == kv_len")
     if key_padding_mask is not None:
         if key_padding_mask.dim() != 2 or key_padding_mask.is_floating_point():
             raise ValueError("key_padding_mask must be a (B, S) bool or integer tensor (nonzero = keep), "
@@ -223,7 +236,7 @@ def attention(
     ``executor`` "te" needs CUDA fp16/bf16 tensors that TE's F16 fused backend supports; "reference" runs anywhere.
     Dropout draws fresh randomness per call; the backward reuses the forward's.
     """
-    _check_arguments(q, k, v, dropout_p, key_padding_mask, executor)
+    _check_arguments(q, k, v, mask_type, window_size, dropout_p, key_padding_mask, executor)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     training = needs_grad or dropout_p > 0
     cu_seqlens_q = cu_seqlens_kv = None
@@ -240,5 +253,5 @@ def attention(
         training, executor,
     )  # fmt: skip
     if key_padding_mask is not None:
-        out = _PermuteRows.apply(out, restore, order) * sees_a_key[:, :, None, None]
+        out = torch.where(sees_a_key[:, :, None, None], _PermuteRows.apply(out, restore, order), 0.0)
     return out

@@ -218,6 +218,30 @@ def test_key_padding_mask_matches_sdpa_and_gradcheck(padding, dtype):
     assert torch.autograd.gradcheck(attention, (q, k, v))
 
 
+def test_a_fully_padded_row_reaches_the_kernel_as_one_key_and_comes_back_zero(monkeypatch):
+    """No executor sees an empty sequence (TE's bshd kernels may leave such rows unwritten, and garbage times zero
+    can be NaN): the row gets one padding key, and its output and gradients are exactly zero."""
+    from te_fx.executors import reference
+
+    seen = []
+    real = reference.reference_attention
+
+    def recording(q, k, v, seqlens_q=None, seqlens_kv=None, **kwargs):
+        seen.append(seqlens_kv.tolist())
+        return real(q, k, v, seqlens_q=seqlens_q, seqlens_kv=seqlens_kv, **kwargs)
+
+    monkeypatch.setattr(ops, "reference_attention", recording)
+    q, k, v = _qkv(q_len=6, kv_len=6)
+    padding = torch.tensor(KEY_PADDING["empty_row"])
+    out = ops.attention(q, k, v, mask_type="causal", window_size=(-1, 0), softmax_scale=0.5,
+                        key_padding_mask=padding, executor="reference")  # fmt: skip
+    assert seen == [[1, 3]]
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+    out.sum().backward()
+    for t in (q, k, v):
+        assert torch.equal(t.grad[0], torch.zeros_like(t.grad[0]))
+
+
 def test_key_padding_mask_needs_full_causal_self_attention():
     q, k, v = _qkv(grad=False)
     padding = torch.ones(2, 5, dtype=torch.long)
@@ -239,6 +263,7 @@ def test_key_padding_mask_needs_full_causal_self_attention():
         (dict(key_padding_mask=torch.ones(2, 1, 1, 5, dtype=torch.bool)), "bool or integer"),
         (dict(key_padding_mask=torch.ones(1, 5, dtype=torch.bool)), "batch differs"),  # no broadcast
         (dict(key_padding_mask=torch.ones(2, 4, dtype=torch.bool)), "length differs"),  # gather would cut q/k/v
+        (dict(mask_type="no_mask", window_size=(1, 1), q=lambda q: q[:, :3]), "needs q_len == kv_len"),
     ],
 )
 def test_arguments_no_executor_can_run_are_clear_errors(change, match):
