@@ -218,7 +218,7 @@ def test_fp8_autocast_falls_back_where_fp8_attention_cannot_run():
     assert get_te_attention_stats()["te_hits"] == 1
 
 
-@pytest.mark.parametrize("pad", ["right", "left", "holes"])
+@pytest.mark.parametrize("pad", ["right", "left", "holes", "empty_row"])
 def test_key_padding_mask_on_te_matches_float64(pad, rel_error):
     from te_fx import ops
 
@@ -228,6 +228,9 @@ def test_key_padding_mask_on_te_matches_float64(pad, rel_error):
         keep[1, 200:] = 0
     elif pad == "left":
         keep[1, :57] = 0
+    elif pad == "empty_row":  # no kept token at all: the kernel gets one padding key, the row comes back zero
+        keep[0] = 0
+        keep[1, 200:] = 0
     else:
         keep[0, 30:40] = 0
         keep[1, 100:150] = 0
@@ -243,4 +246,7 @@ def test_key_padding_mask_on_te_matches_float64(pad, rel_error):
     if pad != "holes":  # left and right padding are exact at padding positions too (zero / all valid keys)
         assert rel_error(out, ref) < 1e-2
     for t, r in zip((q, k, v), leaves):
+        assert torch.isfinite(t.grad).all()
         assert rel_error(t.grad, r.grad) < 3e-2
+    if pad == "empty_row":
+        assert torch.equal(out[0], torch.zeros_like(out[0])) and not q.grad[0].any()
