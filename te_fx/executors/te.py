@@ -9,6 +9,7 @@ everything else still goes through it) but sends plain bshd fp16/bf16 calls stra
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any
 
 import torch
@@ -45,6 +46,12 @@ def _fp8_attention_recipe() -> Any:
     return recipe if recipe.fp8_dpa else None
 
 
+def _deterministic() -> bool:
+    """TE's rule (``DotProductAttention.__init__``): deterministic kernels when torch asks for deterministic
+    algorithms or ``NVTE_ALLOW_NONDETERMINISTIC_ALGO=0``."""
+    return torch.are_deterministic_algorithms_enabled() or not int(os.getenv("NVTE_ALLOW_NONDETERMINISTIC_ALGO", "1"))
+
+
 def _recipe_key(recipe: Any) -> tuple | None:
     """What of an FP8 recipe TE's backend selection reads (recipes are unhashable dataclasses)."""
     return None if recipe is None else (type(recipe).__name__, str(recipe.fp8_format), recipe.fp8_dpa, recipe.fp8_mha)
@@ -59,9 +66,10 @@ def _backend_ok(
     dropout_p: float,
     training: bool,
     fp8_key: tuple | None,
+    deterministic: bool,
 ) -> bool:
     """Whether TE selects its fused attention for this call: the F16 backend, or the FP8 one while FP8 attention
-    is on (``fp8_key``, from :func:`_recipe_key` of the current recipe)."""
+    is on (``fp8_key``, from :func:`_recipe_key` of the current recipe), with deterministic kernels if asked."""
     batch, heads, kv_heads, q_len, kv_len, dqk, dv, device_index = shape
     fp8 = {} if fp8_key is None else dict(fp8=True, fp8_meta={"recipe": FP8GlobalStateManager.get_fp8_recipe()})
     params = dpa_utils.AttentionParams(
@@ -79,6 +87,7 @@ def _backend_ok(
         bottom_right_diagonal=mask_type.endswith("bottom_right"),
         attention_dropout=dropout_p,
         is_training=training,
+        deterministic=deterministic,
         **fp8,
     )
     with torch.cuda.device(device_index):
@@ -106,7 +115,8 @@ def shape_unsupported_reason(
     if not te_head_dims_supported(shape[5], shape[6]):
         return "fallback_head_dim"
     key = _recipe_key(fp8_recipe)
-    if not _backend_ok(dtype, (*shape, device_index), mask_type, tuple(window_size), float(dropout_p), bool(training), key):
+    config = (mask_type, tuple(window_size), float(dropout_p), bool(training), key, _deterministic())
+    if not _backend_ok(dtype, (*shape, device_index), *config):
         return "fallback_shape" if key is None else "fallback_fp8"
     return None
 
@@ -146,23 +156,24 @@ def fused_forward(
     """TE fused attention forward on contiguous bshd tensors; returns (out bshd, aux tensors for the backward).
     ``cu_seqlens_*`` (int32, B + 1, on the device) give per-sequence lengths for the ``padding*`` mask types."""
     batch, q_len, kv_len = q.shape[0], q.shape[1], k.shape[1]
-    out, aux = fused_attn_fwd(
-        training,
-        q_len,
-        kv_len,
-        _cu_seqlens(batch, q_len, q.device) if cu_seqlens_q is None else cu_seqlens_q,
-        _cu_seqlens(batch, kv_len, q.device) if cu_seqlens_kv is None else cu_seqlens_kv,
-        q,
-        k,
-        v,
-        q.dtype,
-        _F16,
-        attn_scale=softmax_scale,
-        dropout=dropout_p,
-        attn_mask_type=mask_type,
-        window_size=window_size,
-        **_LAYOUT,
-    )
+    with torch.cuda.device(q.device):  # TE allocates its outputs and launches on the current device
+        out, aux = fused_attn_fwd(
+            training,
+            q_len,
+            kv_len,
+            _cu_seqlens(batch, q_len, q.device) if cu_seqlens_q is None else cu_seqlens_q,
+            _cu_seqlens(batch, kv_len, q.device) if cu_seqlens_kv is None else cu_seqlens_kv,
+            q,
+            k,
+            v,
+            q.dtype,
+            _F16,
+            attn_scale=softmax_scale,
+            dropout=dropout_p,
+            attn_mask_type=mask_type,
+            window_size=window_size,
+            **_LAYOUT,
+        )
     return out, list(aux) if aux is not None else []
 
 
@@ -182,27 +193,29 @@ def fused_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """TE fused attention backward; returns (dq, dk, dv) in bshd."""
     batch, q_len, kv_len = q.shape[0], q.shape[1], k.shape[1]
-    grads = fused_attn_bwd(
-        q_len,
-        kv_len,
-        _cu_seqlens(batch, q_len, q.device) if cu_seqlens_q is None else cu_seqlens_q,
-        _cu_seqlens(batch, kv_len, q.device) if cu_seqlens_kv is None else cu_seqlens_kv,
-        q,
-        k,
-        v,
-        out,
-        d_out.contiguous(),
-        q.dtype,
-        aux,
-        _F16,
-        attn_scale=softmax_scale,
-        dropout=dropout_p,
-        attn_mask_type=mask_type,
-        window_size=window_size,
-        do_format="bshd",
-        dqkv_layout="bshd_bshd_bshd",
-        **_LAYOUT,
-    )
+    with torch.cuda.device(q.device):
+        grads = fused_attn_bwd(
+            q_len,
+            kv_len,
+            _cu_seqlens(batch, q_len, q.device) if cu_seqlens_q is None else cu_seqlens_q,
+            _cu_seqlens(batch, kv_len, q.device) if cu_seqlens_kv is None else cu_seqlens_kv,
+            q,
+            k,
+            v,
+            out,
+            d_out.contiguous(),
+            q.dtype,
+            aux,
+            _F16,
+            attn_scale=softmax_scale,
+            dropout=dropout_p,
+            attn_mask_type=mask_type,
+            window_size=window_size,
+            do_format="bshd",
+            dqkv_layout="bshd_bshd_bshd",
+            deterministic=_deterministic(),
+            **_LAYOUT,
+        )
     return grads[0], grads[1], grads[2]
 
 
@@ -262,7 +275,8 @@ class TEDotProductAttention(te.DotProductAttention):
         """bshd in, bshd (B, Sq, H, Dv) out, for callers that have already asked :meth:`unsupported_reason` (te_fx's
         SDPA replacement, once per call): the fused kernels directly, or TE's own forward for FP8 attention."""
         if _fp8_attention_recipe() is not None:
-            out = super().forward(q, k, v, attn_mask_type=mask_type, window_size=window_size)
+            with torch.cuda.device(q.device):
+                out = super().forward(q, k, v, attn_mask_type=mask_type, window_size=window_size)
             return out.view(*q.shape[:3], -1)
         dropout_p = self.attention_dropout if self.training else 0.0
         return fused_attention(

@@ -250,3 +250,59 @@ def test_key_padding_mask_on_te_matches_float64(pad, rel_error):
         assert rel_error(t.grad, r.grad) < 3e-2
     if pad == "empty_row":
         assert torch.equal(out[0], torch.zeros_like(out[0])) and not q.grad[0].any()
+
+
+@pytest.mark.parametrize("q_len, window", [(1, (63, 0)), (64, (31, 0))])
+def test_sliding_window_decode_and_chunked_prefill_on_te(q_len, window, rel_error):
+    """Bottom-right causal with a window: a sliding-window model's decode step and a chunked prefill."""
+    from te_fx import ops
+
+    q, k, v = _inputs(2, q_len, 192, 8, 2, 128, torch.bfloat16)
+    out = ops.attention(q, k, v, mask_type="causal_bottom_right", window_size=window, softmax_scale=128**-0.5,
+                        executor="te")  # fmt: skip
+    ref, leaves = _reference(q, k, v, "causal_bottom_right", window, 128**-0.5)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    ref.backward(grad.double())
+    assert rel_error(out, ref) < 1e-2
+    for t, r in zip((q, k, v), leaves):
+        assert rel_error(t.grad, r.grad) < 3e-2
+
+
+def test_deterministic_algorithms_give_a_bitwise_repeatable_backward():
+    """With torch.use_deterministic_algorithms, te_fx asks TE for its deterministic backward, as TE's module does."""
+    from te_fx import ops
+
+    q, k, v = _inputs(2, 512, 512, 8, 2, 128, torch.bfloat16)
+    grad = torch.randn(2, 512, 8, 128, device="cuda", dtype=torch.bfloat16)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        grads = []
+        for _ in range(3):
+            for t in (q, k, v):
+                t.grad = None
+            out = ops.attention(q, k, v, mask_type="causal", window_size=(-1, 0), softmax_scale=0.1, executor="te")
+            out.backward(grad)
+            grads.append([t.grad.clone() for t in (q, k, v)])
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for later in grads[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(grads[0], later))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_tensors_on_another_gpu_than_the_current_one(rel_error):
+    """HF's device_map="auto" puts layers on other GPUs without changing the current device."""
+    from te_fx import ops
+
+    torch.cuda.set_device(0)
+    q, k, v = (t.detach().to("cuda:1").requires_grad_() for t in _inputs(2, 256, 256, 8, 2, 128, torch.bfloat16))
+    out = ops.attention(q, k, v, mask_type="causal", window_size=(-1, 0), softmax_scale=0.1, executor="te")
+    assert out.device == q.device
+    ref, leaves = _reference(q, k, v, "causal", (-1, 0), 0.1)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    ref.backward(grad.double())
+    assert rel_error(out, ref) < 1e-2
+    for t, r in zip((q, k, v), leaves):
+        assert rel_error(t.grad, r.grad) < 3e-2
