@@ -33,6 +33,21 @@ def _reference(q, k, v, mask_type, window, scale):
     return out, (q64, k64, v64)
 
 
+def _op_matches_float64(q, k, v, mask_type, window, scale, rel_error):
+    """te_fx's op on TE against the float64 reference, output and gradients; returns the op's output."""
+    from te_fx import ops
+
+    out = ops.attention(q, k, v, mask_type=mask_type, window_size=window, softmax_scale=scale, executor="te")
+    ref, leaves = _reference(q, k, v, mask_type, window, scale)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    ref.backward(grad.double())
+    assert rel_error(out, ref) < 1e-2
+    for t, r in zip((q, k, v), leaves):
+        assert rel_error(t.grad, r.grad) < 3e-2
+    return out
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", CASES)
 def test_te_module_fast_path_matches_float64(case, dtype, rel_error):
@@ -54,19 +69,10 @@ def test_te_module_fast_path_matches_float64(case, dtype, rel_error):
 
 @pytest.mark.parametrize("case", CASES[:3])
 def test_custom_op_te_executor(case, rel_error):
-    from te_fx import ops
-
     batch, q_len, kv_len, heads, kv_heads, head_dim, mask_type, window = case
     q, k, v = _inputs(batch, q_len, kv_len, heads, kv_heads, head_dim, torch.bfloat16)
     scale = head_dim**-0.5
-    out = ops.attention(q, k, v, mask_type=mask_type, window_size=window, softmax_scale=scale, executor="te")
-    ref, leaves = _reference(q, k, v, mask_type, window, scale)
-    grad = torch.randn_like(out)
-    out.backward(grad)
-    ref.backward(grad.double())
-    assert rel_error(out, ref) < 1e-2
-    for t, r in zip((q, k, v), leaves):
-        assert rel_error(t.grad, r.grad) < 3e-2
+    _op_matches_float64(q, k, v, mask_type, window, scale, rel_error)
     args = (q.detach(), k.detach(), v.detach(), None, None, mask_type, window[0], window[1], scale, 0.0, True, "te")
     torch.library.opcheck(
         torch.ops.te_fx.attention_fwd.default,
@@ -255,18 +261,8 @@ def test_key_padding_mask_on_te_matches_float64(pad, rel_error):
 @pytest.mark.parametrize("q_len, window", [(1, (63, 0)), (64, (31, 0))])
 def test_sliding_window_decode_and_chunked_prefill_on_te(q_len, window, rel_error):
     """Bottom-right causal with a window: a sliding-window model's decode step and a chunked prefill."""
-    from te_fx import ops
-
     q, k, v = _inputs(2, q_len, 192, 8, 2, 128, torch.bfloat16)
-    out = ops.attention(q, k, v, mask_type="causal_bottom_right", window_size=window, softmax_scale=128**-0.5,
-                        executor="te")  # fmt: skip
-    ref, leaves = _reference(q, k, v, "causal_bottom_right", window, 128**-0.5)
-    grad = torch.randn_like(out)
-    out.backward(grad)
-    ref.backward(grad.double())
-    assert rel_error(out, ref) < 1e-2
-    for t, r in zip((q, k, v), leaves):
-        assert rel_error(t.grad, r.grad) < 3e-2
+    _op_matches_float64(q, k, v, "causal_bottom_right", window, 128**-0.5, rel_error)
 
 
 def test_deterministic_algorithms_give_a_bitwise_repeatable_backward():
@@ -293,16 +289,6 @@ def test_deterministic_algorithms_give_a_bitwise_repeatable_backward():
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_tensors_on_another_gpu_than_the_current_one(rel_error):
     """HF's device_map="auto" puts layers on other GPUs without changing the current device."""
-    from te_fx import ops
-
     torch.cuda.set_device(0)
     q, k, v = (t.detach().to("cuda:1").requires_grad_() for t in _inputs(2, 256, 256, 8, 2, 128, torch.bfloat16))
-    out = ops.attention(q, k, v, mask_type="causal", window_size=(-1, 0), softmax_scale=0.1, executor="te")
-    assert out.device == q.device
-    ref, leaves = _reference(q, k, v, "causal", (-1, 0), 0.1)
-    grad = torch.randn_like(out)
-    out.backward(grad)
-    ref.backward(grad.double())
-    assert rel_error(out, ref) < 1e-2
-    for t, r in zip((q, k, v), leaves):
-        assert rel_error(t.grad, r.grad) < 3e-2
+    assert _op_matches_float64(q, k, v, "causal", (-1, 0), 0.1, rel_error).device == q.device
