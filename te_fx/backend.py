@@ -15,7 +15,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch._inductor.config
 import torch.fx as fx
 
 from .executors import resolve_executor
@@ -57,7 +56,9 @@ def te_attn(
     if inner != "inductor" and (options or mode):
         raise ValueError(f"te_attn: options {sorted(options)} and mode {mode!r} need inner='inductor' "
                          "(te_attn's own options are 'executor' and 'inner')")  # fmt: skip
-    unknown = [name for name in options if not hasattr(torch._inductor.config, name)]
+    from torch._inductor import config as inductor_config
+
+    unknown = [name for name in options if not hasattr(inductor_config, name)]
     if unknown:
         raise ValueError(f"te_attn: unknown option(s) {unknown}: te_attn takes 'executor' and 'inner', and passes "
                          "the others to Inductor, which has no such config")  # fmt: skip

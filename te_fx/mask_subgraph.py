@@ -254,21 +254,20 @@ def classify_mask_node(
         independent_batch = batch_symbols == _free_symbols(batch)
         if 2 * largest + 3 > (_MAX_SAMPLE if independent_batch else 64):
             return "mask subgraph has constants too large to check at every sequence length"
+        def sizes_at(n: int, batch_size: int | None = None) -> dict:
+            return {s: (batch_size or min(n, 3)) if s in batch_symbols else n for s in symbols}
+
         long_sample = [_LONG_SAMPLE] if independent_batch and largest < _LONG_SAMPLE else []
-        lengths = [*_SAMPLE_SIZES, largest + 1, 2 * largest + 3, *long_sample]
-        for n in lengths:
-            assignments.append({s: min(n, 3) if s in batch_symbols else n for s in symbols})
+        assignments += [sizes_at(n) for n in (*_SAMPLE_SIZES, largest + 1, 2 * largest + 3, *long_sample)]
         if batch_symbols:  # batch rows beyond every constant, at a short length
-            assignments.append({s: max(4, largest + 1) if s in batch_symbols else 7 for s in symbols})
+            assignments.append(sizes_at(7, batch_size=max(4, largest + 1)))
         # sizes of their own symbols may differ at run time: top-left and bottom-right causal agree only where
         # q_len == kv_len
         q_only = _free_symbols(q_len) - _free_symbols(kv_len)
         kv_only = _free_symbols(kv_len) - _free_symbols(q_len)
         for n in (7, largest + 1) if q_only and kv_only else ():
             for q_size, kv_size in ((n, n + 3), (n + 3, n)):
-                assignment = {s: min(n, 3) if s in batch_symbols else n for s in symbols}
-                assignment.update({**dict.fromkeys(q_only, q_size), **dict.fromkeys(kv_only, kv_size)})
-                assignments.append(assignment)
+                assignments.append({**sizes_at(n), **dict.fromkeys(q_only, q_size), **dict.fromkeys(kv_only, kv_size)})
     samples = []
     # the traced size costs what the model's own mask costs; samples beyond it (a large static batch times a long
     # sampled length) are bounded
@@ -304,10 +303,23 @@ def classify_mask_node(
         generator = torch.Generator().manual_seed(0)
         index = leaves.index(padding)
         numbers = [number for node in ancestors for number in _numbers(node.args, node.kwargs)]
-        if not all(_padding_consistent(module, args, index, ones, numbers, generator) for args, ones in samples):
+        values = _padding_trial_values(node_value(padding).dtype, numbers, generator)
+        if not all(_padding_consistent(module, args, index, ones, values, generator) for args, ones in samples):
             return "mask combines its input with the pattern in a way other than key padding"
     window_size = (-1, -1) if mask_type == "no_mask" else (window, 0)
     return SubgraphMask(mask_type, window_size, padding)
+
+
+def _padding_trial_values(dtype: torch.dtype, numbers: list[int | float], generator: torch.Generator) -> torch.Tensor:
+    """Values for the padding input's trials: 0, 1, 2, -1, the dtype's extremes, the subgraph's integer constants
+    and their neighbours (a mask that also drops a separator id compares the input with it), and random values."""
+    if dtype == torch.bool:
+        return torch.tensor([False, True])
+    info = torch.iinfo(dtype)
+    wanted = {0, 1, 2, -1, info.max, info.min}
+    wanted |= {int(n) + d for n in numbers if float(n).is_integer() for d in (-1, 0, 1)}
+    wanted |= set(torch.randint(info.min, info.max, (8,), generator=generator).tolist())
+    return torch.tensor(sorted(v for v in wanted if info.min <= v <= info.max), dtype=dtype)
 
 
 def _padding_consistent(
@@ -315,24 +327,15 @@ def _padding_consistent(
     args: list,
     index: int,
     pattern: torch.Tensor,
-    numbers: list[int | float],
+    values: torch.Tensor,
     generator: torch.Generator,
 ) -> bool:
-    """Whether the subgraph computes ``pattern & (input[b, kv] != 0)`` for inputs holding 0, 1, 2, -1, the subgraph's
-    integer constants and their neighbours (a mask that also drops a separator id compares the input with it),
-    and random values; one random trial has an all-zero row."""
+    """Whether the subgraph computes ``pattern & (input[b, kv] != 0)`` for inputs holding every one of ``values``
+    and random draws of them; one random trial has an all-zero row."""
     template = args[index]
     batch, kv_len = template.shape
     if pattern.shape[0] not in (1, batch) or pattern.shape[-1] != kv_len:
         return False
-    if template.dtype == torch.bool:
-        values = torch.tensor([False, True])
-    else:
-        info = torch.iinfo(template.dtype)
-        wanted = {0, 1, 2, -1, info.max, info.min}
-        wanted |= {int(n) + d for n in numbers if float(n).is_integer() for d in (-1, 0, 1)}
-        wanted |= set(torch.randint(info.min, info.max, (8,), generator=generator).tolist())
-        values = torch.tensor(sorted(v for v in wanted if info.min <= v <= info.max), dtype=template.dtype)
     cells = batch * kv_len
     deterministic = [values[(torch.arange(cells) + start) % len(values)] for start in range(0, len(values), cells)]
     for trial in range(len(deterministic) + _RANDOM_TRIALS):

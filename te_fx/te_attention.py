@@ -356,15 +356,11 @@ def _scope_mask_decisions(root: nn.Module, paths: list[str]) -> None:
     """Cache mask decisions while a forward runs in ``root``, in the modules above all the attention modules at
     ``paths`` (the decoder) and in the modules holding one (the decoder layers, which may be called on their own);
     see :func:`te_fx.masks.enter_forward`. Containers without a forward (ModuleList) are skipped."""
-    common = []
-    for parts in zip(*(path.split(".") for path in paths)):
-        if len(set(parts)) > 1:
-            break
-        common.append(parts[0])
+    common = os.path.commonprefix([path.split(".") for path in paths])
     names = {".".join(common[:depth]) for depth in range(len(common) + 1)}
     names |= {path.rpartition(".")[0] for path in paths}
     scoped = {}
-    for name in sorted(names, key=lambda name: (name.count("."), name) if name else (-1, name)):
+    for name in sorted(names, key=lambda name: name.count(".") + bool(name)):  # parents first
         module = root.get_submodule(name)
         if isinstance(module, (nn.ModuleList, nn.ModuleDict)):
             continue

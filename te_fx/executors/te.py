@@ -46,10 +46,13 @@ def _fp8_attention_recipe() -> Any:
     return recipe if recipe.fp8_dpa else None
 
 
+_NONDETERMINISTIC_ALLOWED = bool(int(os.getenv("NVTE_ALLOW_NONDETERMINISTIC_ALGO", "1")))  # read once, as TE does
+
+
 def _deterministic() -> bool:
     """TE's rule (``DotProductAttention.__init__``): deterministic kernels when torch asks for deterministic
     algorithms or ``NVTE_ALLOW_NONDETERMINISTIC_ALGO=0``."""
-    return torch.are_deterministic_algorithms_enabled() or not int(os.getenv("NVTE_ALLOW_NONDETERMINISTIC_ALGO", "1"))
+    return torch.are_deterministic_algorithms_enabled() or not _NONDETERMINISTIC_ALLOWED
 
 
 def _recipe_key(recipe: Any) -> tuple | None:
