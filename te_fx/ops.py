@@ -210,11 +210,17 @@ def _check_arguments(
         if key_padding_mask.dim() != 2 or key_padding_mask.is_floating_point():
             raise ValueError("key_padding_mask must be a (B, S) bool or integer tensor (nonzero = keep), "
                              f"got {key_padding_mask.dim()}D {key_padding_mask.dtype}")  # fmt: skip
-        # symbolic sizes make these run-time asserts, not guards; Dynamo takes only constant messages
-        torch._check_value(key_padding_mask.shape[0] == q.shape[0],
-                           lambda: "key_padding_mask must be (B, S_kv): its batch differs from the query's")
-        torch._check_value(key_padding_mask.shape[1] == k.shape[1],
-                           lambda: "key_padding_mask must be (B, S_kv): its length differs from the keys'")
+        _check_size(key_padding_mask.shape[0] == q.shape[0], "its batch differs from the query's")
+        _check_size(key_padding_mask.shape[1] == k.shape[1], "its length differs from the keys'")
+
+
+def _check_size(cond: bool, problem: str) -> None:
+    """A key_padding_mask size check: a run-time assert for symbolic sizes, not a guard. Dynamo before torch 2.13
+    cannot trace a message callable, so under Dynamo the check goes without its message."""
+    if torch.compiler.is_dynamo_compiling():
+        torch._check_value(cond)
+    else:
+        torch._check_value(cond, lambda: f"key_padding_mask must be (B, S_kv): {problem}")
 
 
 def attention(

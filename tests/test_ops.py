@@ -365,12 +365,13 @@ def _padded_attention(q, k, v, key_padding):
                          key_padding_mask=key_padding, executor="reference")  # fmt: skip
 
 
-@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_torch_compile_of_the_op(backend):
+@pytest.mark.parametrize("backend, dynamic", [("aot_eager", False), ("aot_eager", True), ("inductor", False)])
+def test_torch_compile_of_the_op(backend, dynamic):
+    """Was (torch 2.11): the key_padding_mask size checks passed Dynamo a message closure it cannot trace."""
     torch._dynamo.reset()
     q, k, v = (t.detach().float().requires_grad_() for t in _qkv(q_len=6, kv_len=6))
     key_padding = torch.tensor(KEY_PADDING["left"])
-    compiled = torch.compile(_padded_attention, backend=backend, fullgraph=True)
+    compiled = torch.compile(_padded_attention, backend=backend, fullgraph=True, dynamic=dynamic)
     out = compiled(q, k, v, key_padding)
     ref = _padded_attention(q, k, v, key_padding)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
@@ -379,6 +380,18 @@ def test_torch_compile_of_the_op(backend):
     ref_grads = torch.autograd.grad((ref * weight).sum(), (q, k, v))
     for grad, ref_grad in zip(grads, ref_grads):
         torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_torch_compile_of_the_op_checks_the_mask_size(dynamic):
+    """A key_padding_mask shorter than the keys is an error under torch.compile too, as a run-time assert for
+    symbolic sizes, never a result computed from a cut mask."""
+    torch._dynamo.reset()
+    q, k, v = _qkv(q_len=6, kv_len=6, grad=False)
+    compiled = torch.compile(_padded_attention, backend="aot_eager", fullgraph=True, dynamic=dynamic)
+    with pytest.raises((ValueError, RuntimeError)):
+        compiled(q, k, v, torch.ones(2, 5, dtype=torch.bool))
     torch._dynamo.reset()
 
 
