@@ -42,12 +42,24 @@ def causal_pattern(q_len: int, kv_len: int, window_left: int = -1, device: torch
     """Bool (q_len, kv_len), True = attend: causal aligned to the bottom-right corner (query i sits at key position
     kv_len - q_len + i), optionally limited to ``window_left`` keys before the diagonal. This is HF's causal and
     sliding-window mask (sliding window w is window_left = w - 1) and TE's ``causal_bottom_right``."""
-    rows = torch.arange(q_len, device=device).unsqueeze(1) + (kv_len - q_len)
-    cols = torch.arange(kv_len, device=device).unsqueeze(0)
-    visible = cols <= rows
+    rows = torch.arange(q_len, device=device).unsqueeze(1)
+    return _causal_at(rows, torch.arange(kv_len, device=device).unsqueeze(0), q_len, kv_len, window_left)
+
+
+def _causal_at(rows: torch.Tensor | int, cols: torch.Tensor | int, q_len: int, kv_len: int, window_left: int) -> torch.Tensor:
+    """:func:`causal_pattern` at the (broadcast) query indices ``rows`` and key indices ``cols``."""
+    diagonal = rows + (kv_len - q_len)
+    visible = cols <= diagonal
     if window_left >= 0:
-        visible &= cols >= rows - window_left
+        visible &= cols >= diagonal - window_left
     return visible
+
+
+def _causal_edges(q_len: int, kv_len: int, window_left: int, device: torch.device) -> torch.Tensor:
+    """The first row of :func:`causal_pattern` followed by the rest of its first column."""
+    first_row = _causal_at(0, torch.arange(kv_len, device=device), q_len, kv_len, window_left)
+    first_column = _causal_at(torch.arange(1, q_len, device=device), 0, q_len, kv_len, window_left)
+    return torch.cat([first_row, first_column])
 
 
 def te_visible(
@@ -105,20 +117,26 @@ def _dedupe_broadcast(mask: torch.Tensor) -> torch.Tensor:
 
 def _classify(mask: torch.Tensor, q_len: int, kv_len: int, window_left: int) -> MaskDecision | None:
     attend, well_formed = attend_pattern(_dedupe_broadcast(mask))
-    candidates: list[MaskDecision] = [NO_MASK]
-    patterns = [None]
+    if q_len == 0 or kv_len == 0:
+        return NO_MASK
+    attend = attend.expand(*attend.shape[:-2], q_len, kv_len)
+    candidates = [NO_MASK]
     if q_len <= kv_len:  # with more queries than keys some rows see nothing: SDPA and TE disagree there
         causal_type = "causal" if q_len == kv_len else "causal_bottom_right"
         candidates.append(MaskDecision(causal_type, (-1, 0)))
-        patterns.append(causal_pattern(q_len, kv_len, -1, mask.device))
         if 0 <= window_left < kv_len - 1:
             candidates.append(MaskDecision(causal_type, (window_left, 0)))
-            patterns.append(causal_pattern(q_len, kv_len, window_left, mask.device))
-    checks = [well_formed, attend.all()] + [(attend == p).all() for p in patterns[1:]]
+    # every candidate depends on key - query only (it is constant along diagonals), so the mask equals one exactly
+    # when it is constant along diagonals too and agrees with it on the first row and column: one pass over the
+    # mask for all candidates
+    diagonal_constant = (attend[..., 1:, 1:] == attend[..., :-1, :-1]).all()
+    edges = torch.cat([attend[..., 0, :], attend[..., 1:, 0]], dim=-1)
+    checks = [well_formed, diagonal_constant, edges.all()]
+    checks += [(edges == _causal_edges(q_len, kv_len, c.window_size[0], mask.device)).all() for c in candidates[1:]]
     results = torch.stack(checks).tolist()  # the one host sync for this mask
-    if not results[0]:
+    if not (results[0] and results[1]):
         return None
-    for decision, matched in zip(candidates, results[1:]):
+    for decision, matched in zip(candidates, results[2:]):
         if matched:
             return decision
     return None
