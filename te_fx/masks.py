@@ -46,7 +46,9 @@ def causal_pattern(q_len: int, kv_len: int, window_left: int = -1, device: torch
     return _causal_at(rows, torch.arange(kv_len, device=device).unsqueeze(0), q_len, kv_len, window_left)
 
 
-def _causal_at(rows: torch.Tensor | int, cols: torch.Tensor | int, q_len: int, kv_len: int, window_left: int) -> torch.Tensor:
+def _causal_at(
+    rows: torch.Tensor | int, cols: torch.Tensor | int, q_len: int, kv_len: int, window_left: int
+) -> torch.Tensor:
     """:func:`causal_pattern` at the (broadcast) query indices ``rows`` and key indices ``cols``."""
     diagonal = rows + (kv_len - q_len)
     visible = cols <= diagonal
@@ -117,29 +119,27 @@ def _dedupe_broadcast(mask: torch.Tensor) -> torch.Tensor:
 
 def _classify(mask: torch.Tensor, q_len: int, kv_len: int, window_left: int) -> MaskDecision | None:
     attend, well_formed = attend_pattern(_dedupe_broadcast(mask))
-    if q_len == 0 or kv_len == 0:
-        return NO_MASK
-    attend = attend.expand(*attend.shape[:-2], q_len, kv_len)
     candidates = [NO_MASK]
-    if q_len <= kv_len:  # with more queries than keys some rows see nothing: SDPA and TE disagree there
+    if 0 < q_len <= kv_len:  # with more queries than keys some rows see nothing: SDPA and TE disagree there
         causal_type = "causal" if q_len == kv_len else "causal_bottom_right"
         candidates.append(MaskDecision(causal_type, (-1, 0)))
         if 0 <= window_left < kv_len - 1:
             candidates.append(MaskDecision(causal_type, (window_left, 0)))
-    # every candidate depends on key - query only (it is constant along diagonals), so the mask equals one exactly
-    # when it is constant along diagonals too and agrees with it on the first row and column: one pass over the
-    # mask for all candidates
-    diagonal_constant = (attend[..., 1:, 1:] == attend[..., :-1, :-1]).all()
-    edges = torch.cat([attend[..., 0, :], attend[..., 1:, 0]], dim=-1)
-    checks = [well_formed, diagonal_constant, edges.all()]
-    checks += [(edges == _causal_edges(q_len, kv_len, c.window_size[0], mask.device)).all() for c in candidates[1:]]
+    if len(candidates) == 1:
+        checks = [well_formed, attend.all()]
+    else:
+        # every candidate depends on key - query only (it is constant along diagonals), so the mask equals one
+        # exactly when it is constant along diagonals too and agrees with it on the first row and column: one
+        # pass over the mask for all candidates
+        attend = attend.expand(*attend.shape[:-2], q_len, kv_len)
+        edges = torch.cat([attend[..., 0, :], attend[..., 1:, 0]], dim=-1)
+        checks = [well_formed & (attend[..., 1:, 1:] == attend[..., :-1, :-1]).all(), edges.all()]
+        for candidate in candidates[1:]:
+            checks.append((edges == _causal_edges(q_len, kv_len, candidate.window_size[0], mask.device)).all())
     results = torch.stack(checks).tolist()  # the one host sync for this mask
-    if not (results[0] and results[1]):
+    if not results[0]:
         return None
-    for decision, matched in zip(candidates, results[2:]):
-        if matched:
-            return decision
-    return None
+    return next((c for c, matched in zip(candidates, results[1:]) if matched), None)
 
 
 class _MaskCache:

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.torch_version import TorchVersion
 
 from .executors import EXECUTORS, load_te_executor
 from .executors.reference import reference_attention, reference_attention_backward
@@ -214,10 +215,13 @@ def _check_arguments(
         _check_size(key_padding_mask.shape[1] == k.shape[1], "its length differs from the keys'")
 
 
+_DYNAMO_TRACES_CHECK_MESSAGES = TorchVersion(torch.__version__) >= (2, 13)
+
+
 def _check_size(cond: bool, problem: str) -> None:
-    """A key_padding_mask size check: a run-time assert for symbolic sizes, not a guard. Dynamo before torch 2.13
-    cannot trace a message callable, so under Dynamo the check goes without its message."""
-    if torch.compiler.is_dynamo_compiling():
+    """A key_padding_mask size check that torch.compile keeps (as a guard or run-time assert, no graph break).
+    Dynamo before torch 2.13 cannot trace a message callable: there the compiled check goes without it."""
+    if torch.compiler.is_dynamo_compiling() and not _DYNAMO_TRACES_CHECK_MESSAGES:
         torch._check_value(cond)
     else:
         torch._check_value(cond, lambda: f"key_padding_mask must be (B, S_kv): {problem}")

@@ -385,13 +385,15 @@ def test_torch_compile_of_the_op(backend, dynamic):
 
 @pytest.mark.parametrize("dynamic", [False, True])
 def test_torch_compile_of_the_op_checks_the_mask_size(dynamic):
-    """A key_padding_mask shorter than the keys is an error under torch.compile too, as a run-time assert for
-    symbolic sizes, never a result computed from a cut mask."""
+    """A key_padding_mask shorter than the keys is an error under torch.compile too, never a result computed from
+    a cut mask; the error says why where Dynamo can trace the message (torch >= 2.13)."""
     torch._dynamo.reset()
     q, k, v = _qkv(q_len=6, kv_len=6, grad=False)
     compiled = torch.compile(_padded_attention, backend="aot_eager", fullgraph=True, dynamic=dynamic)
-    with pytest.raises((ValueError, RuntimeError)):
+    with pytest.raises((ValueError, RuntimeError)) as error:
         compiled(q, k, v, torch.ones(2, 5, dtype=torch.bool))
+    if ops._DYNAMO_TRACES_CHECK_MESSAGES:
+        assert "its length differs from the keys'" in str(error.value)
     torch._dynamo.reset()
 
 
