@@ -197,11 +197,14 @@ def enter_forward(owner: object, parent: object | None = None) -> None:
 
 
 def leave_forward(owner: object) -> None:
-    """``owner``'s forward has ended (normally or by an exception)."""
+    """``owner``'s forward has ended (normally or by an exception). When it was the outermost one, the decisions
+    go, and with them the weak references that would keep ``torch.utils.swap_tensors`` off the masks."""
     stack = _scope_stack()
     for depth in range(len(stack) - 1, -1, -1):
         if stack[depth]() is owner:
             del stack[depth:]
+            if not stack:
+                _CACHE.clear()
             return
 
 

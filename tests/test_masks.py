@@ -478,6 +478,18 @@ def test_cache_hit_for_the_same_mask_object(classify_calls):
     assert len(classify_calls) == 2
 
 
+def test_decisions_end_with_the_outermost_forward():
+    """Was: a classified mask kept a weak reference until the next forward began, so torch.utils.swap_tensors
+    refused it between forwards."""
+    mask, other = hf_causal(6, 6).view(1, 1, 6, 6).clone(), torch.ones(1, 1, 6, 6, dtype=torch.bool)
+    with masks.cached_decisions():
+        assert classify_mask(mask, 1, 1, 6, 6) == ("causal", (-1, 0))
+        with pytest.raises(RuntimeError, match="weakref"):  # the cached decision holds one during the forward
+            torch.utils.swap_tensors(mask, other)
+    torch.utils.swap_tensors(mask, other)
+    assert bool(mask.all()) and classify_mask(mask, 1, 1, 6, 6) == ("no_mask", (-1, -1))
+
+
 def test_cache_key_includes_the_call_shape_and_window(classify_calls):
     mask = hf_causal(6, 6, 2).view(1, 1, 6, 6)
     assert classify_mask(mask, 1, 1, 6, 6, 2) == ("causal", (2, 0))
