@@ -194,7 +194,7 @@ def _check_arguments(
     key_padding_mask: Tensor | None,
     executor: str,
 ) -> None:
-    """Clear errors for arguments no executor can run (metadata only: no guards under torch.compile)."""
+    """Clear errors for arguments no executor can run, from metadata only (no tensor values are read)."""
     if executor not in EXECUTORS:
         raise ValueError(f"unknown te_fx executor {executor!r}; choose one of {EXECUTORS}")
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
