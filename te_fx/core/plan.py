@@ -1,0 +1,46 @@
+"""The plan: what an attention call must compute, in TransformerEngine's terms.
+
+Every way in produces one: the eager matcher from a mask's values, the FX pass from a mask's subgraph, the HF
+attention interface from HF's arguments. The executors run it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["AttentionPlan", "NO_MASK", "CAUSAL"]
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    """``mask_type`` ("no_mask", "causal" or "causal_bottom_right") and ``window_size`` (TE's (left, right)) say
+    which keys a query sees in a row of tokens; at most one of these refines it:
+
+    * ``key_padding``: a (B, S_kv) keep mask (nonzero = keep) ANDed into a causal pattern (q_len == kv_len). Padding
+      may sit anywhere in a row for full causal attention; with a window only before the first or after the last
+      kept token (rank and position distances differ across inner padding). TE runs it as ``padding_causal`` after a
+      stable partition of each row.
+    * ``cu_seqlens``: (N + 1,) int32 document boundaries over the B * S flattened tokens (every row boundary is one):
+      packed documents, each causal (and windowed) on its own. TE runs it in the ``thd`` format.
+
+    In the compile path these fields hold the graph nodes that compute them.
+    """
+
+    mask_type: str
+    window_size: tuple[int, int]
+    key_padding: Any = None
+    cu_seqlens: Any = None
+
+    @property
+    def kind(self) -> str:
+        """A short name for reports: the TE mask type, or "padding_causal" / "thd" where the plan refines it."""
+        if self.key_padding is not None:
+            return "padding_causal"
+        if self.cu_seqlens is not None:
+            return "thd"
+        return self.mask_type
+
+
+NO_MASK = AttentionPlan("no_mask", (-1, -1))
+CAUSAL = AttentionPlan("causal", (-1, 0))
