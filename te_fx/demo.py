@@ -93,7 +93,7 @@ def run_demo(families: tuple[str, ...] = DEMO_FAMILIES, seq_len: int = 24) -> bo
             print(f"  {label}: max |logits - plain SDPA| = {error:.2e} ({'ok' if error <= tolerance else 'MISMATCH'})")
             for name, module in model.named_modules():
                 if name.rsplit(".", 1)[-1] == "self_attn":
-                    injected = hasattr(module, te_attention._TE_MODULE_ATTR)
+                    injected = hasattr(module, "attn_module")
                     status = _describe(per_layer.get(name, {})) if injected else "not injected: SDPA unchanged"
                     print(f"    {name}: {status}")
     return all_match

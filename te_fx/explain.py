@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .core.reasons import describe
 from .executors import te_head_dims_supported
 from .model_config import (
     TRACE_BATCH,
@@ -62,17 +63,6 @@ EAGER_SCENARIOS = {
 }
 COMPILE_SCENARIOS = {"no_attention_mask": "no attention_mask", "attention_mask": "attention_mask (any values)"}
 
-_EAGER_REASONS = {
-    "fallback_mask": "not exactly a causal, sliding-window causal or all-visible mask (or one that needs its gradient)",
-    "fallback_scale_mismatch": "the call's softmax scale differs from the TE module's",
-    "fallback_dropout": "the call's dropout differs from the TE module's",
-    "fallback_layout": "a q/k/v layout te_fx does not convert",
-    "fallback_device": "tensors not on CUDA",
-    "fallback_dtype": "dtype is not fp16/bf16",
-    "fallback_head_dim": "head dim not a multiple of 8 or above 256",
-    "fallback_shape": "TE's fused backend rejects the shape",
-    "fallback_fp8": "TE's FP8 attention rejects the shape (inside FP8 autocast)",
-}
 
 
 class AnalysisError(RuntimeError):
@@ -195,19 +185,10 @@ def _window_left(module: nn.Module, config: Any, index: int) -> int:
 
 
 def _not_injected_reason(path: str, module: nn.Module) -> str:
-    """Why :func:`te_fx.inject_te_attention` left this module alone (the checks it makes, in its order)."""
-    from . import params, te_attention
+    """Why :func:`te_fx.inject_te_attention` left this module alone."""
+    from .eager.inject import not_injected_reason
 
-    fused = params.fused_qkv_name(module)
-    if fused is not None:
-        return f"fused q/k/v projection {fused!r}: te_fx needs separate q_proj / k_proj / v_proj"
-    if path.rsplit(".", 1)[-1] != "self_attn":
-        return f"te_fx injects into modules named 'self_attn' only (this one is {path.rsplit('.', 1)[-1]!r})"
-    if params.infer_attn_params(module) is None:
-        return "head counts and projection widths do not give a separate q/k/v layout te_fx understands"
-    reason = te_attention._skip_reason(module)
-    return reason or "not injected"
-
+    return not_injected_reason(path, module) or "not injected"
 
 
 def _head_dim_limit(head_dim: int | None, v_head_dim: int | None) -> str | None:
@@ -231,7 +212,7 @@ def _record_eager(model: nn.Module, paths: list[str]) -> Iterator[dict[str, dict
 
     modules = dict(model.named_modules())
     record: dict[str, dict[str, Any]] = {}
-    handles = []
+    handles, restores = [], []
     for path in paths:
         module = modules[path]
 
@@ -245,16 +226,25 @@ def _record_eager(model: nn.Module, paths: list[str]) -> Iterator[dict[str, dict
         handles += [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
         te_module = getattr(module, "attn_module", None)
         if te_module is not None:
-
-            def called(_module: nn.Module, _args: tuple, kwargs: dict, path: str = path) -> None:
-                record[path]["calls"].append((kwargs.get("attn_mask_type"), tuple(kwargs.get("window_size") or ())))
-
-            handles.append(te_module.register_forward_pre_hook(called, with_kwargs=True))
+            te_module.run = _recording(te_module.run, record, path)
+            restores.append(te_module)
     try:
         yield record
     finally:
         for handle in handles:
             handle.remove()
+        for te_module in restores:
+            del te_module.run
+
+
+def _recording(run: Any, record: dict[str, dict[str, Any]], path: str) -> Any:
+    """``run`` of an attention module, recording the plan kind and window of each call under ``path``."""
+
+    def recorded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Any) -> torch.Tensor:
+        record[path]["calls"].append((plan.kind, tuple(plan.window_size)))
+        return run(q, k, v, plan)
+
+    return recorded
 
 
 def _eager_decision(entry: dict[str, Any] | None, map_window: Any) -> Decision:
@@ -263,7 +253,7 @@ def _eager_decision(entry: dict[str, Any] | None, map_window: Any) -> Decision:
     counts = entry["counts"]
     fallbacks = sorted(key for key in counts if key != "te_hits")
     if fallbacks:
-        reasons = "; ".join(f"{key}: {_EAGER_REASONS.get(key, key)}" for key in fallbacks)
+        reasons = "; ".join(describe(key) for key in fallbacks)
         mixed = " (some calls ran TE)" if "te_hits" in counts else ""
         return Decision("sdpa", reason=reasons + mixed)
     kinds = sorted(set(entry["calls"]))
@@ -539,8 +529,9 @@ def explain(model: str, compile_path: bool = True) -> Explanation:
             "transformers, which te_fx treats as on a full-attention layer"
         )
     notes.append(
-        "eager: masks are classified at run time, once per mask object (one host sync); a padded batch runs SDPA "
-        "for that call only; tensors must be on CUDA (else fallback_device)"
+        "eager: masks are classified at run time, once per mask object and forward (one host sync); padding at "
+        "the ends of rows and packed documents run on TE, padding inside a row with a window on SDPA; tensors "
+        "must be on CUDA (else fallback_device)"
     )
     if compile_path:
         notes.append(

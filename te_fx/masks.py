@@ -1,9 +1,10 @@
-"""Mask classification: which SDPA masks are exactly a TE mask type.
+"""The eager matcher: the plan (:class:`te_fx.core.plan.AttentionPlan`) that reproduces an SDPA mask exactly.
 
-TE takes a mask *type* (``causal``, ``causal_bottom_right``, ``no_mask``) and a window, not a tensor. A 4D SDPA mask
-may be handed to TE only if it equals the pattern of that type at every batch item, head, query and key, so the
-check here is exact: no sampling, no heuristics. HF passes the same mask object to every layer, so the decision is
-cached per mask object (one host sync per mask, not per layer), for one forward of an injected model at most.
+TE takes a mask *type* (``causal``, ``causal_bottom_right``, ``no_mask``), a window and per-row lengths or document
+boundaries, not a tensor. A 4D SDPA mask may be handed to TE only if it equals the plan's pattern at every batch
+item, head, query and key, so the check here is exact: no sampling, no heuristics. HF passes the same mask object
+to every layer, so the decision is cached per mask object (one host sync per mask, not per layer), for one forward
+of an injected model at most.
 """
 
 from __future__ import annotations
@@ -12,12 +13,12 @@ import contextlib
 import threading
 import weakref
 from collections.abc import Iterator
-from typing import NamedTuple
 
 import torch
 
+from .core.plan import NO_MASK, AttentionPlan
+
 __all__ = [
-    "MaskDecision",
     "causal_pattern",
     "te_visible",
     "classify_mask",
@@ -26,16 +27,6 @@ __all__ = [
     "enter_forward",
     "leave_forward",
 ]
-
-
-class MaskDecision(NamedTuple):
-    """A TE mask type and window that reproduce an SDPA mask exactly."""
-
-    mask_type: str
-    window_size: tuple[int, int]
-
-
-NO_MASK = MaskDecision("no_mask", (-1, -1))
 
 
 def causal_pattern(q_len: int, kv_len: int, window_left: int = -1, device: torch.device | str | None = None) -> torch.Tensor:
@@ -117,29 +108,90 @@ def _dedupe_broadcast(mask: torch.Tensor) -> torch.Tensor:
     return mask[index]
 
 
-def _classify(mask: torch.Tensor, q_len: int, kv_len: int, window_left: int) -> MaskDecision | None:
+def _uniform_checks(attend: torch.Tensor, well_formed: torch.Tensor, candidates: list[AttentionPlan]) -> list:
+    """Checks that ``attend`` equals each candidate (one pass for all). Every candidate depends on key - query only
+    (it is constant along diagonals), so the mask equals one exactly when it is constant along diagonals too and
+    agrees with it on its first row and column. The first check is the all-visible one."""
+    q_len, kv_len = attend.shape[-2:]
+    if len(candidates) == 1:
+        return [well_formed & attend.all()]
+    edges = torch.cat([attend[..., 0, :], attend[..., 1:, 0]], dim=-1)
+    diagonal = well_formed & (attend[..., 1:, 1:] == attend[..., :-1, :-1]).all()
+    checks = [diagonal & edges.all()]
+    for candidate in candidates[1:]:
+        expected = _causal_edges(q_len, kv_len, candidate.window_size[0], attend.device)
+        checks.append(diagonal & (edges == expected).all())
+    return checks
+
+
+def _row_checks(
+    attend: torch.Tensor, well_formed: torch.Tensor, windows: list[int]
+) -> tuple[list, list, torch.Tensor, torch.Tensor]:
+    """Checks for the per-row plans of a square mask (B, H, S, S), per left window in ``windows``: key padding
+    (``causal & keep[b, kv]``, padding only before the first or after the last kept token of a row) and packed
+    documents (causal within runs of tokens that a query does not see across). Returns (padding checks, document
+    checks, keep (B, S), document starts (B, S)): the patterns are read off the diagonal (a kept key is visible to
+    its own query) and the sub-diagonal (query i sees key i - 1 unless a document starts at i)."""
+    seq = attend.shape[-1]
+    heads_agree = (attend == attend[:, :1]).all()
+    rows = attend[:, 0]
+    keep = rows.diagonal(dim1=-2, dim2=-1)
+    starts = torch.ones_like(keep)
+    starts[:, 1:] = ~rows.diagonal(offset=-1, dim1=-2, dim2=-1)
+    positions = torch.arange(seq, device=attend.device)
+    kept = keep.sum(-1)
+    first = torch.where(keep, positions, seq).amin(-1)
+    last = torch.where(keep, positions, -1).amax(-1)
+    outer = ((kept == 0) | (last - first + 1 == kept)).all()
+    document = starts.cumsum(-1)
+    same_document = document[:, :, None] == document[:, None, :]
+    padding, documents = [], []
+    for window in windows:
+        pattern = causal_pattern(seq, seq, window, attend.device)
+        base = well_formed & heads_agree
+        padding.append(base & outer & (rows == (pattern & keep[:, None, :])).all())
+        # a window of 0 hides the sub-diagonal everywhere: no document boundary can be read off it
+        documents.append(base & (window != 0) & (rows == (pattern & same_document)).all())
+    return padding, documents, keep, starts
+
+
+def _document_boundaries(starts: torch.Tensor, count: int) -> torch.Tensor:
+    """(count + 1,) int32 document boundaries over the flattened (B, S) tokens, from the start flags."""
+    flat = starts.flatten()
+    indices = torch.nonzero_static(flat, size=count).flatten()
+    end = torch.tensor([flat.numel()], device=flat.device)
+    return torch.cat([indices, end]).to(torch.int32)
+
+
+def _classify(mask: torch.Tensor, batch: int, q_len: int, kv_len: int, window_left: int) -> AttentionPlan | None:
     attend, well_formed = attend_pattern(_dedupe_broadcast(mask))
+    attend = attend.reshape((1,) * (4 - attend.dim()) + tuple(attend.shape)).expand(-1, -1, q_len, kv_len)
     candidates = [NO_MASK]
     if 0 < q_len <= kv_len:  # with more queries than keys some rows see nothing: SDPA and TE disagree there
         causal_type = "causal" if q_len == kv_len else "causal_bottom_right"
-        candidates.append(MaskDecision(causal_type, (-1, 0)))
+        candidates.append(AttentionPlan(causal_type, (-1, 0)))
         if 0 <= window_left < kv_len - 1:
-            candidates.append(MaskDecision(causal_type, (window_left, 0)))
-    if len(candidates) == 1:
-        checks = [well_formed, attend.all()]
-    else:
-        # every candidate depends on key - query only (it is constant along diagonals), so the mask equals one
-        # exactly when it is constant along diagonals too and agrees with it on the first row and column: one
-        # pass over the mask for all candidates
-        attend = attend.expand(*attend.shape[:-2], q_len, kv_len)
-        edges = torch.cat([attend[..., 0, :], attend[..., 1:, 0]], dim=-1)
-        checks = [well_formed & (attend[..., 1:, 1:] == attend[..., :-1, :-1]).all(), edges.all()]
-        for candidate in candidates[1:]:
-            checks.append((edges == _causal_edges(q_len, kv_len, candidate.window_size[0], mask.device)).all())
-    results = torch.stack(checks).tolist()  # the one host sync for this mask
-    if not results[0]:
-        return None
-    return next((c for c, matched in zip(candidates, results[1:]) if matched), None)
+            candidates.append(AttentionPlan(causal_type, (window_left, 0)))
+    checks = _uniform_checks(attend, well_formed, candidates)
+    windows = [candidate.window_size[0] for candidate in candidates[1:]] if q_len == kv_len > 1 else []
+    if windows:
+        padding, documents, keep, starts = _row_checks(attend, well_formed, windows)
+        checks += [*padding, *documents, starts.sum()]
+    results = torch.stack([torch.as_tensor(c, device=mask.device).long() for c in checks]).tolist()  # the one sync
+    plan = next((c for c, matched in zip(candidates, results) if matched), None)
+    if plan is not None or not windows:
+        return plan
+    padding_results = results[len(candidates) : len(candidates) + len(windows)]
+    document_results = results[len(candidates) + len(windows) : -1]
+    for window, matched in zip(windows, padding_results):
+        if matched:
+            return AttentionPlan("causal", (window, 0), key_padding=keep.expand(batch, -1))
+    for window, matched in zip(windows, document_results):
+        if matched:
+            count = results[-1] * (batch if starts.shape[0] == 1 else 1)  # a mask broadcast over the batch
+            boundaries = _document_boundaries(starts.expand(batch, -1), count)
+            return AttentionPlan("causal", (window, 0), cu_seqlens=boundaries)
+    return None
 
 
 class _MaskCache:
@@ -147,16 +199,16 @@ class _MaskCache:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._entries: dict[tuple, tuple[weakref.ref, int, MaskDecision | None]] = {}
+        self._entries: dict[tuple, tuple[weakref.ref, int, AttentionPlan | None]] = {}
 
-    def lookup(self, mask: torch.Tensor, key: tuple) -> tuple[bool, MaskDecision | None]:
+    def lookup(self, mask: torch.Tensor, key: tuple) -> tuple[bool, AttentionPlan | None]:
         with self._lock:
             entry = self._entries.get((id(mask),) + key)
         if entry is not None and entry[0]() is mask and entry[1] == mask._version:
             return True, entry[2]
         return False, None
 
-    def store(self, mask: torch.Tensor, key: tuple, decision: MaskDecision | None) -> None:
+    def store(self, mask: torch.Tensor, key: tuple, decision: AttentionPlan | None) -> None:
         full_key = (id(mask),) + key
 
         def _drop(_ref: weakref.ref, entries: dict = self._entries, lock: threading.Lock = self._lock) -> None:
@@ -225,12 +277,13 @@ class _ScopeOwner:
 
 def classify_mask(
     mask: torch.Tensor, batch: int, num_heads: int, q_len: int, kv_len: int, window_left: int = -1
-) -> MaskDecision | None:
-    """The TE mask type and window that reproduce ``mask`` exactly for queries (batch, num_heads, q_len) against
-    kv_len keys, or None when there is none (padding, packed documents, arbitrary patterns, malformed values).
+) -> AttentionPlan | None:
+    """The plan that reproduces ``mask`` exactly for queries (batch, num_heads, q_len) against kv_len keys, or None
+    when there is none (padding inside a row with a window, arbitrary patterns, malformed values).
 
     Candidates are: all keys visible (``no_mask``), causal, and causal with the layer's window ``window_left``
-    (TE's left window, sliding_window - 1). Causal is aligned bottom-right, as HF builds it for KV caches.
+    (TE's left window, sliding_window - 1), aligned bottom-right as HF builds them for KV caches; and for square
+    masks, either causal pattern ANDed with key padding at the ends of each row, or per packed document.
     """
     if mask.dim() > 4 or mask.dtype not in (torch.bool, torch.float16, torch.bfloat16, torch.float32, torch.float64):
         return None
@@ -240,10 +293,10 @@ def classify_mask(
     except RuntimeError:
         return None
     if mask.is_inference() or not _scope_stack():  # inference tensors have no version counter
-        return _classify(mask, q_len, kv_len, window_left)
-    key = (tuple(mask.shape), mask.data_ptr(), q_len, kv_len, window_left)
+        return _classify(mask, batch, q_len, kv_len, window_left)
+    key = (tuple(mask.shape), mask.data_ptr(), batch, q_len, kv_len, window_left)
     hit, decision = _CACHE.lookup(mask, key)
     if not hit:
-        decision = _classify(mask, q_len, kv_len, window_left)
+        decision = _classify(mask, batch, q_len, kv_len, window_left)
         _CACHE.store(mask, key, decision)
     return decision

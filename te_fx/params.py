@@ -58,12 +58,16 @@ def infer_attn_params(module: nn.Module) -> dict[str, Any] | None:
     k_out = proj_out_features(getattr(module, "k_proj", None))
     v_out = proj_out_features(getattr(module, "v_proj", None))
     is_mla = hasattr(module, "kv_b_proj")  # DeepSeek-V2/V3: K and V come out of one low-rank projection, per head
-    if q_out is None or (not is_mla and (k_out is None or v_out is None)):
-        return None
     config = getattr(module, "config", None)
     head_dim = _first_int(getattr(module, "qk_head_dim", None), getattr(module, "head_dim", None))
     head_dim = head_dim or _first_int(getattr(config, "head_dim", None))
     num_heads = _first_int(getattr(module, "num_heads", None), getattr(module, "num_attention_heads", None))
+    separate = all(isinstance(getattr(module, name, None), nn.Module) for name in ("q_proj", "k_proj", "v_proj"))
+    if separate and q_out is None and num_heads and head_dim:  # projections of unknown width (wrappers, Identity)
+        q_out = num_heads * head_dim
+        k_out = v_out = k_out or v_out
+    if q_out is None or (not is_mla and not separate and (k_out is None or v_out is None)):
+        return None
     config_heads = _first_int(getattr(config, "num_attention_heads", None))
     if num_heads is None and head_dim:
         num_heads = q_out // head_dim

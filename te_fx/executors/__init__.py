@@ -1,15 +1,38 @@
 """Executors: what runs the attention. "te" is TransformerEngine's fused attention (CUDA, fp16/bf16); "reference"
 is the same call contract in plain PyTorch (any device and dtype), used on machines without a GPU and as the oracle.
+
+:class:`Executor` is what te_fx's custom ops call (kernels on contiguous bshd tensors, in TE's bshd or thd format);
+:class:`ExecutorModule` is what te_fx's attention modules are (they run an :class:`~te_fx.core.plan.AttentionPlan`).
+Neither needs TransformerEngine: :func:`get_executor` imports it only for "te".
 """
 
 from __future__ import annotations
 
+import abc
+import functools
 import os
 from types import ModuleType
+from typing import TYPE_CHECKING
 
-__all__ = ["EXECUTORS", "TEUnavailableError", "resolve_executor", "load_te_executor", "te_head_dims_supported"]
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from ..core.plan import AttentionPlan
+
+__all__ = [
+    "EXECUTORS",
+    "QKV_FORMATS",
+    "Executor",
+    "ExecutorModule",
+    "TEUnavailableError",
+    "get_executor",
+    "resolve_executor",
+    "load_te_executor",
+    "te_head_dims_supported",
+]
 
 EXECUTORS = ("te", "reference")
+QKV_FORMATS = ("bshd", "thd")
 ENV_EXECUTOR = "TE_FX_EXECUTOR"
 
 
@@ -41,3 +64,108 @@ def load_te_executor() -> ModuleType:
             f"(or set {ENV_EXECUTOR}=reference) to run the pure-PyTorch reference executor."
         ) from error
     return te
+
+
+class Executor(abc.ABC):
+    """The kernels behind te_fx's custom ops, in TE's terms.
+
+    Tensors are contiguous bshd: q (B, Sq, H, Dqk), k (B, Skv, Hkv, Dqk), v (B, Skv, Hkv, Dv). ``qkv_format`` says
+    how the executor reads them: "bshd" (``cu_seqlens_*``, if given, are per-row lengths for the ``padding*`` mask
+    types; None means full rows) or "thd" (the B * S tokens flattened, ``cu_seqlens_*`` the documents' boundaries;
+    the mask type is ``padding*`` and applies within each document).
+    """
+
+    name: str
+
+    @abc.abstractmethod
+    def forward(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        cu_seqlens_q: Tensor | None,
+        cu_seqlens_kv: Tensor | None,
+        qkv_format: str,
+        mask_type: str,
+        window_size: tuple[int, int],
+        softmax_scale: float,
+        dropout_p: float,
+        training: bool,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """(out bshd (B, Sq, H, Dv), softmax_stats, rng_state): the last two are what :meth:`backward` needs, shaped
+        as :meth:`fake_aux` says."""
+
+    @abc.abstractmethod
+    def backward(
+        self,
+        d_out: Tensor,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        out: Tensor,
+        softmax_stats: Tensor,
+        rng_state: Tensor,
+        cu_seqlens_q: Tensor | None,
+        cu_seqlens_kv: Tensor | None,
+        qkv_format: str,
+        mask_type: str,
+        window_size: tuple[int, int],
+        softmax_scale: float,
+        dropout_p: float,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """(dq, dk, dv), contiguous bshd, for the forward that returned ``out``, ``softmax_stats``, ``rng_state``."""
+
+    @abc.abstractmethod
+    def fake_aux(self, q: Tensor, qkv_format: str, dropout_p: float, training: bool) -> tuple[Tensor, Tensor]:
+        """Empty (softmax_stats, rng_state) of the shapes :meth:`forward` returns (q may be a fake tensor)."""
+
+    @abc.abstractmethod
+    def unsupported_reason(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        mask_type: str,
+        window_size: tuple[int, int],
+        qkv_format: str = "bshd",
+        num_sequences: int | None = None,
+        dropout_p: float = 0.0,
+        training: bool = False,
+    ) -> str | None:
+        """Why this executor cannot run the call (a te_fx stats key), or None; from metadata only. For "thd",
+        ``num_sequences`` is the number of documents and q/k/v are bshd rows bounding each document's length."""
+
+
+@functools.cache
+def get_executor(name: str) -> Executor:
+    """The executor called ``name``: "te" (imports TransformerEngine, or raises :class:`TEUnavailableError`) or
+    "reference"."""
+    if name == "te":
+        return load_te_executor().TEExecutor()
+    if name == "reference":
+        from .reference import ReferenceExecutor
+
+        return ReferenceExecutor()
+    raise ValueError(f"unknown te_fx executor {name!r}; choose one of {EXECUTORS}")
+
+
+class ExecutorModule(nn.Module):
+    """te_fx's own attention modules (TE's and the reference's): they run an :class:`~te_fx.core.plan.AttentionPlan`
+    themselves (``run``) and say what they cannot run (``unsupported_reason``). Any other module stands in through
+    TE's call contract.
+
+    It defines no ``__init__``: in ``class M(ExecutorModule, SomeModule)`` nn.Module's is called once, by SomeModule.
+    """
+
+    def unsupported_reason(self, q: Tensor, k: Tensor, v: Tensor, plan: AttentionPlan) -> str | None:
+        """Why this module cannot run ``plan`` on these bshd tensors (a te_fx stats key such as "fallback_device",
+        "fallback_dtype", "fallback_head_dim", "fallback_shape", "fallback_fp8"), or None; from metadata only."""
+        raise NotImplementedError
+
+    def run(self, q: Tensor, k: Tensor, v: Tensor, plan: AttentionPlan) -> Tensor:
+        """bshd (B, Sq, H, Dqk) in, bshd (B, Sq, H, Dv) out, differentiable: ``plan`` with this module's softmax
+        scale, and its attention dropout in training mode only. Callers ask :meth:`unsupported_reason` first."""
+        raise NotImplementedError
+
+    def _dropout_p(self) -> float:
+        return getattr(self, "attention_dropout", 0.0) if self.training else 0.0

@@ -1,0 +1,27 @@
+"""The fallback reasons: why a call ran PyTorch's SDPA instead of TE, one table for every way in.
+
+The eager counters are keyed by these names, ``te-fx explain`` and the README describe them from here.
+"""
+
+from __future__ import annotations
+
+__all__ = ["REASONS", "STATS_KEYS", "describe"]
+
+REASONS: dict[str, str] = {
+    "fallback_mask": "a mask that is not exactly causal, sliding-window causal, all-visible, key padding at the ends "
+    "of rows, or packed causal documents (or one that needs its gradient)",
+    "fallback_scale_mismatch": "the call's softmax scale differs from the TE module's",
+    "fallback_dropout": "the call's dropout differs from the TE module's",
+    "fallback_layout": "a q/k/v layout te_fx does not convert",
+    "fallback_device": "tensors not on CUDA",
+    "fallback_dtype": "dtype is not fp16/bf16 (outside autocast)",
+    "fallback_head_dim": "head dim not a multiple of 8 or above 256",
+    "fallback_shape": "TE's fused backend rejects the shape",
+    "fallback_fp8": "TE's FP8 attention rejects the call (inside FP8 autocast)",
+}
+STATS_KEYS: tuple[str, ...] = ("te_hits", *REASONS)
+
+
+def describe(key: str) -> str:
+    """``key: what it means`` for a reason key (the key alone when it is not in the table)."""
+    return f"{key}: {REASONS[key]}" if key in REASONS else key

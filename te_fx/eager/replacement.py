@@ -1,0 +1,163 @@
+"""The SDPA replacement of an injected module: HF's call in, TE's plan out, or the original SDPA and a reason.
+
+It follows autocast as SDPA does, reads HF's (B, H, S, D) views as the contiguous (B, S, H, D) tensors TE needs,
+undoes ``repeat_kv`` (TE does GQA natively), unpacks the packed-GQA decode layout of transformers >= 5.23, turns the
+mask into a plan with the exact matcher (:mod:`te_fx.masks`), and runs the plan through the attention module's
+runner. Anything it is not sure of goes to the original SDPA, counted under its reason.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from .. import masks
+from ..core.autocast import autocast_dtype, cast_like_sdpa
+from ..core.guards import is_causal_plan, scales_match, sdpa_call_refusal
+from ..core.plan import NO_MASK, AttentionPlan
+from ..executors import ExecutorModule
+from . import stats
+
+__all__ = ["TESdpa", "ModuleRunner", "runner_for"]
+
+logger = logging.getLogger("te_fx")
+
+
+class ModuleRunner:
+    """Runs plans on an attention module te_fx did not build (a stand-in for TE's ``DotProductAttention``, such as a
+    test double), through TE's call contract: ``module(q, k, v, attn_mask_type=..., window_size=...)`` on bshd
+    tensors, returning (B, Sq, H * Dv). It reads no attribute of the module; per-row plans are not part of that
+    contract and stay on SDPA."""
+
+    def __init__(self, module: Any) -> None:
+        self.module = module
+
+    def unsupported_reason(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan) -> str | None:
+        return "fallback_mask" if plan.key_padding is not None or plan.cu_seqlens is not None else None
+
+    def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
+        out = self.module(q, k, v, attn_mask_type=plan.mask_type, window_size=plan.window_size)
+        return out.view(*q.shape[:3], -1)
+
+
+def runner_for(module: Any) -> ExecutorModule | ModuleRunner:
+    """te_fx's own attention modules run plans themselves; any other module through :class:`ModuleRunner`."""
+    return module if isinstance(module, ExecutorModule) else ModuleRunner(module)
+
+
+def _mask_plan(
+    attn_mask: torch.Tensor | None, is_causal: bool, q: torch.Tensor, q_len: int, kv_len: int, window_left: int
+) -> AttentionPlan | None:
+    if attn_mask is None:
+        return is_causal_plan(q_len, kv_len) if is_causal else NO_MASK
+    if is_causal or (attn_mask.is_floating_point() and attn_mask.dtype != q.dtype):
+        return None  # SDPA rejects these; let it raise its own error
+    if attn_mask.requires_grad and torch.is_grad_enabled():
+        return None  # a learned bias that is 0 / -inf now still needs its gradient
+    return masks.classify_mask(attn_mask, q.shape[0], q.shape[1], q_len, kv_len, window_left)
+
+
+class TESdpa:
+    """The callable that replaces SDPA for one injected module. An object rather than a closure so that
+    ``copy.deepcopy`` of an injected model gives the copy its own attention module (and injected models pickle)."""
+
+    def __init__(
+        self,
+        te_module: Any,
+        num_heads: int,
+        num_kv_heads: int,
+        original_sdpa: Callable,
+        window_size: tuple[int, int],
+        softmax_scale: float | None,
+    ) -> None:
+        self.te_module = te_module
+        self.runner = runner_for(te_module)
+        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+        self.n_rep = num_heads // num_kv_heads
+        self.original_sdpa = original_sdpa
+        self.window_size = window_size
+        self.softmax_scale = softmax_scale
+        self.scale_mismatch_warned = False
+
+    def _dropout(self) -> float:
+        """The dropout the TE module applies now: te_fx's own modules say; a stand-in is taken to apply none."""
+        module = self.te_module
+        if isinstance(module, ExecutorModule) and module.training:
+            return float(module.attention_dropout)
+        return 0.0
+
+    def __call__(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        dropout_p: float = 0.0,
+        is_causal: bool = False,
+        scale: float | None = None,
+        enable_gqa: bool = False,
+    ) -> torch.Tensor:
+        dtype = autocast_dtype(query.device.type) if isinstance(query, torch.Tensor) else None
+        if dtype is not None:
+            query, key, value, attn_mask = cast_like_sdpa((query, key, value, attn_mask), dtype)
+        kwargs = dict(attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
+        if enable_gqa:
+            kwargs["enable_gqa"] = True
+        reason, out = self._attend(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+        stats.count(reason)
+        return out if out is not None else self.original_sdpa(query, key, value, **kwargs)
+
+    def _attend(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attn_mask: torch.Tensor | None,
+        dropout_p: float,
+        is_causal: bool,
+        scale: float | None,
+        enable_gqa: bool,
+    ) -> tuple[str, torch.Tensor | None]:
+        """("te_hits", the output) or (the reason, None)."""
+        q, k, v = query, key, value
+        packed = (
+            self.n_rep > 1 and q.dim() == k.dim() == 4 and q.shape[1] == self.num_kv_heads == k.shape[1]
+            and q.shape[2] == self.n_rep
+        )  # fmt: skip
+        if packed:  # transformers >= 5.23 decode: (B, Hkv, n_rep, D) holds one query token of every head
+            if is_causal or (attn_mask is not None and attn_mask.shape[-2] != 1):
+                return "fallback_layout", None
+            q = q.reshape(q.shape[0], self.num_heads, 1, q.shape[-1])
+        refusal = sdpa_call_refusal(q, k, v, enable_gqa or packed, dropout_p)
+        if refusal is not None:
+            return refusal[0], None
+        batch, heads, q_len, head_dim = q.shape
+        if k.shape[1] == heads == self.num_heads and self.n_rep > 1:
+            k, v = k[:, :: self.n_rep], v[:, :: self.n_rep]  # K/V arrive repeat_kv-ed: pass the KV heads, TE does GQA
+        if not scales_match(scale, head_dim, self.softmax_scale):
+            if not self.scale_mismatch_warned:
+                self.scale_mismatch_warned = True
+                logger.warning(
+                    "te_fx: SDPA was called with scale=%s but the TE module uses softmax_scale=%s; these calls run "
+                    "the original SDPA (counted as fallback_scale_mismatch)", scale, self.softmax_scale,
+                )  # fmt: skip
+            return "fallback_scale_mismatch", None
+        if dropout_p != self._dropout():
+            return "fallback_dropout", None
+        kv_len = k.shape[2]
+        plan = _mask_plan(attn_mask, is_causal, q, q_len, kv_len, self.window_size[0])
+        if plan is None:
+            return "fallback_mask", None
+        if attn_mask is None and is_causal and q_len < kv_len:
+            k, v = k[:, :, :q_len], v[:, :, :q_len]
+        q_bshd, k_bshd, v_bshd = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+        reason = self.runner.unsupported_reason(q_bshd, k_bshd, v_bshd, plan)
+        if reason is not None:
+            return reason, None
+        out = self.runner.run(q_bshd, k_bshd, v_bshd, plan).transpose(1, 2)
+        if packed:
+            out = out.reshape(query.shape[0], query.shape[1], query.shape[2], -1)
+        return "te_hits", out
+
