@@ -20,7 +20,9 @@ from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from . import ops
 from .fx_aliasing import written_in_place
-from .mask_subgraph import SubgraphMask, classify_mask_node, node_value, same_size
+from .core.guards import is_causal_plan, sdpa_call_refusal
+from .core.plan import AttentionPlan
+from .mask_subgraph import classify_mask_node, node_value, same_size
 
 __all__ = ["AttentionRewrite", "rewrite_attention"]
 
@@ -130,29 +132,19 @@ def _guard(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, args: dict[str, Any], executor: str
 ) -> str | None:
     """Why this SDPA call cannot be rewritten, judged from metadata alone; None when it can."""
-    if any(not isinstance(t, torch.Tensor) or t.dim() != 4 for t in (q, k, v)):
-        return "q/k/v are not 4D tensors"
     if not isinstance(args["is_causal"], bool):
         return "is_causal is not a compile-time constant"
+    if not isinstance(args["enable_gqa"], bool):
+        return "enable_gqa is not a compile-time constant"
     # floats may be SymFloat graph inputs (torch 2.11 lifts some float attributes); the op takes them as they are
     if not all(isinstance(node_value(args[name]), (int, float, torch.SymFloat)) for name in ("dropout_p", "scale")
                if args[name] is not None):  # fmt: skip
         return "dropout_p or scale is not a float"
-    if isinstance(args["dropout_p"], (int, float)) and not 0 <= args["dropout_p"] < 1:
-        return f"dropout_p {args['dropout_p']} is outside [0, 1)"
-    if not isinstance(args["enable_gqa"], bool):
-        return "enable_gqa is not a compile-time constant"
-    if not q.dtype.is_floating_point or k.dtype != q.dtype or v.dtype != q.dtype:
-        return f"dtype {q.dtype}"
-    if not (same_size(k.shape[0], q.shape[0]) and same_size(v.shape[0], q.shape[0])):
-        return "K/V batch differs from the query's (SDPA broadcasts it)"
-    heads, kv_heads = _int(q.shape[1]), _int(k.shape[1])
-    if heads is None or kv_heads is None or _int(q.shape[3]) is None or _int(v.shape[3]) is None:
+    refusal = sdpa_call_refusal(q, k, v, args["enable_gqa"], args["dropout_p"], same_size)
+    if refusal is not None:
+        return refusal[1]
+    if any(_int(size) is None for size in (q.shape[1], k.shape[1], q.shape[3], v.shape[3])):
         return "symbolic head count or head dim"
-    if heads % kv_heads:
-        return "query heads are not a multiple of KV heads"
-    if kv_heads != heads and not args["enable_gqa"]:
-        return "fewer KV heads than query heads without enable_gqa (SDPA would reject the call)"
     if executor == "te":
         if q.device.type != "cuda":
             return f"the te executor needs CUDA tensors, got {q.device.type}"
@@ -161,27 +153,27 @@ def _guard(
     return None
 
 
-def _te_shape_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: SubgraphMask, dropout_p: float) -> str | None:
+def _te_shape_reason(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan, dropout_p: float
+) -> str | None:
     """TE's own support check at the traced sizes (its F16 fused backend has no sequence-length limits that matter
     for dynamic shapes, so the traced hint stands for all)."""
     from .executors import load_te_executor
 
     shape = tuple(_hint(s) for s in (q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2], q.shape[3], v.shape[3]))
-    mask_type = "padding_causal" if mask.padding is not None else mask.mask_type
     return load_te_executor().shape_unsupported_reason(
-        q.dtype, shape, mask_type, mask.window_size, float(dropout_p), True, q.device.index or 0
+        q.dtype, shape, plan.kind, plan.window_size, float(dropout_p), True, q.device.index or 0
     )
 
 
-def _classify(args: dict[str, Any], q: torch.Tensor, k: torch.Tensor, written: set[fx.Node]) -> SubgraphMask | str:
+def _classify(args: dict[str, Any], q: torch.Tensor, k: torch.Tensor, written: set[fx.Node]) -> AttentionPlan | str:
     batch, q_len, kv_len = q.shape[0], q.shape[2], k.shape[2]
     mask = args["attn_mask"]
     if mask is None:
         if not args["is_causal"]:
-            return SubgraphMask("no_mask", (-1, -1))
-        if not same_size(q_len, kv_len):
-            return "is_causal with q_len != kv_len (top-left causal)"
-        return SubgraphMask("causal", (-1, 0))
+            return AttentionPlan("no_mask", (-1, -1))
+        plan = is_causal_plan(q_len, kv_len, same_size)
+        return plan if plan is not None else "is_causal with more queries than keys, or lengths not known to compare"
     if args["is_causal"]:
         return "attn_mask together with is_causal"
     if not isinstance(mask, fx.Node):
@@ -193,9 +185,9 @@ def _classify(args: dict[str, Any], q: torch.Tensor, k: torch.Tensor, written: s
     if isinstance(classified, str) or classified.mask_type != "causal" or same_size(q_len, kv_len):
         return classified
     # HF's causal masks sit at the bottom right when there are fewer queries than keys (a KV cache)
-    if classified.padding is not None:
+    if classified.key_padding is not None:
         return "padding mask with q_len != kv_len"
-    return SubgraphMask("causal_bottom_right", classified.window_size)
+    return AttentionPlan("causal_bottom_right", classified.window_size)
 
 
 def _rewrite_one(graph: fx.Graph, node: fx.Node, executor: str, written: set[fx.Node]) -> AttentionRewrite:
@@ -221,7 +213,7 @@ def _rewrite_one(graph: fx.Graph, node: fx.Node, executor: str, written: set[fx.
         if isinstance(classified, str):
             reason = classified
         else:
-            entry.mask_kind = "padding_causal" if classified.padding is not None else classified.mask_type
+            entry.mask_kind = classified.kind
             entry.window_size = classified.window_size
             if executor == "te":
                 reason = _te_shape_reason(q, k, v, classified, _hint(node_value(args["dropout_p"])))
@@ -240,12 +232,15 @@ def _rewrite_one(graph: fx.Graph, node: fx.Node, executor: str, written: set[fx.
         for operand in (query, key, value):
             source = _bshd_source(operand)
             operands.append(source if source is not None else graph.call_method("transpose", (operand, 1, 2)))
+        if args["attn_mask"] is None and args["is_causal"] and not same_size(q.shape[2], k.shape[2]):
+            # SDPA's top-left causal never shows a query the keys past q_len: causal runs on the first q_len keys
+            operands[1:] = [graph.call_method("narrow", (t, 1, 0, _int(q.shape[2]))) for t in operands[1:]]
         kwargs = dict(
             mask_type=classified.mask_type,
             window_size=classified.window_size,
             softmax_scale=scale,
             dropout_p=args["dropout_p"],
-            key_padding_mask=classified.padding,
+            key_padding_mask=classified.key_padding,
             executor=executor,
         )
         out = graph.call_function(ops.attention, tuple(operands), kwargs)

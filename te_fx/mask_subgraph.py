@@ -16,15 +16,15 @@ batch and sequence sizes, a mismatch anywhere) leaves the SDPA node untouched.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
+from .core.plan import AttentionPlan
 from .masks import causal_pattern
 
-__all__ = ["SubgraphMask", "classify_mask_node", "node_value", "same_size"]
+__all__ = ["classify_mask_node", "node_value", "same_size"]
 
 _SAMPLE_SIZES = (1, 2, 3, 7, 16, 33)  # substituted for symbolic sizes, besides the traced ones
 _MAX_SAMPLE = 1 << 14  # a window constant larger than this cannot be checked at compile time
@@ -33,16 +33,6 @@ _LONG_SAMPLE = 1031  # a length past periods no constant shows (position dtypes,
 # nondeterministic ops: a mask drawn from them is a different mask at every call
 _RANDOM_OPS = ("rand", "bernoulli", "normal", "dropout", "multinomial", "uniform", "poisson", "exponential", "random")
 _RANDOM_TRIALS = 4
-
-
-@dataclass(frozen=True)
-class SubgraphMask:
-    """What a mask subgraph computes: TE's ``mask_type`` and ``window_size``, and the graph input holding a 2D key
-    padding mask ANDed into it (``padding``), if any."""
-
-    mask_type: str
-    window_size: tuple[int, int]
-    padding: fx.Node | None = None
 
 
 def _ancestors(node: fx.Node) -> list[fx.Node]:
@@ -207,10 +197,11 @@ def same_size(a: object, b: object) -> bool:
 
 def classify_mask_node(
     mask: fx.Node, batch: object, q_len: object, kv_len: object, written: set[fx.Node]
-) -> SubgraphMask | str:
+) -> AttentionPlan | str:
     """Classify the SDPA mask produced by ``mask`` for queries (batch, *, q_len) and kv_len keys (ints or SymInts of
     the graph); ``written`` holds the graph's values that in-place ops write (:mod:`te_fx.fx_aliasing`). Returns a
-    :class:`SubgraphMask`, or the reason the mask is left to SDPA."""
+    :class:`~te_fx.core.plan.AttentionPlan` (its ``key_padding`` the graph input holding a 2D key padding mask ANDed into
+    the pattern, if any), or the reason the mask is left to SDPA."""
     ancestors = _ancestors(mask)
     extracted = _extract(mask, ancestors)
     if extracted is None:
@@ -307,7 +298,7 @@ def classify_mask_node(
         if not all(_padding_consistent(module, args, index, ones, values, generator) for args, ones in samples):
             return "mask combines its input with the pattern in a way other than key padding"
     window_size = (-1, -1) if mask_type == "no_mask" else (window, 0)
-    return SubgraphMask(mask_type, window_size, padding)
+    return AttentionPlan(mask_type, window_size, key_padding=padding)
 
 
 def _padding_trial_values(dtype: torch.dtype, numbers: list[int | float], generator: torch.Generator) -> torch.Tensor:
