@@ -31,8 +31,10 @@ def sdpa_call_refusal(
         return "fallback_dtype", f"q/k/v dtypes {q.dtype}/{k.dtype}/{v.dtype}"
     if not (same(k.shape[0], q.shape[0]) and same(v.shape[0], q.shape[0])):
         return "fallback_layout", "K/V batch differs from the query's (SDPA broadcasts it)"
-    if not (same(v.shape[1], k.shape[1]) and same(v.shape[2], k.shape[2]) and same(k.shape[3], q.shape[3])):
-        return "fallback_layout", "K and V (or Q and K) disagree in heads, length or head dim"
+    if not (same(v.shape[1], k.shape[1]) and same(k.shape[3], q.shape[3])):
+        return "fallback_layout", "K and V (or Q and K) disagree in heads or head dim"
+    if isinstance(k.shape[2], int) and isinstance(v.shape[2], int) and k.shape[2] != v.shape[2]:
+        return "fallback_layout", "K and V differ in length"  # symbolic lengths: SDPA's own check holds at run time
     heads, kv_heads = q.shape[1], k.shape[1]
     if isinstance(heads, int) and isinstance(kv_heads, int):
         if heads % kv_heads:
