@@ -22,7 +22,7 @@ import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from .core.plan import AttentionPlan
-from .masks import causal_pattern
+from .masks import causal_pattern, classify_mask
 
 __all__ = ["classify_mask_node", "node_value", "same_size"]
 
@@ -140,32 +140,15 @@ def _concrete(size: object, assignment: dict) -> int:
     return int(size)
 
 
-def _pattern_window(visible: torch.Tensor) -> int | None:
-    """The left window of a bottom-right causal pattern (``visible`` is (q_len, kv_len)), or None if it is not one."""
-    q_len, kv_len = visible.shape
-    if q_len > kv_len or not visible.any(dim=-1).all():
-        return None
-    cols = torch.arange(kv_len, device=visible.device)
-    first = torch.where(visible, cols, kv_len).min(dim=-1).values
-    diagonal = torch.arange(q_len, device=visible.device) + (kv_len - q_len)
-    window = int((diagonal - first).max())
-    window = -1 if window >= kv_len - 1 else window
-    return window if torch.equal(visible, causal_pattern(q_len, kv_len, window, visible.device)) else None
-
-
 def _classify_evaluated(mask: torch.Tensor) -> tuple[str, int] | None:
-    """("no_mask" | "causal", window_left) if a bool (.., q_len, kv_len) mask is the same canonical pattern for
-    every leading index."""
-    if mask.dtype != torch.bool:
+    """("no_mask" | "causal", window_left) if a bool (B, H, q_len, kv_len) mask is the same canonical pattern for
+    every leading index: the eager matcher's answer, when it is one for the whole batch (no per-row plan)."""
+    if mask.dtype != torch.bool or mask.dim() != 4:
         return None
-    rows = mask.reshape(-1, *mask.shape[-2:])
-    if not (rows == rows[:1]).all():
+    plan = classify_mask(mask, *mask.shape)
+    if plan is None or plan.key_padding is not None or plan.cu_seqlens is not None:
         return None
-    visible = rows[0]
-    if visible.all():
-        return ("no_mask", -1)
-    window = _pattern_window(visible)
-    return None if window is None else ("causal", window)
+    return ("no_mask", -1) if plan.mask_type == "no_mask" else ("causal", plan.window_size[0])
 
 
 def _run(module: fx.GraphModule, args: list) -> object:

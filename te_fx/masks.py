@@ -29,26 +29,37 @@ __all__ = [
 ]
 
 
-def causal_pattern(q_len: int, kv_len: int, window_left: int = -1, device: torch.device | str | None = None) -> torch.Tensor:
+def causal_pattern(
+    q_len: int, kv_len: int, window_left: int | torch.Tensor = -1, device: torch.device | str | None = None
+) -> torch.Tensor:
     """Bool (q_len, kv_len), True = attend: causal aligned to the bottom-right corner (query i sits at key position
-    kv_len - q_len + i), optionally limited to ``window_left`` keys before the diagonal. This is HF's causal and
-    sliding-window mask (sliding window w is window_left = w - 1) and TE's ``causal_bottom_right``."""
+    kv_len - q_len + i), optionally limited to ``window_left`` keys before the diagonal (negative: no limit; an int
+    or a 0-dim tensor). This is HF's causal and sliding-window mask (sliding window w is window_left = w - 1) and
+    TE's ``causal_bottom_right``."""
     rows = torch.arange(q_len, device=device).unsqueeze(1)
     return _causal_at(rows, torch.arange(kv_len, device=device).unsqueeze(0), q_len, kv_len, window_left)
 
 
 def _causal_at(
-    rows: torch.Tensor | int, cols: torch.Tensor | int, q_len: int, kv_len: int, window_left: int
+    rows: torch.Tensor | int, cols: torch.Tensor | int, q_len: int, kv_len: int, window_left: int | torch.Tensor
 ) -> torch.Tensor:
     """:func:`causal_pattern` at the (broadcast) query indices ``rows`` and key indices ``cols``."""
-    diagonal = rows + (kv_len - q_len)
-    visible = cols <= diagonal
-    if window_left >= 0:
-        visible &= cols >= diagonal - window_left
-    return visible
+    diagonal = torch.as_tensor(rows) + (kv_len - q_len)
+    return (cols <= diagonal) & ((cols >= diagonal - window_left) | (window_left < 0))
 
 
-def _causal_edges(q_len: int, kv_len: int, window_left: int, device: torch.device) -> torch.Tensor:
+def _reach(attend: torch.Tensor, q_len: int, kv_len: int) -> torch.Tensor:
+    """The mask's window, read off its values (0-dim): how far back of its diagonal (bottom-right aligned) any query
+    sees a key; -1 when some query sees back to the first key (full causal, or a window that covers every key).
+    Where no query reaches its window's edge, the window and full causal give the same pattern."""
+    cols = torch.arange(kv_len, device=attend.device)
+    first = torch.where(attend, cols, kv_len).amin(-1)
+    diagonal = torch.arange(q_len, device=attend.device) + (kv_len - q_len)
+    reach = torch.where(first < kv_len, diagonal - first, -1).amax()
+    return torch.where(reach >= kv_len - 1, -1, reach)
+
+
+def _causal_edges(q_len: int, kv_len: int, window_left: int | torch.Tensor, device: torch.device) -> torch.Tensor:
     """The first row of :func:`causal_pattern` followed by the rest of its first column."""
     first_row = _causal_at(0, torch.arange(kv_len, device=device), q_len, kv_len, window_left)
     first_column = _causal_at(torch.arange(1, q_len, device=device), 0, q_len, kv_len, window_left)
@@ -108,24 +119,21 @@ def _dedupe_broadcast(mask: torch.Tensor) -> torch.Tensor:
     return mask[index]
 
 
-def _uniform_checks(attend: torch.Tensor, well_formed: torch.Tensor, candidates: list[AttentionPlan]) -> list:
-    """Checks that ``attend`` equals each candidate (one pass for all). Every candidate depends on key - query only
-    (it is constant along diagonals), so the mask equals one exactly when it is constant along diagonals too and
-    agrees with it on its first row and column. The first check is the all-visible one."""
+def _uniform_checks(attend: torch.Tensor, well_formed: torch.Tensor, windows: list) -> list[torch.Tensor]:
+    """Checks that ``attend`` is all visible, then causal with each of ``windows``, one pass for all. Every causal
+    pattern depends on key - query only (it is constant along diagonals), so the mask equals one exactly when it is
+    constant along diagonals too and agrees with it on its first row and column."""
     q_len, kv_len = attend.shape[-2:]
-    if len(candidates) == 1:
-        return [well_formed & attend.all()]
     edges = torch.cat([attend[..., 0, :], attend[..., 1:, 0]], dim=-1)
     diagonal = well_formed & (attend[..., 1:, 1:] == attend[..., :-1, :-1]).all()
     checks = [diagonal & edges.all()]
-    for candidate in candidates[1:]:
-        expected = _causal_edges(q_len, kv_len, candidate.window_size[0], attend.device)
-        checks.append(diagonal & (edges == expected).all())
+    for window in windows:
+        checks.append(diagonal & (edges == _causal_edges(q_len, kv_len, window, attend.device)).all())
     return checks
 
 
 def _row_checks(
-    attend: torch.Tensor, well_formed: torch.Tensor, windows: list[int]
+    attend: torch.Tensor, well_formed: torch.Tensor, windows: list
 ) -> tuple[list, list, torch.Tensor, torch.Tensor]:
     """Checks for the per-row plans of a square mask (B, H, S, S), per left window in ``windows``: key padding
     (``causal & keep[b, kv]``, padding only before the first or after the last kept token of a row) and packed
@@ -145,10 +153,10 @@ def _row_checks(
     outer = ((kept == 0) | (last - first + 1 == kept)).all()
     document = starts.cumsum(-1)
     same_document = document[:, :, None] == document[:, None, :]
+    base = well_formed & heads_agree
     padding, documents = [], []
     for window in windows:
         pattern = causal_pattern(seq, seq, window, attend.device)
-        base = well_formed & heads_agree
         padding.append(base & outer & (rows == (pattern & keep[:, None, :])).all())
         # a window of 0 hides the sub-diagonal everywhere: no document boundary can be read off it
         documents.append(base & (window != 0) & (rows == (pattern & same_document)).all())
@@ -163,34 +171,38 @@ def _document_boundaries(starts: torch.Tensor, count: int) -> torch.Tensor:
     return torch.cat([indices, end]).to(torch.int32)
 
 
-def _classify(mask: torch.Tensor, batch: int, q_len: int, kv_len: int, window_left: int) -> AttentionPlan | None:
+def _classify(mask: torch.Tensor, batch: int, q_len: int, kv_len: int) -> AttentionPlan | None:
     attend, well_formed = attend_pattern(_dedupe_broadcast(mask))
     attend = attend.reshape((1,) * (4 - attend.dim()) + tuple(attend.shape)).expand(-1, -1, q_len, kv_len)
-    candidates = [NO_MASK]
-    if 0 < q_len <= kv_len:  # with more queries than keys some rows see nothing: SDPA and TE disagree there
-        causal_type = "causal" if q_len == kv_len else "causal_bottom_right"
-        candidates.append(AttentionPlan(causal_type, (-1, 0)))
-        if 0 <= window_left < kv_len - 1:
-            candidates.append(AttentionPlan(causal_type, (window_left, 0)))
-    checks = _uniform_checks(attend, well_formed, candidates)
-    windows = [candidate.window_size[0] for candidate in candidates[1:]] if q_len == kv_len > 1 else []
-    if windows:
+    # with more queries than keys some rows see nothing: SDPA and TE disagree there
+    causal = 0 < q_len <= kv_len
+    reach = _reach(attend, q_len, kv_len) if causal else torch.tensor(-1)
+    windows = [-1, reach] if causal else []
+    checks = [*_uniform_checks(attend, well_formed, windows), reach]
+    square = q_len == kv_len > 1
+    if square:
         padding, documents, keep, starts = _row_checks(attend, well_formed, windows)
         checks += [*padding, *documents, starts.sum()]
     results = torch.stack([torch.as_tensor(c, device=mask.device).long() for c in checks]).tolist()  # the one sync
-    plan = next((c for c, matched in zip(candidates, results) if matched), None)
-    if plan is not None or not windows:
-        return plan
-    padding_results = results[len(candidates) : len(candidates) + len(windows)]
-    document_results = results[len(candidates) + len(windows) : -1]
-    for window, matched in zip(windows, padding_results):
+    found_window = results[len(windows) + 1]
+    lefts = [-1, found_window]
+    causal_type = "causal" if q_len == kv_len else "causal_bottom_right"
+    if results[0]:
+        return NO_MASK
+    for left, matched in zip(lefts, results[1 : len(windows) + 1]):
         if matched:
-            return AttentionPlan("causal", (window, 0), key_padding=keep.expand(batch, -1))
-    for window, matched in zip(windows, document_results):
+            return AttentionPlan(causal_type, (left, 0))
+    if not square:
+        return None
+    padding_results, document_results = results[len(windows) + 2 : -1][:2], results[len(windows) + 2 : -1][2:]
+    for left, matched in zip(lefts, padding_results):
+        if matched:
+            return AttentionPlan("causal", (left, 0), key_padding=keep.expand(batch, -1))
+    for left, matched in zip(lefts, document_results):
         if matched:
             count = results[-1] * (batch if starts.shape[0] == 1 else 1)  # a mask broadcast over the batch
             boundaries = _document_boundaries(starts.expand(batch, -1), count)
-            return AttentionPlan("causal", (window, 0), cu_seqlens=boundaries)
+            return AttentionPlan("causal", (left, 0), cu_seqlens=boundaries)
     return None
 
 
@@ -275,15 +287,13 @@ class _ScopeOwner:
     """A weak-referenceable owner for :func:`cached_decisions`."""
 
 
-def classify_mask(
-    mask: torch.Tensor, batch: int, num_heads: int, q_len: int, kv_len: int, window_left: int = -1
-) -> AttentionPlan | None:
+def classify_mask(mask: torch.Tensor, batch: int, num_heads: int, q_len: int, kv_len: int) -> AttentionPlan | None:
     """The plan that reproduces ``mask`` exactly for queries (batch, num_heads, q_len) against kv_len keys, or None
     when there is none (padding inside a row with a window, arbitrary patterns, malformed values).
 
-    Candidates are: all keys visible (``no_mask``), causal, and causal with the layer's window ``window_left``
-    (TE's left window, sliding_window - 1), aligned bottom-right as HF builds them for KV caches; and for square
-    masks, either causal pattern ANDed with key padding at the ends of each row, or per packed document.
+    Candidates are: all keys visible (``no_mask``), causal, and causal with the window the mask shows (the mask wins
+    over what a layer's config says), aligned bottom-right as HF builds them for KV caches; and for square masks,
+    either causal pattern ANDed with key padding at the ends of each row, or per packed document.
     """
     if mask.dim() > 4 or mask.dtype not in (torch.bool, torch.float16, torch.bfloat16, torch.float32, torch.float64):
         return None
@@ -293,10 +303,10 @@ def classify_mask(
     except RuntimeError:
         return None
     if mask.is_inference() or not _scope_stack():  # inference tensors have no version counter
-        return _classify(mask, batch, q_len, kv_len, window_left)
-    key = (tuple(mask.shape), mask.data_ptr(), batch, q_len, kv_len, window_left)
+        return _classify(mask, batch, q_len, kv_len)
+    key = (tuple(mask.shape), mask.data_ptr(), batch, q_len, kv_len)
     hit, decision = _CACHE.lookup(mask, key)
     if not hit:
-        decision = _classify(mask, batch, q_len, kv_len, window_left)
+        decision = _classify(mask, batch, q_len, kv_len)
         _CACHE.store(mask, key, decision)
     return decision

@@ -120,7 +120,7 @@ def _detect_causal_mask(attn_mask: torch.Tensor, window_size: tuple[int, int]) -
     batch, heads, q_len, kv_len = attn_mask.shape
     if q_len != kv_len:
         return None
-    plan = masks.classify_mask(attn_mask, batch, heads, q_len, kv_len, window_size[0])
+    plan = masks.classify_mask(attn_mask, batch, heads, q_len, kv_len)
     if q_len == 1 and plan is not None and plan.mask_type == "no_mask":
         plan = AttentionPlan("causal", (-1, 0))  # a single visible key is the 1 x 1 causal pattern too
     if plan is None or plan.kind != "causal":
@@ -142,12 +142,14 @@ def _make_te_sdpa(
 ) -> Callable:
     """A replacement for ``F.scaled_dot_product_attention`` that runs ``te_module`` where that is exact.
 
+    ``window_size`` is accepted for the documented signature: te_fx reads the window off each mask (a mask that
+    differs from the layer's config wins), and a call without a mask is SDPA's plain causal or no-mask attention.
     It follows autocast as SDPA does, reads HF's (B, H, S, D) views as the contiguous (B, S, H, D) tensors TE needs,
     undoes ``repeat_kv`` (TE does GQA natively), turns a mask into a plan only when it reproduces the mask exactly
     (causal, sliding-window causal, all-visible, key padding, packed documents), and otherwise calls
     ``original_sdpa`` and counts why.
     """
-    return TESdpa(te_module, num_heads, num_kv_heads, original_sdpa, window_size, softmax_scale)
+    return TESdpa(te_module, num_heads, num_kv_heads, original_sdpa, softmax_scale)
 
 
 def _patch_module_forward(module: nn.Module, te_sdpa: Callable) -> None:

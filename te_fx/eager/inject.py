@@ -110,8 +110,7 @@ def inject_module(module: nn.Module, make_attn_module: Callable[[dict], Any]) ->
         te_module.train(module.training)
     setattr(module, TE_MODULE_ATTR, te_module)
     _hide_from_state_dict(module)
-    scale = attn["softmax_scale"]
-    te_sdpa = TESdpa(te_module, attn["num_heads"], attn["num_kv_heads"], SDPA, attn["window_size"], scale)
+    te_sdpa = TESdpa(te_module, attn["num_heads"], attn["num_kv_heads"], SDPA, attn["softmax_scale"])
     patch_forward(module, te_sdpa)
     return None
 

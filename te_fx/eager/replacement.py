@@ -48,7 +48,7 @@ def runner_for(module: Any) -> ExecutorModule | ModuleRunner:
 
 
 def _mask_plan(
-    attn_mask: torch.Tensor | None, is_causal: bool, q: torch.Tensor, q_len: int, kv_len: int, window_left: int
+    attn_mask: torch.Tensor | None, is_causal: bool, q: torch.Tensor, q_len: int, kv_len: int
 ) -> AttentionPlan | None:
     if attn_mask is None:
         return is_causal_plan(q_len, kv_len) if is_causal else NO_MASK
@@ -56,7 +56,7 @@ def _mask_plan(
         return None  # SDPA rejects these; let it raise its own error
     if attn_mask.requires_grad and torch.is_grad_enabled():
         return None  # a learned bias that is 0 / -inf now still needs its gradient
-    return masks.classify_mask(attn_mask, q.shape[0], q.shape[1], q_len, kv_len, window_left)
+    return masks.classify_mask(attn_mask, q.shape[0], q.shape[1], q_len, kv_len)
 
 
 class TESdpa:
@@ -69,7 +69,6 @@ class TESdpa:
         num_heads: int,
         num_kv_heads: int,
         original_sdpa: Callable,
-        window_size: tuple[int, int],
         softmax_scale: float | None,
     ) -> None:
         self.te_module = te_module
@@ -77,7 +76,6 @@ class TESdpa:
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.n_rep = num_heads // num_kv_heads
         self.original_sdpa = original_sdpa
-        self.window_size = window_size
         self.softmax_scale = softmax_scale
         self.scale_mismatch_warned = False
 
@@ -147,7 +145,7 @@ class TESdpa:
         if dropout_p != self._dropout():
             return "fallback_dropout", None
         kv_len = k.shape[2]
-        plan = _mask_plan(attn_mask, is_causal, q, q_len, kv_len, self.window_size[0])
+        plan = _mask_plan(attn_mask, is_causal, q, q_len, kv_len)
         if plan is None:
             return "fallback_mask", None
         if attn_mask is None and is_causal and q_len < kv_len:
