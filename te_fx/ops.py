@@ -1,9 +1,10 @@
 """The custom ops: te_fx's attention as ``torch.library`` ops, so torch.compile graphs can hold it.
 
 ``te_fx::attention_fwd`` and ``te_fx::attention_bwd`` are functional ops with fake implementations and autograd
-registered, in the style of flash-attn's op wrappers. The "te" executor runs TE's fused attention (CUDA, fp16/bf16);
-"reference" runs :func:`te_fx.executors.reference.reference_attention` on any device. Tensors are bshd:
-q (B, Sq, H, Dqk), k (B, Skv, Hkv, Dqk), v (B, Skv, Hkv, Dv) -> out (B, Sq, H, Dv).
+registered, in the style of flash-attn's op wrappers. They dispatch to an :class:`~te_fx.executors.Executor`: "te"
+runs TE's fused attention (CUDA, fp16/bf16), "reference" the pure-PyTorch reference on any device. Tensors are bshd:
+q (B, Sq, H, Dqk), k (B, Skv, Hkv, Dqk), v (B, Skv, Hkv, Dv) -> out (B, Sq, H, Dv); ``qkv_format`` "thd" has the
+executor read the B * S tokens as one packed sequence of documents.
 """
 
 from __future__ import annotations
@@ -14,38 +15,9 @@ import torch
 from torch import Tensor
 from torch.torch_version import TorchVersion
 
-from .executors import EXECUTORS, load_te_executor
-from .executors.reference import reference_attention, reference_attention_backward
+from .executors import EXECUTORS, get_executor, thd_mask_type
 
 __all__ = ["attention"]
-
-
-def _generator(seed: Tensor, device: torch.device) -> torch.Generator | None:
-    """The dropout generator of a reference call, replayed by its backward (``seed`` is empty without dropout)."""
-    if not seed.numel():
-        return None
-    generator = torch.Generator(device=device)
-    generator.manual_seed(int(seed[0]))
-    return generator
-
-
-def _reference_config(
-    cu_seqlens_q: Tensor | None,
-    cu_seqlens_kv: Tensor | None,
-    mask_type: str,
-    window_left: int,
-    window_right: int,
-    softmax_scale: float,
-    dropout_p: float,
-) -> dict:
-    return dict(
-        mask_type=mask_type,
-        window_size=(window_left, window_right),
-        softmax_scale=softmax_scale,
-        dropout_p=dropout_p,
-        seqlens_q=None if cu_seqlens_q is None else cu_seqlens_q.diff(),
-        seqlens_kv=None if cu_seqlens_kv is None else cu_seqlens_kv.diff(),
-    )
 
 
 @torch.library.custom_op("te_fx::attention_fwd", mutates_args=())
@@ -62,36 +34,25 @@ def attention_fwd(
     dropout_p: float,
     training: bool,
     executor: str,
+    qkv_format: str = "bshd",
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Attention forward; returns (out, softmax_stats, rng_state). The last two are what the backward needs
-    (empty when not training): TE's softmax statistics and RNG state, or the reference executor's dropout seed.
-    ``cu_seqlens_*`` (int32, B + 1) give per-sequence lengths for the ``padding*`` mask types."""
+    """Attention forward; returns (out, softmax_stats, rng_state). The last two are what the backward needs: TE's
+    softmax statistics and RNG state (empty when not training), or the reference executor's dropout seed.
+    ``cu_seqlens_*`` (int32): in "bshd", per-row lengths for the ``padding*`` mask types (None: full rows); in
+    "thd", the boundaries of the documents packed over the B * S tokens."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    if executor == "te":
-        window = (window_left, window_right)
-        te = load_te_executor()
-        out, aux = te.fused_forward(
-            q, k, v, mask_type, window, softmax_scale, dropout_p, training, cu_seqlens_q, cu_seqlens_kv
-        )
-        if not training:
-            return out, q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.int64)
-        return out, aux[0], aux[1]
-    seed = torch.randint(0, 2**62, (2 if dropout_p > 0 else 0,), dtype=torch.int64)
-    config = _reference_config(cu_seqlens_q, cu_seqlens_kv, mask_type, window_left, window_right, softmax_scale, dropout_p)
-    out = reference_attention(q, k, v, generator=_generator(seed, q.device), **config)
-    return out, q.new_empty(0, dtype=torch.float32), seed.to(q.device)
+    window = (window_left, window_right)
+    return get_executor(executor).forward(
+        q, k, v, cu_seqlens_q, cu_seqlens_kv, qkv_format, mask_type, window, softmax_scale, dropout_p, training
+    )
 
 
 @attention_fwd.register_fake
-def _(q, k, v, cu_seqlens_q, cu_seqlens_kv, mask_type, window_left, window_right, softmax_scale, dropout_p, training, executor):  # noqa: ANN001, E501
+def _(q, k, v, cu_seqlens_q, cu_seqlens_kv, mask_type, window_left, window_right, softmax_scale, dropout_p, training, executor, qkv_format="bshd"):
     torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4, lambda: "te_fx attention takes 4D bshd tensors")
     torch._check(q.shape[2] % k.shape[2] == 0, lambda: "query heads must be a multiple of KV heads")
-    batch, q_len, heads = q.shape[0], q.shape[1], q.shape[2]
-    out = q.new_empty(batch, q_len, heads, v.shape[-1])
-    if executor == "te" and training:
-        return out, q.new_empty(batch, heads, q_len, 1, dtype=torch.float32), q.new_empty(2, dtype=torch.int64)
-    rng_len = 2 if executor != "te" and dropout_p > 0 else 0
-    return out, q.new_empty(0, dtype=torch.float32), q.new_empty(rng_len, dtype=torch.int64)
+    out = q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[-1])
+    return out, *get_executor(executor).fake_aux(q, qkv_format, dropout_p, training)
 
 
 @torch.library.custom_op("te_fx::attention_bwd", mutates_args=())
@@ -111,58 +72,74 @@ def attention_bwd(
     softmax_scale: float,
     dropout_p: float,
     executor: str,
+    qkv_format: str = "bshd",
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Attention backward; returns (dq, dk, dv)."""
+    """Attention backward; returns (dq, dk, dv), contiguous bshd."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    if executor == "te":
-        te = load_te_executor()
-        aux = [softmax_stats, rng_state]
-        window = (window_left, window_right)
-        return te.fused_backward(
-            d_out, q, k, v, out, aux, mask_type, window, softmax_scale, dropout_p, cu_seqlens_q, cu_seqlens_kv
-        )
-    config = _reference_config(cu_seqlens_q, cu_seqlens_kv, mask_type, window_left, window_right, softmax_scale, dropout_p)
-    return reference_attention_backward(d_out, q, k, v, generator=_generator(rng_state, q.device), **config)
+    window = (window_left, window_right)
+    return get_executor(executor).backward(
+        d_out.contiguous(), q, k, v, out, softmax_stats, rng_state, cu_seqlens_q, cu_seqlens_kv, qkv_format,
+        mask_type, window, softmax_scale, dropout_p,
+    )  # fmt: skip
 
 
 @attention_bwd.register_fake
-def _(d_out, q, k, v, out, softmax_stats, rng_state, *config):  # noqa: ANN001, ANN002
+def _(d_out, q, k, v, out, softmax_stats, rng_state, *config):
     # the kernels write contiguous bshd gradients whatever the strides of q, k, v
     return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
 
 
 def _setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-    q, k, v, cu_q, cu_kv, mask_type, window_left, window_right, softmax_scale, dropout_p, _training, executor = inputs
+    q, k, v, cu_q, cu_kv, mask_type, window_left, window_right, softmax_scale, dropout_p, _training, executor, *fmt = inputs
     out, stats, rng = output
     ctx.save_for_backward(q, k, v, out, stats, rng, cu_q, cu_kv)
-    ctx.config = (mask_type, window_left, window_right, softmax_scale, dropout_p, executor)
+    ctx.config = (mask_type, window_left, window_right, softmax_scale, dropout_p, executor, *fmt)
 
 
 def _backward(ctx: Any, d_out: Tensor, _d_stats: Tensor, _d_rng: Tensor) -> tuple:
     q, k, v, out, stats, rng, cu_q, cu_kv = ctx.saved_tensors
     dq, dk, dv = attention_bwd(d_out, q, k, v, out, stats, rng, cu_q, cu_kv, *ctx.config)
-    return dq, dk, dv, *([None] * 9)
+    return dq, dk, dv, *([None] * (len(ctx.config) + 3))
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _compact_valid_first(key_padding_mask: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(order, inverse order, cu_seqlens_kv, rows that see a key) for a (B, S) key padding mask (nonzero = keep).
+def _compact_valid_first(key_padding_mask: Tensor, window_left: int) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor]:
+    """(order, inverse order, cu_seqlens_q, cu_seqlens_kv, rows that see a key) for a (B, S) key padding mask
+    (nonzero = keep) under causal attention with ``window_left`` (-1: none).
 
-    A stable partition (two cumulative sums, no sort) puts each row's kept tokens first, in order: then "query i sees
-    kept keys j <= i" becomes TE's ``padding_causal`` with per-row key lengths, and padding sits at the end of each
-    row as TE requires."""
+    A partition of each row (cumulative sums, no sort) puts its kept tokens first, in order, then the padding after
+    its first kept token, in order, then the padding before it: "query i sees kept keys j <= i (and j >= i - w)"
+    becomes TE's ``padding_causal`` with per-row key lengths, padding at the end of each row as TE requires, and a
+    padding query after the kept tokens keeps its distance to them (which the window needs)."""
     keep = key_padding_mask != 0
+    seq = keep.shape[1]
+    positions = torch.arange(seq, device=keep.device)
     kept_before = keep.cumsum(dim=1)  # kept tokens up to and including each position
     lengths = kept_before[:, -1:]
-    # each token's place after the stable partition: kept ones by rank, padding after them in order
-    restore = torch.where(keep, kept_before - 1, lengths + torch.arange(keep.shape[1], device=keep.device) - kept_before)
-    order = torch.empty_like(restore).scatter_(1, restore, torch.arange(keep.shape[1], device=keep.device).expand_as(restore))
+    leading = (kept_before == 0).sum(dim=1, keepdim=True)  # padding before the first kept token
+    # each token's row after the partition: kept ones by rank, then trailing padding, then leading padding
+    padding_row = torch.where(kept_before > 0, lengths + positions - kept_before - leading, seq - leading + positions)
+    restore = torch.where(keep, kept_before - 1, padding_row)
+    order = torch.empty_like(restore).scatter_(1, restore, positions.expand_as(restore))
     # a row with no kept token still gets one key (a padding one, at the front), so that no kernel sees an empty
     # sequence and leaves its output or statistics unwritten; those rows are zeroed afterwards
-    cu_seqlens = torch.nn.functional.pad(lengths.clamp(min=1).flatten().cumsum(0).to(torch.int32), (1, 0))
-    return order, restore, cu_seqlens, kept_before > 0
+    kv_lengths = lengths.clamp(min=1).flatten()
+    cu_seqlens_kv = _cumulative(kv_lengths)
+    if window_left < 0:
+        return order, restore, None, cu_seqlens_kv, kept_before > 0
+    # the kernel's query r sees ranks max(0, r - w)..min(r, L - 1): none once r >= L + w. Those rows (padding
+    # queries, zero in SDPA too) stay out of the kernel, which would otherwise see a row without a key
+    cu_seqlens_q = _cumulative((kv_lengths + window_left).clamp(max=seq))
+    shift = min(window_left + 1, seq)
+    kept_before_window = torch.nn.functional.pad(kept_before, (shift, 0))[:, :seq]
+    return order, restore, cu_seqlens_q, cu_seqlens_kv, kept_before > kept_before_window
+
+
+def _cumulative(lengths: Tensor) -> Tensor:
+    """(B + 1,) int32 boundaries of (B,) lengths, as TE takes them."""
+    return torch.nn.functional.pad(lengths.cumsum(0).to(torch.int32), (1, 0))
 
 
 def _gather_rows(x: Tensor, index: Tensor) -> Tensor:
@@ -192,6 +169,7 @@ def _check_arguments(
     window_size: tuple[int, int],
     dropout_p: float,
     key_padding_mask: Tensor | None,
+    cu_seqlens: Tensor | None,
     executor: str,
 ) -> None:
     """Clear errors for arguments no executor can run, from metadata only (no tensor values are read)."""
@@ -207,12 +185,36 @@ def _check_arguments(
     # the two agree only for q_len == kv_len
     if not mask_type.startswith("causal") and tuple(window_size) != (-1, -1) and q.shape[1] != k.shape[1]:
         raise ValueError(f"window_size {tuple(window_size)} with mask_type {mask_type!r} needs q_len == kv_len")
+    if key_padding_mask is not None and cu_seqlens is not None:
+        raise ValueError("pass key_padding_mask or cu_seqlens, not both")
     if key_padding_mask is not None:
-        if key_padding_mask.dim() != 2 or key_padding_mask.is_floating_point():
-            raise ValueError("key_padding_mask must be a (B, S) bool or integer tensor (nonzero = keep), "
-                             f"got {key_padding_mask.dim()}D {key_padding_mask.dtype}")  # fmt: skip
-        _check_size(key_padding_mask.shape[0] == q.shape[0], "its batch differs from the query's")
-        _check_size(key_padding_mask.shape[1] == k.shape[1], "its length differs from the keys'")
+        _check_key_padding(q, k, mask_type, window_size, key_padding_mask)
+    if cu_seqlens is not None:
+        _check_cu_seqlens(q, k, mask_type, window_size, cu_seqlens)
+
+
+def _check_key_padding(
+    q: Tensor, k: Tensor, mask_type: str, window_size: tuple[int, int], key_padding_mask: Tensor
+) -> None:
+    if mask_type != "causal" or window_size[1] != 0 or window_size[0] < -1 or q.shape[1] != k.shape[1]:
+        raise ValueError("key_padding_mask needs causal self-attention (q_len == kv_len), full or with a window "
+                         f"(w, 0), got mask_type {mask_type!r} and window_size {tuple(window_size)}")  # fmt: skip
+    if key_padding_mask.dim() != 2 or key_padding_mask.is_floating_point():
+        raise ValueError("key_padding_mask must be a (B, S) bool or integer tensor (nonzero = keep), "
+                         f"got {key_padding_mask.dim()}D {key_padding_mask.dtype}")  # fmt: skip
+    _check_size(key_padding_mask.shape[0] == q.shape[0], "its batch differs from the query's")
+    _check_size(key_padding_mask.shape[1] == k.shape[1], "its length differs from the keys'")
+
+
+def _check_cu_seqlens(q: Tensor, k: Tensor, mask_type: str, window_size: tuple[int, int], cu_seqlens: Tensor) -> None:
+    if mask_type not in ("causal", "no_mask") or q.shape[1] != k.shape[1]:
+        raise ValueError("cu_seqlens needs self-attention (q_len == kv_len) with mask_type 'causal' or 'no_mask', "
+                         f"got {mask_type!r}")  # fmt: skip
+    if mask_type == "causal" and (window_size[1] != 0 or window_size[0] < -1):
+        raise ValueError(f"cu_seqlens with causal attention takes window_size (w, 0), got {tuple(window_size)}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.dtype != torch.int32 or cu_seqlens.device != q.device:
+        raise ValueError(f"cu_seqlens must be a 1D int32 tensor on the query's device, got {cu_seqlens.dim()}D "
+                         f"{cu_seqlens.dtype} on {cu_seqlens.device}")  # fmt: skip
 
 
 _DYNAMO_TRACES_CHECK_MESSAGES = TorchVersion(torch.__version__) >= (2, 13)
@@ -237,31 +239,61 @@ def attention(
     softmax_scale: float,
     dropout_p: float = 0.0,
     key_padding_mask: Tensor | None = None,
+    cu_seqlens: Tensor | None = None,
     executor: str = "te",
 ) -> Tensor:
     """Differentiable attention over bshd tensors with native GQA (Hkv divides H), TE mask semantics.
 
-    ``key_padding_mask`` (B, S), nonzero = keep, with ``mask_type="causal"``: query i attends to kept keys j <= i,
-    as SDPA does with HF's ``causal & attention_mask[b, kv]`` mask. Rows with no such key are zero, as in SDPA.
+    At most one of these refines ``mask_type`` / ``window_size`` (self-attention, q_len == kv_len):
+
+    * ``key_padding_mask`` (B, S), nonzero = keep, with ``mask_type="causal"`` and window (-1, 0) or (w, 0): query i
+      attends to kept keys j <= i (and j >= i - w), as SDPA does with HF's ``causal & attention_mask[b, kv]`` mask.
+      Rows with no such key are zero, as in SDPA, with zero gradients. Exact at every kept position for padding
+      anywhere with full causal attention, and at every position when each row's padding lies before its first or
+      after its last kept token. With a window the caller guarantees the latter (the op cannot check it without a
+      host sync): inside a row, rank and position distances differ.
+    * ``cu_seqlens`` (N + 1,) int32: boundaries of documents packed over the B * S flattened tokens, from 0 to B * S,
+      every multiple of S among them (no document crosses a row; not checked, for the same reason). Each document
+      is causal (and windowed) on its own with ``mask_type="causal"``, or sees all of itself with "no_mask". Runs
+      TE's thd format.
+
     ``executor`` "te" needs CUDA fp16/bf16 tensors that TE's F16 fused backend supports; "reference" runs anywhere.
     Dropout draws fresh randomness per call; the backward reuses the forward's.
     """
-    _check_arguments(q, k, v, mask_type, window_size, dropout_p, key_padding_mask, executor)
+    _check_arguments(q, k, v, mask_type, window_size, dropout_p, key_padding_mask, cu_seqlens, executor)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     training = needs_grad or dropout_p > 0
-    cu_seqlens_q = cu_seqlens_kv = None
     if key_padding_mask is not None:
-        if mask_type != "causal" or window_size != (-1, 0) or q.shape[1] != k.shape[1]:
-            raise ValueError("key_padding_mask needs full causal self-attention (q_len == kv_len)")
-        order, restore, cu_seqlens_kv, sees_a_key = _compact_valid_first(key_padding_mask)
-        q, k, v = (_PermuteRows.apply(t, order, restore) for t in (q, k, v))
-        batch, seq = q.shape[0], q.shape[1]
-        cu_seqlens_q = torch.arange(0, (batch + 1) * seq, seq, dtype=torch.int32, device=q.device)
-        mask_type = "padding_causal"
+        return _padded_attention(q, k, v, window_size, softmax_scale, dropout_p, training, key_padding_mask, executor)
+    cu_q = cu_kv = None
+    qkv_format = "bshd"
+    if cu_seqlens is not None:
+        cu_q = cu_kv = cu_seqlens
+        qkv_format = "thd"
+        mask_type = thd_mask_type(mask_type)
     out, _, _ = torch.ops.te_fx.attention_fwd(
-        q, k, v, cu_seqlens_q, cu_seqlens_kv, mask_type, window_size[0], window_size[1], softmax_scale, dropout_p,
-        training, executor,
+        q, k, v, cu_q, cu_kv, mask_type, window_size[0], window_size[1], softmax_scale, dropout_p, training,
+        executor, qkv_format,
     )  # fmt: skip
-    if key_padding_mask is not None:
-        out = torch.where(sees_a_key[:, :, None, None], _PermuteRows.apply(out, restore, order), 0.0)
     return out
+
+
+def _padded_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    window_size: tuple[int, int],
+    softmax_scale: float,
+    dropout_p: float,
+    training: bool,
+    key_padding_mask: Tensor,
+    executor: str,
+) -> Tensor:
+    """:func:`attention` with a key padding mask: TE's ``padding_causal`` on rows partitioned kept-first."""
+    order, restore, cu_q, cu_kv, sees_a_key = _compact_valid_first(key_padding_mask, window_size[0])
+    q, k, v = (_PermuteRows.apply(t, order, restore) for t in (q, k, v))
+    out, _, _ = torch.ops.te_fx.attention_fwd(
+        q, k, v, cu_q, cu_kv, "padding_causal", window_size[0], window_size[1], softmax_scale, dropout_p, training,
+        executor, "bshd",
+    )  # fmt: skip
+    return torch.where(sees_a_key[:, :, None, None], _PermuteRows.apply(out, restore, order), 0.0)

@@ -230,7 +230,7 @@ def test_a_fully_padded_row_reaches_the_kernel_as_one_key_and_comes_back_zero(mo
         seen.append(seqlens_kv.tolist())
         return real(q, k, v, seqlens_q=seqlens_q, seqlens_kv=seqlens_kv, **kwargs)
 
-    monkeypatch.setattr(ops, "reference_attention", recording)
+    monkeypatch.setattr(reference, "reference_attention", recording)
     q, k, v = _qkv(q_len=6, kv_len=6)
     padding = torch.tensor(KEY_PADDING["empty_row"])
     out = ops.attention(q, k, v, mask_type="causal", window_size=(-1, 0), softmax_scale=0.5,
@@ -242,13 +242,16 @@ def test_a_fully_padded_row_reaches_the_kernel_as_one_key_and_comes_back_zero(mo
         assert torch.equal(t.grad[0], torch.zeros_like(t.grad[0]))
 
 
-def test_key_padding_mask_needs_full_causal_self_attention():
+def test_key_padding_mask_needs_causal_self_attention():
     q, k, v = _qkv(grad=False)
     padding = torch.ones(2, 5, dtype=torch.long)
-    for mask_type, window in (("no_mask", (-1, -1)), ("causal", (2, 0))):
+    for mask_type, window in (("no_mask", (-1, -1)), ("causal", (2, 1)), ("causal_bottom_right", (-1, 0))):
         with pytest.raises(ValueError, match="key_padding_mask"):
             ops.attention(q, k, v, mask_type=mask_type, window_size=window, softmax_scale=0.5,
                           key_padding_mask=padding, executor="reference")  # fmt: skip
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        ops.attention(q, k[:, :4], v[:, :4], mask_type="causal", window_size=(-1, 0), softmax_scale=0.5,
+                      key_padding_mask=padding[:, :4], executor="reference")  # fmt: skip
 
 
 @pytest.mark.parametrize(

@@ -26,9 +26,10 @@ __all__ = [
     "ExecutorModule",
     "TEUnavailableError",
     "get_executor",
-    "resolve_executor",
     "load_te_executor",
+    "resolve_executor",
     "te_head_dims_supported",
+    "thd_mask_type",
 ]
 
 EXECUTORS = ("te", "reference")
@@ -39,6 +40,13 @@ ENV_EXECUTOR = "TE_FX_EXECUTOR"
 def te_head_dims_supported(head_dim_qk: int, head_dim_v: int) -> bool:
     """TE's F16 fused attention on sm90: head dims that are multiples of 8 and at most 256 (known without TE)."""
     return head_dim_qk % 8 == 0 and head_dim_v % 8 == 0 and max(head_dim_qk, head_dim_v) <= 256
+
+
+def thd_mask_type(mask_type: str) -> str:
+    """The mask type TE runs the thd format with (it needs a ``padding*`` one): causal -> padding_causal, ..."""
+    if mask_type.startswith("padding"):
+        return mask_type
+    return "padding" if mask_type == "no_mask" else f"padding_{mask_type}"
 
 
 class TEUnavailableError(ImportError):
@@ -169,3 +177,14 @@ class ExecutorModule(nn.Module):
 
     def _dropout_p(self) -> float:
         return getattr(self, "attention_dropout", 0.0) if self.training else 0.0
+
+    def _run_op(self, q: Tensor, k: Tensor, v: Tensor, plan: AttentionPlan, executor: str) -> Tensor:
+        """``plan`` through te_fx's op on ``executor``, with this module's softmax scale (default head_dim**-0.5)."""
+        from ..ops import attention
+
+        scale = self.softmax_scale if getattr(self, "softmax_scale", None) is not None else q.shape[-1] ** -0.5
+        return attention(
+            q, k, v, mask_type=plan.mask_type, window_size=plan.window_size, softmax_scale=scale,
+            dropout_p=self._dropout_p(), key_padding_mask=plan.key_padding, cu_seqlens=plan.cu_seqlens,
+            executor=executor,
+        )  # fmt: skip

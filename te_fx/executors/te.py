@@ -3,7 +3,8 @@
 The only module of te_fx that imports ``transformer_engine``. TE's ``DotProductAttention`` re-selects its backend
 on every call (0.2-0.5 ms of Python); :class:`TEDotProductAttention` keeps the module (FP8, context parallelism,
 everything else still goes through it) but sends plain bshd fp16/bf16 calls straight to
-``fused_attn_fwd``/``fused_attn_bwd``, with the backend decision cached per shape.
+``fused_attn_fwd``/``fused_attn_bwd``, with the backend decision cached per shape. :class:`TEExecutor` is the
+kernels behind te_fx's custom ops, in TE's bshd and thd formats.
 """
 
 from __future__ import annotations
@@ -14,23 +15,32 @@ from typing import Any
 
 import torch
 import transformer_engine.pytorch as te
-from transformer_engine.pytorch.attention.dot_product_attention import utils as dpa_utils
-from transformer_engine.pytorch.cpp_extensions.fused_attn import FusedAttnBackend, fused_attn_bwd, fused_attn_fwd
+from transformer_engine.pytorch.attention.dot_product_attention import (
+    utils as dpa_utils,
+)
+from transformer_engine.pytorch.cpp_extensions.fused_attn import (
+    FusedAttnBackend,
+    fused_attn_bwd,
+    fused_attn_fwd,
+)
 from transformer_engine.pytorch.quantization import FP8GlobalStateManager
+from transformer_engine.pytorch.utils import get_cudnn_version
 
-from . import te_head_dims_supported
+from ..core.plan import AttentionPlan
+from . import Executor, ExecutorModule, te_head_dims_supported, thd_mask_type
 
 __all__ = [
     "TEDotProductAttention",
+    "TEExecutor",
     "fused_attention",
-    "fused_forward",
     "fused_backward",
+    "fused_forward",
     "shape_unsupported_reason",
     "unsupported_reason",
 ]
 
 _F16 = FusedAttnBackend.F16_arbitrary_seqlen
-_LAYOUT = dict(qkv_layout="bshd_bshd_bshd", o_format="bshd")
+_QKV_LAYOUT = {"bshd": "bshd_bshd_bshd", "thd": "thd_thd_thd"}
 
 
 @functools.lru_cache(maxsize=256)
@@ -70,6 +80,7 @@ def _backend_ok(
     training: bool,
     fp8_key: tuple | None,
     deterministic: bool,
+    qkv_format: str = "bshd",
 ) -> bool:
     """Whether TE selects its fused attention for this call: the F16 backend, or the FP8 one while FP8 attention
     is on (``fp8_key``, from :func:`_recipe_key` of the current recipe), with deterministic kernels if asked."""
@@ -77,7 +88,7 @@ def _backend_ok(
     fp8 = {} if fp8_key is None else dict(fp8=True, fp8_meta={"recipe": FP8GlobalStateManager.get_fp8_recipe()})
     params = dpa_utils.AttentionParams(
         qkv_dtype=dtype,
-        qkv_layout="bshd_bshd_bshd",
+        qkv_layout=_QKV_LAYOUT[qkv_format],
         batch_size=batch,
         num_heads=heads,
         num_gqa_groups=kv_heads,
@@ -100,6 +111,15 @@ def _backend_ok(
     return bool(fused_available) and fused_backend is not None and int(fused_backend) == int(wanted)
 
 
+@functools.lru_cache(maxsize=64)
+def _packed_softmax_stats(device_index: int) -> bool:
+    """Whether TE keeps thd softmax statistics per token, (T, H, 1), as te_fx's fake implementation declares: cuDNN
+    >= 9.6 on sm90 or later but not sm120 (TE 2.20's ``uses_ragged_stats``; otherwise they are (B, H, S, 1))."""
+    major, minor = torch.cuda.get_device_capability(device_index)
+    sm = 10 * major + minor
+    return tuple(int(part) for part in get_cudnn_version()) >= (9, 6, 0) and sm >= 90 and sm != 120
+
+
 def shape_unsupported_reason(
     dtype: torch.dtype,
     shape: tuple[int, int, int, int, int, int, int],
@@ -109,16 +129,23 @@ def shape_unsupported_reason(
     training: bool = False,
     device_index: int = 0,
     fp8_recipe: Any = None,
+    qkv_format: str = "bshd",
 ) -> str | None:
     """Why TE's fused attention cannot run (batch, heads, kv_heads, q_len, kv_len, head_dim_qk, head_dim_v) in
     ``dtype`` (a stats key), or None if it can: the F16 backend, or the FP8 one under an FP8 attention recipe.
-    Decided from metadata only, so compile-time guards use it too."""
+    In the thd format batch is the number of documents and q_len / kv_len bound their lengths (te_fx runs thd in
+    F16 only). Decided from metadata only, so compile-time guards use it too."""
     if dtype not in (torch.float16, torch.bfloat16):
         return "fallback_dtype"
     if not te_head_dims_supported(shape[5], shape[6]):
         return "fallback_head_dim"
+    if qkv_format == "thd":
+        if fp8_recipe is not None:
+            return "fallback_fp8"
+        if not _packed_softmax_stats(device_index):
+            return "fallback_shape"
     key = _recipe_key(fp8_recipe)
-    config = (mask_type, tuple(window_size), float(dropout_p), bool(training), key, _deterministic())
+    config = (mask_type, tuple(window_size), float(dropout_p), bool(training), key, _deterministic(), qkv_format)
     if not _backend_ok(dtype, (*shape, device_index), *config):
         return "fallback_shape" if key is None else "fallback_fp8"
     return None
@@ -133,15 +160,42 @@ def unsupported_reason(
     dropout_p: float = 0.0,
     training: bool = False,
     fp8_recipe: Any = None,
+    qkv_format: str = "bshd",
+    num_sequences: int | None = None,
 ) -> str | None:
-    """Why TE's fused attention cannot run these bshd tensors (a stats key), or None if it can."""
+    """Why TE's fused attention cannot run these bshd tensors (a stats key), or None if it can; in "thd",
+    ``num_sequences`` documents packed over their rows."""
     if not (q.is_cuda and k.device == q.device and v.device == q.device):
         return "fallback_device"
     if k.dtype != q.dtype or v.dtype != q.dtype:
         return "fallback_dtype"
-    shape = (q.shape[0], q.shape[2], k.shape[2], q.shape[1], k.shape[1], q.shape[-1], v.shape[-1])
+    batch = num_sequences if qkv_format == "thd" else q.shape[0]
+    shape = (batch, q.shape[2], k.shape[2], q.shape[1], k.shape[1], q.shape[-1], v.shape[-1])
     device_index = q.device.index or 0
-    return shape_unsupported_reason(q.dtype, shape, mask_type, window_size, dropout_p, training, device_index, fp8_recipe)
+    return shape_unsupported_reason(
+        q.dtype, shape, mask_type, window_size, dropout_p, training, device_index, fp8_recipe, qkv_format
+    )
+
+
+def _tokens(x: torch.Tensor) -> torch.Tensor:
+    """Contiguous bshd (B, S, H, D) as thd (B * S, H, D)."""
+    return x.view(-1, *x.shape[2:])
+
+
+def _zero_rows_beyond(x: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """bshd ``x`` with each row's tokens past its length zero: what TE's bshd kernels leave unspecified there."""
+    positions = torch.arange(x.shape[1], device=x.device)
+    inside = positions[None, :] < cu_seqlens.diff()[:, None]
+    return torch.where(inside[:, :, None, None], x, 0.0)
+
+
+def _packed_stats(stats: torch.Tensor, tokens: int) -> torch.Tensor:
+    """TE's thd softmax statistics as the (T, H, 1) te_fx's fake declares. TE 2.20 documents [tq, h, 1]; a buffer
+    with more rows (a bucketed token count) holds token t in row t, so its first T rows are the statistics."""
+    if stats.dim() != 3 or stats.shape[0] < tokens:
+        raise RuntimeError(f"TE returned thd softmax statistics of shape {tuple(stats.shape)}, not ({tokens}, H, 1): "
+                           "te_fx's thd path needs cuDNN >= 9.6 on sm90+ (not sm120)")  # fmt: skip
+    return stats[:tokens]
 
 
 def fused_forward(
@@ -155,10 +209,19 @@ def fused_forward(
     training: bool,
     cu_seqlens_q: torch.Tensor | None = None,
     cu_seqlens_kv: torch.Tensor | None = None,
+    qkv_format: str = "bshd",
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """TE fused attention forward on contiguous bshd tensors; returns (out bshd, aux tensors for the backward).
-    ``cu_seqlens_*`` (int32, B + 1, on the device) give per-sequence lengths for the ``padding*`` mask types."""
+    In "bshd", ``cu_seqlens_*`` (int32, B + 1, on the device) give per-row lengths for the ``padding*`` mask types
+    (None: full rows; query rows past a length come back zero); in "thd", the documents packed over the B * S
+    tokens, each at most S long."""
     batch, q_len, kv_len = q.shape[0], q.shape[1], k.shape[1]
+    if qkv_format == "thd":
+        layout = {"cu_seqlens_q_padded": cu_seqlens_q, "cu_seqlens_kv_padded": cu_seqlens_kv}  # no gaps between docs
+        q_in, k_in, v_in = _tokens(q), _tokens(k), _tokens(v)
+    else:
+        layout = {}
+        q_in, k_in, v_in = q, k, v
     with torch.cuda.device(q.device):  # TE allocates its outputs and launches on the current device
         out, aux = fused_attn_fwd(
             training,
@@ -166,18 +229,27 @@ def fused_forward(
             kv_len,
             _cu_seqlens(batch, q_len, q.device) if cu_seqlens_q is None else cu_seqlens_q,
             _cu_seqlens(batch, kv_len, q.device) if cu_seqlens_kv is None else cu_seqlens_kv,
-            q,
-            k,
-            v,
+            q_in,
+            k_in,
+            v_in,
             q.dtype,
             _F16,
             attn_scale=softmax_scale,
             dropout=dropout_p,
             attn_mask_type=mask_type,
             window_size=window_size,
-            **_LAYOUT,
+            qkv_layout=_QKV_LAYOUT[qkv_format],
+            o_format=qkv_format,
+            **layout,
         )
-    return out, list(aux) if aux is not None else []
+    aux = list(aux) if aux is not None else []
+    if qkv_format == "thd":
+        out = out.view(*q.shape[:3], -1)
+        if aux:
+            aux[0] = _packed_stats(aux[0], q_in.shape[0])
+    elif cu_seqlens_q is not None and mask_type.startswith("padding"):
+        out = _zero_rows_beyond(out, cu_seqlens_q)
+    return out, aux
 
 
 def fused_backward(
@@ -193,20 +265,22 @@ def fused_backward(
     dropout_p: float,
     cu_seqlens_q: torch.Tensor | None = None,
     cu_seqlens_kv: torch.Tensor | None = None,
+    qkv_format: str = "bshd",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """TE fused attention backward; returns (dq, dk, dv) in bshd."""
+    """TE fused attention backward of :func:`fused_forward`; returns (dq, dk, dv) in bshd."""
     batch, q_len, kv_len = q.shape[0], q.shape[1], k.shape[1]
+    tensors = (q, k, v, out, d_out.contiguous())
+    layout = {}
+    if qkv_format == "thd":
+        layout = {"cu_seqlens_q_padded": cu_seqlens_q, "cu_seqlens_kv_padded": cu_seqlens_kv}
+        tensors = tuple(_tokens(t) for t in tensors)
     with torch.cuda.device(q.device):
         grads = fused_attn_bwd(
             q_len,
             kv_len,
             _cu_seqlens(batch, q_len, q.device) if cu_seqlens_q is None else cu_seqlens_q,
             _cu_seqlens(batch, kv_len, q.device) if cu_seqlens_kv is None else cu_seqlens_kv,
-            q,
-            k,
-            v,
-            out,
-            d_out.contiguous(),
+            *tensors,
             q.dtype,
             aux,
             _F16,
@@ -214,24 +288,108 @@ def fused_backward(
             dropout=dropout_p,
             attn_mask_type=mask_type,
             window_size=window_size,
-            do_format="bshd",
-            dqkv_layout="bshd_bshd_bshd",
+            qkv_layout=_QKV_LAYOUT[qkv_format],
+            o_format=qkv_format,
+            do_format=qkv_format,
+            dqkv_layout=_QKV_LAYOUT[qkv_format],
             deterministic=_deterministic(),
-            **_LAYOUT,
+            **layout,
         )
-    return grads[0], grads[1], grads[2]
+    dq, dk, dv = (grad.view(t.shape) for grad, t in zip(grads[:3], (q, k, v)))
+    if qkv_format == "bshd" and cu_seqlens_q is not None and mask_type.startswith("padding"):
+        dq = _zero_rows_beyond(dq, cu_seqlens_q)
+    return dq, dk, dv
+
+
+class TEExecutor(Executor):
+    """TE's fused kernels behind te_fx's custom ops. Training, its aux tensors are TE's: the softmax statistics,
+    (B, H, Sq, 1) float32 in bshd and (B * S, H, 1) in thd, and the RNG state, (2,) int64; empty otherwise."""
+
+    name = "te"
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cu_seqlens_q: torch.Tensor | None,
+        cu_seqlens_kv: torch.Tensor | None,
+        qkv_format: str,
+        mask_type: str,
+        window_size: tuple[int, int],
+        softmax_scale: float,
+        dropout_p: float,
+        training: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        out, aux = fused_forward(
+            q, k, v, mask_type, window_size, softmax_scale, dropout_p, training, cu_seqlens_q, cu_seqlens_kv,
+            qkv_format,
+        )  # fmt: skip
+        if not training:
+            return out, q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.int64)
+        return out, aux[0], aux[1]
+
+    def backward(
+        self,
+        d_out: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        out: torch.Tensor,
+        softmax_stats: torch.Tensor,
+        rng_state: torch.Tensor,
+        cu_seqlens_q: torch.Tensor | None,
+        cu_seqlens_kv: torch.Tensor | None,
+        qkv_format: str,
+        mask_type: str,
+        window_size: tuple[int, int],
+        softmax_scale: float,
+        dropout_p: float,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return fused_backward(
+            d_out, q, k, v, out, [softmax_stats, rng_state], mask_type, window_size, softmax_scale, dropout_p,
+            cu_seqlens_q, cu_seqlens_kv, qkv_format,
+        )  # fmt: skip
+
+    def fake_aux(
+        self, q: torch.Tensor, qkv_format: str, dropout_p: float, training: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not training:
+            return q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.int64)
+        batch, q_len, heads = q.shape[0], q.shape[1], q.shape[2]
+        if qkv_format == "thd":
+            stats = q.new_empty(batch * q_len, heads, 1, dtype=torch.float32)
+        else:
+            stats = q.new_empty(batch, heads, q_len, 1, dtype=torch.float32)
+        return stats, q.new_empty(2, dtype=torch.int64)
+
+    def unsupported_reason(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        mask_type: str,
+        window_size: tuple[int, int],
+        qkv_format: str = "bshd",
+        num_sequences: int | None = None,
+        dropout_p: float = 0.0,
+        training: bool = False,
+    ) -> str | None:
+        return unsupported_reason(
+            q, k, v, mask_type, window_size, dropout_p, training, None, qkv_format, num_sequences
+        )
 
 
 class _FusedAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, q, k, v, mask_type, window_size, softmax_scale, dropout_p):  # noqa: ANN001
+    def forward(ctx: Any, q, k, v, mask_type, window_size, softmax_scale, dropout_p):
         out, aux = fused_forward(q, k, v, mask_type, window_size, softmax_scale, dropout_p, True)
         ctx.save_for_backward(q, k, v, out, *aux)
         ctx.config = (mask_type, window_size, softmax_scale, dropout_p)
         return out
 
     @staticmethod
-    def backward(ctx: Any, d_out):  # noqa: ANN001
+    def backward(ctx: Any, d_out):
         q, k, v, out, *aux = ctx.saved_tensors
         dq, dk, dv = fused_backward(d_out, q, k, v, out, aux, *ctx.config)
         return dq, dk, dv, None, None, None, None
@@ -252,49 +410,62 @@ def fused_attention(
     return fused_forward(q, k, v, mask_type, window_size, softmax_scale, dropout_p, dropout_p > 0)[0]
 
 
-class TEDotProductAttention(te.DotProductAttention):
-    """TE's ``DotProductAttention`` with a fast path for plain bshd calls.
+def _plan_in_te_terms(plan: AttentionPlan) -> tuple[str, str, int | None]:
+    """(TE mask type, qkv format, number of sequences) that te_fx's op runs ``plan`` with."""
+    if plan.key_padding is not None:
+        return "padding_causal", "bshd", None
+    if plan.cu_seqlens is not None:
+        return thd_mask_type(plan.mask_type), "thd", plan.cu_seqlens.shape[0] - 1
+    return plan.mask_type, "bshd", None
+
+
+class TEDotProductAttention(ExecutorModule, te.DotProductAttention):
+    """TE's ``DotProductAttention`` with a fast path for plain bshd calls, and te_fx's plans.
 
     Calls with only q/k/v, ``attn_mask_type`` and ``window_size``, outside FP8 attention, on contiguous CUDA
     fp16/bf16 tensors that TE's F16 fused backend supports go straight to the fused kernels; everything else
-    (FP8 attention, padding masks, context parallelism, ...) runs TE's own forward unchanged.
+    (FP8 attention, padding masks, context parallelism, ...) runs TE's own forward unchanged. :meth:`run` takes
+    key-padding and packed-document plans too, through te_fx's op.
     """
 
     def unsupported_reason(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_type: str, window_size: tuple[int, int]
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan
     ) -> str | None:
-        """Why this module cannot run these bshd tensors (a te_fx stats key), or None."""
-        dropout_p = self.attention_dropout if self.training else 0.0
+        """Why this module cannot run ``plan`` on these bshd tensors (a te_fx stats key), or None; with the mask
+        type and format TE will run (padding_causal for key padding, thd for packed documents)."""
+        dropout_p = self._dropout_p()
         fp8_recipe = _fp8_attention_recipe()
         if fp8_recipe is not None:  # TE's own forward runs FP8 attention, and selects its backend by module mode
+            if plan.key_padding is not None or plan.cu_seqlens is not None:
+                return "fallback_fp8"
             training = self.training
         else:
             training = dropout_p > 0 or (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
-        return unsupported_reason(q, k, v, mask_type, window_size, dropout_p, training, fp8_recipe)
-
-    def run(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_type: str, window_size: tuple[int, int]
-    ) -> torch.Tensor:
-        """bshd in, bshd (B, Sq, H, Dv) out, for callers that have already asked :meth:`unsupported_reason` (te_fx's
-        SDPA replacement, once per call): the fused kernels directly, or TE's own forward for FP8 attention."""
-        if _fp8_attention_recipe() is not None:
-            with torch.cuda.device(q.device):
-                out = super().forward(q, k, v, attn_mask_type=mask_type, window_size=window_size)
-            return out.view(*q.shape[:3], -1)
-        dropout_p = self.attention_dropout if self.training else 0.0
-        return fused_attention(
-            q.contiguous(), k.contiguous(), v.contiguous(), mask_type, window_size, self.softmax_scale, dropout_p
+        mask_type, qkv_format, num_sequences = _plan_in_te_terms(plan)
+        return unsupported_reason(
+            q, k, v, mask_type, plan.window_size, dropout_p, training, fp8_recipe, qkv_format, num_sequences
         )
 
-    def forward(self, query_layer, key_layer, value_layer, *args, **kwargs):  # noqa: ANN001, ANN201
+    def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
+        """bshd in, bshd (B, Sq, H, Dv) out, for callers that have already asked :meth:`unsupported_reason` (te_fx's
+        SDPA replacement, once per call): the fused kernels directly, TE's own forward for FP8 attention, te_fx's
+        op for key-padding and packed-document plans."""
+        if plan.key_padding is not None or plan.cu_seqlens is not None:
+            return self._run_op(q, k, v, plan, "te")
+        if _fp8_attention_recipe() is not None:
+            with torch.cuda.device(q.device):
+                out = super().forward(q, k, v, attn_mask_type=plan.mask_type, window_size=plan.window_size)
+            return out.view(*q.shape[:3], -1)
+        return fused_attention(
+            q.contiguous(), k.contiguous(), v.contiguous(), plan.mask_type, plan.window_size, self.softmax_scale,
+            self._dropout_p(),
+        )  # fmt: skip
+
+    def forward(self, query_layer, key_layer, value_layer, *args, **kwargs):
         mask_type = kwargs.pop("attn_mask_type", None) or self.attn_mask_type
         window_size = dpa_utils.check_set_window_size(mask_type, kwargs.pop("window_size", None) or self.window_size)
         q, k, v = query_layer, key_layer, value_layer
-        if (
-            args
-            or kwargs
-            or self.qkv_format != "bshd"
-            or self.unsupported_reason(q, k, v, mask_type, window_size) is not None
-        ):
+        plan = AttentionPlan(mask_type, tuple(window_size))
+        if args or kwargs or self.qkv_format != "bshd" or self.unsupported_reason(q, k, v, plan) is not None:
             return super().forward(q, k, v, *args, attn_mask_type=mask_type, window_size=window_size, **kwargs)
-        return self.run(q, k, v, mask_type, window_size).flatten(2)
+        return self.run(q, k, v, plan).flatten(2)

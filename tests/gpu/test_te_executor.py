@@ -6,7 +6,11 @@ import torch.nn.functional as F
 
 import te_fx
 from te_fx.executors.reference import reference_attention
-from te_fx.te_attention import _create_te_dot_product_attention, _make_te_sdpa, get_te_attention_stats
+from te_fx.te_attention import (
+    _create_te_dot_product_attention,
+    _make_te_sdpa,
+    get_te_attention_stats,
+)
 
 CASES = [
     # batch, q_len, kv_len, heads, kv_heads, head_dim, mask_type, window
@@ -114,7 +118,7 @@ def test_dropout_is_applied_and_backward_replays_it():
 
 def _hf_views(batch, seq, heads, kv_heads, head_dim, dtype):
     """q/k/v as HF makes them: (B, S, H*D) projections viewed as (B, S, H, D) and transposed to (B, H, S, D)."""
-    make = lambda h: torch.randn(batch, seq, h * head_dim, device="cuda", dtype=dtype)  # noqa: E731
+    make = lambda h: torch.randn(batch, seq, h * head_dim, device="cuda", dtype=dtype)
     return [t.view(batch, seq, -1, head_dim).transpose(1, 2) for t in (make(heads), make(kv_heads), make(kv_heads))]
 
 
@@ -153,7 +157,9 @@ def test_te_limits_fall_back_with_a_counted_reason(dtype, head_dim, device, reas
 def test_fp8_attention_runs_the_fp8_backend(rel_error):
     import transformer_engine.pytorch as te
     from transformer_engine.common.recipe import DelayedScaling
-    from transformer_engine.pytorch.attention.dot_product_attention import dot_product_attention as dpa
+    from transformer_engine.pytorch.attention.dot_product_attention import (
+        dot_product_attention as dpa,
+    )
 
     from te_fx.executors.te import TEDotProductAttention
 
@@ -186,7 +192,9 @@ def test_inject_te_attention_uses_te_by_default():
 def test_injected_model_runs_fp8_attention_under_te_autocast(rel_error):
     import transformer_engine.pytorch as te
     from transformer_engine.common.recipe import DelayedScaling
-    from transformer_engine.pytorch.attention.dot_product_attention import dot_product_attention as dpa
+    from transformer_engine.pytorch.attention.dot_product_attention import (
+        dot_product_attention as dpa,
+    )
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     cfg = LlamaConfig(
@@ -292,3 +300,152 @@ def test_tensors_on_another_gpu_than_the_current_one(rel_error):
     torch.cuda.set_device(0)
     q, k, v = (t.detach().to("cuda:1").requires_grad_() for t in _inputs(2, 256, 256, 8, 2, 128, torch.bfloat16))
     assert _op_matches_float64(q, k, v, "causal", (-1, 0), 0.1, rel_error).device == q.device
+
+
+def _te_against_reference(q, k, v, rel_error, weight=None, **config):
+    """te_fx's op on TE against the same op on the reference executor in float64 (output and gradients of
+    sum(out * weight)); returns (out, ref, the float64 leaves)."""
+    from te_fx import ops
+
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    out = ops.attention(q, k, v, executor="te", **config)
+    ref = ops.attention(*leaves, executor="reference", **config)
+    weight = torch.randn_like(out) if weight is None else weight
+    out.backward(weight)
+    ref.backward(weight.double())
+    assert rel_error(out, ref) < 1e-2
+    for t, r in zip((q, k, v), leaves):
+        assert torch.isfinite(t.grad).all()
+        assert rel_error(t.grad, r.grad) < 3e-2
+    return out, ref, leaves
+
+
+def _packed(rows):
+    """(N + 1,) int32 CUDA boundaries of documents given per row by their lengths."""
+    lengths = torch.tensor([length for row in rows for length in row], dtype=torch.int32)
+    return F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0)).cuda()
+
+
+PACKED_ROWS = [[100, 56, 100], [17, 239]]  # two rows of 256 tokens, documents of unequal lengths
+
+
+@pytest.mark.parametrize(
+    "mask_type, window", [("causal", (-1, 0)), ("causal", (31, 0)), ("causal", (0, 0)), ("no_mask", (-1, -1))]
+)
+def test_packed_documents_on_te_match_float64(mask_type, window, rel_error):
+    """TE's thd format (padding_causal / padding per document, window per document) against the float64 reference,
+    forward and backward; the documents matter (a plain call differs)."""
+    from te_fx import ops
+
+    q, k, v = _inputs(2, 256, 256, 8, 2, 64, torch.bfloat16)
+    config = dict(mask_type=mask_type, window_size=window, softmax_scale=0.125, cu_seqlens=_packed(PACKED_ROWS))
+    out, _, _ = _te_against_reference(q, k, v, rel_error, **config)
+    plain = ops.attention(q.detach(), k.detach(), v.detach(), mask_type=mask_type, window_size=window,
+                          softmax_scale=0.125, executor="te")  # fmt: skip
+    if window != (0, 0):
+        assert rel_error(out, plain) > 0.05
+
+
+def test_packed_documents_on_te_with_a_zero_length_document_and_gqa(rel_error):
+    q, k, v = _inputs(2, 128, 128, 16, 4, 128, torch.float16)
+    config = dict(mask_type="causal", window_size=(-1, 0), softmax_scale=128**-0.5,
+                  cu_seqlens=_packed([[0, 64, 64], [128]]))  # fmt: skip
+    _te_against_reference(q, k, v, rel_error, **config)
+
+
+def test_custom_op_thd_fake_matches_te(rel_error):
+    """opcheck's fake-tensor test compares the fake's aux shapes with TE's real ones: the thd softmax statistics
+    are (B * S, H, 1), as TE 2.20 documents them ([tq, h, 1])."""
+    q, k, v = (t.detach() for t in _inputs(2, 256, 256, 8, 2, 64, torch.bfloat16))
+    cu_seqlens = _packed(PACKED_ROWS)
+    for training in (True, False):
+        args = (q, k, v, cu_seqlens, cu_seqlens, "padding_causal", 31, 0, 0.125, 0.0, training, "te", "thd")
+        torch.library.opcheck(
+            torch.ops.te_fx.attention_fwd.default, args,
+            test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
+        )  # fmt: skip
+    _, stats, rng = torch.ops.te_fx.attention_fwd(*args[:10], True, "te", "thd")
+    assert stats.shape == (512, 8, 1) and stats.dtype == torch.float32 and rng.shape == (2,)
+
+
+def test_packed_documents_compile_fullgraph_on_te(rel_error):
+    from te_fx import ops
+
+    q, k, v = _inputs(2, 256, 256, 8, 2, 64, torch.bfloat16)
+    cu_seqlens = _packed(PACKED_ROWS)
+
+    def f(q, k, v, cu_seqlens):
+        return ops.attention(q, k, v, mask_type="causal", window_size=(31, 0), softmax_scale=0.125,
+                             cu_seqlens=cu_seqlens, executor="te")  # fmt: skip
+
+    out = torch.compile(f, fullgraph=True)(q, k, v, cu_seqlens)
+    out.sum().backward()
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = ops.attention(*leaves, mask_type="causal", window_size=(31, 0), softmax_scale=0.125,
+                        cu_seqlens=cu_seqlens, executor="reference")  # fmt: skip
+    ref.sum().backward()
+    assert rel_error(out, ref) < 1e-2 and rel_error(q.grad, leaves[0].grad) < 3e-2
+
+
+@pytest.mark.parametrize("pad", ["right", "left", "both_ends", "empty_row"])
+@pytest.mark.parametrize("window_left", [31, 127])
+def test_windowed_key_padding_on_te_matches_float64(pad, window_left, rel_error):
+    """padding_causal with a window after the partition: exact at every position for padding at the ends of rows;
+    queries that see no key (right padding past the window) are zero, with zero gradients."""
+    q, k, v = _inputs(2, 256, 256, 8, 2, 64, torch.bfloat16)
+    keep = torch.ones(2, 256, dtype=torch.long, device="cuda")
+    if pad == "right":
+        keep[0, 100:] = 0
+        keep[1, 250:] = 0
+    elif pad == "left":
+        keep[1, :57] = 0
+    elif pad == "both_ends":
+        keep[0, :20] = 0
+        keep[0, 150:] = 0
+    else:
+        keep[0] = 0
+        keep[1, 60:] = 0
+    config = dict(mask_type="causal", window_size=(window_left, 0), softmax_scale=0.125, key_padding_mask=keep)
+    out, ref, _ = _te_against_reference(q, k, v, rel_error, **config)
+    no_key = (ref == 0).all(dim=-1).all(dim=-1)  # (B, S): rows the reference gives no key
+    assert torch.equal(out[no_key], torch.zeros_like(out[no_key])) and not q.grad[no_key].any()
+    if pad == "right":
+        assert no_key[0, 100 + window_left :].all()  # guard: such rows exist
+
+
+def test_te_module_runs_key_padding_and_packed_plans(rel_error):
+    import transformer_engine.pytorch as te
+    from transformer_engine.common.recipe import DelayedScaling
+
+    from te_fx import ops
+    from te_fx.core.plan import AttentionPlan
+    from te_fx.executors.te import TEDotProductAttention
+
+    module = TEDotProductAttention(8, 64, num_gqa_groups=2, qkv_format="bshd")
+    q, k, v = (t.detach() for t in _inputs(2, 256, 256, 8, 2, 64, torch.bfloat16))
+    keep = torch.ones(2, 256, dtype=torch.long, device="cuda")
+    keep[0, 200:] = 0
+    plans = [
+        AttentionPlan("causal", (31, 0), key_padding=keep),
+        AttentionPlan("causal", (-1, 0), cu_seqlens=_packed(PACKED_ROWS)),
+        AttentionPlan("no_mask", (-1, -1), cu_seqlens=_packed(PACKED_ROWS)),
+    ]
+    for plan in plans:
+        assert module.unsupported_reason(q, k, v, plan) is None
+        out = module.run(q, k, v, plan)
+        leaves = [t.double() for t in (q, k, v)]
+        ref = ops.attention(*leaves, mask_type=plan.mask_type, window_size=plan.window_size,
+                            softmax_scale=module.softmax_scale, key_padding_mask=plan.key_padding,
+                            cu_seqlens=plan.cu_seqlens, executor="reference")  # fmt: skip
+        assert out.shape == (2, 256, 8, 64) and rel_error(out, ref) < 1e-2
+        with te.autocast(enabled=True, recipe=DelayedScaling(fp8_dpa=True)):
+            assert module.unsupported_reason(q, k, v, plan) == "fallback_fp8"
+
+
+def test_thd_backend_check_accepts_a_typical_shape():
+    from te_fx.executors.te import shape_unsupported_reason
+
+    shape = (5, 32, 8, 4096, 4096, 128, 128)
+    assert shape_unsupported_reason(torch.bfloat16, shape, "padding_causal", (-1, 0), 0.0, True, 0, None, "thd") is None
+    assert shape_unsupported_reason(torch.bfloat16, shape, "padding_causal", (4095, 0), 0.0, True, 0, None, "thd") is None
+    assert shape_unsupported_reason(torch.bfloat16, shape, "padding_causal", (4095, 0), 0.0, True) is None
