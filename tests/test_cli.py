@@ -14,7 +14,6 @@ import resource
 import shutil
 import subprocess
 import sys
-import time
 import types
 from pathlib import Path
 
@@ -249,15 +248,19 @@ def _oracle_eager(family: str) -> dict[str, list[dict]]:
 
             handles += [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
             if hasattr(module, "attn_module"):
-                handles.append(module.attn_module.register_forward_pre_hook(
-                    lambda _m, _a, kwargs, record=record: record["calls"].append(
-                        (kwargs["attn_mask_type"], tuple(kwargs["window_size"]))),
-                    with_kwargs=True,
-                ))  # fmt: skip
+                run = module.attn_module.run
+
+                def recorded(q, k, v, plan, run=run, record=record):
+                    record["calls"].append((plan.kind, tuple(plan.window_size)))
+                    return run(q, k, v, plan)
+
+                module.attn_module.run = recorded
         with torch.no_grad():
             model(input_ids=ids, attention_mask=mask)
         for handle in handles:
             handle.remove()
+        for module in attention:
+            vars(getattr(module, "attn_module", module)).pop("run", None)
         results[scenario] = per_layer
     return results
 
@@ -302,13 +305,16 @@ def test_explain_family_matches_what_runs(capsys, family):
             assert layer["not_injected_reason"] is None, where
             assert unpadded["counts"] == {"te_hits": 1}, where
             assert unpadded["calls"] == [("causal", tuple(expected_window))], where
-            assert padded["counts"] == {"fallback_mask": 1}, where
+            # right padding: TE's padding_causal on the partitioned rows, with the layer's window
+            assert padded["counts"] == {"te_hits": 1}, where
+            assert padded["calls"] == [("padding_causal", tuple(expected_window))], where
             for scenario in ("no_attention_mask", "no_padding"):
                 decision = layer["eager"][scenario]
                 got = (decision["runs"], decision["mask_type"], decision["window_size"])
                 assert got == ("te", "causal", expected_window), where
-            assert layer["eager"]["padding"]["runs"] == "sdpa", where
-            assert layer["eager"]["padding"]["reason"].startswith("fallback_mask"), where
+            decision = layer["eager"]["padding"]
+            got = (decision["runs"], decision["mask_type"], decision["window_size"])
+            assert got == ("te", "padding_causal", expected_window), where
             assert layer["eager"]["decode"]["runs"] == "te", where
         else:
             assert unpadded["counts"] == padded["counts"] == {}, where  # te_fx never sees these calls
@@ -342,8 +348,8 @@ def test_explain_text_report(capsys):
     assert "injects 4 of 4 attention layers" in out
     assert "layer 0 (sliding_attention, window 8):" in out
     assert "layer 1 (full_attention):" in out
-    assert "TE causal window (7, 0)" in out and "TE padding_causal" in out
-    assert "SDPA (fallback_mask" in out
+    assert "TE causal window (7, 0)" in out and "TE padding_causal window (7, 0)" in out
+    assert "SDPA (padding masks are converted for full causal attention only)" in out  # compile, sliding layers
     assert "TE dtype: float32 (not set in the config): cast the model to bf16/fp16" in out
 
     code, out, _ = _run(capsys, "explain", "phi3", "--no-compile")
@@ -373,11 +379,8 @@ def test_explain_config_file_and_checkpoint_folder(capsys, tmp_path):
 def test_explain_real_size_config_without_allocating_it(capsys, tmp_path):
     folder = _write_config(tmp_path / "llama3-8b", LLAMA3_8B)
     peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    start = time.perf_counter()
     report = _explain_json(capsys, str(folder))
-    elapsed = time.perf_counter() - start
     grown_gib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before) / 2**20  # ru_maxrss is KiB
-    assert elapsed < 20, f"explain took {elapsed:.1f} s"
     assert grown_gib < 2, f"peak memory grew by {grown_gib:.1f} GiB (an 8B model in fp32 is 30 GiB)"
     assert report["dtype"] == "bfloat16" and report["dtype_note"] is None
     assert report["architecture"] == "LlamaForCausalLM" and report["num_layers"] == 32
@@ -388,7 +391,7 @@ def test_explain_real_size_config_without_allocating_it(capsys, tmp_path):
         assert layer["softmax_scale"] == pytest.approx(128**-0.5)
         expected = {"runs": "te", "mask_type": "causal", "window_size": [-1, 0], "reason": None}
         assert layer["eager"]["no_padding"] == expected
-        assert layer["eager"]["padding"]["runs"] == "sdpa"
+        assert layer["eager"]["padding"] == {**expected, "mask_type": "padding_causal"}
         assert layer["compile"]["no_attention_mask"]["mask_type"] == "causal"
         assert layer["compile"]["attention_mask"]["mask_type"] == "padding_causal"
     code, out, _ = _run(capsys, "explain", str(folder), "--no-compile")

@@ -281,9 +281,9 @@ def oracle(spec: Spec) -> dict:
     if kind == "none":
         decided = ("no_mask", (-1, -1))
     elif kind == "is_causal":
-        # SDPA's is_causal is top-left aligned: with a key prefix it is no TE causal type (HF never passes it so);
-        # without one there is nothing to evaluate, so it is "causal" even at seq 1
-        decided = ("causal", (-1, 0)) if spec.kv_prefix == 0 else None
+        # SDPA's is_causal is top-left aligned: with a key prefix the keys past q_len are never seen, and TE's
+        # causal runs on the first q_len keys; there is nothing to evaluate, so it is "causal" even at seq 1
+        decided = ("causal", (-1, 0))
     elif kind in OFFSET_MASKS:
         decided = _offset_mask_kind(spec.seq, spec.offset, spec.kv_prefix)
     elif kind in SLIDING_MASKS:
@@ -510,7 +510,7 @@ def test_oracle_sanity():
     assert oracle(Spec(**base, seq=3, mask="sliding", window=7, kv_prefix=4))["window_size"] == (-1, 0)
     assert oracle(Spec(**base, seq=1, mask="sliding", window=5, kv_prefix=4))["mask_kind"] == "no_mask"
     assert oracle(Spec(**base, seq=1, mask="sliding", window=4, kv_prefix=4))["window_size"] == (3, 0)
-    assert oracle(Spec(**base, seq=3, mask="is_causal", kv_prefix=4)) == {"decision": "sdpa"}
+    assert oracle(Spec(**base, seq=3, mask="is_causal", kv_prefix=4))["mask_kind"] == "causal"
 
 
 # --------------------------------------------------------------------------------------------- pinned cases
