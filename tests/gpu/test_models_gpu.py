@@ -90,3 +90,67 @@ def test_te_attn_with_inductor_matches_compiled_sdpa(rel_error):
     print(f"te_attn+inductor vs inductor: rel err {errors}, report {[e['decision'] for e in te_fx.compile_report()]}")
     assert all(e["decision"] == "te" for e in te_fx.compile_report())
     assert errors["logits"] < LOGITS_TOL and errors["grads"] < GRAD_TOL
+
+
+def _packed_inputs(batch: int = 2):
+    """Rows of several documents each: position_ids restart at 0 where a document starts (HF's packed mask)."""
+    ids = torch.randint(3, 128, (batch, SEQ), device="cuda")
+    lengths = [[20, 30, 14], [7, 57]][:batch]
+    position_ids = torch.cat([torch.cat([torch.arange(n) for n in row]) for row in lengths]).view(batch, SEQ)
+    return ids, position_ids.cuda()
+
+
+@pytest.mark.parametrize("family", ["llama_gqa", "mistral", "qwen2", "gemma3"])
+@pytest.mark.parametrize("pad", ["right", "left"])
+def test_eager_padded_batch_runs_te(family, pad, rel_error):
+    """Key padding at the ends of rows, with and without sliding windows: TE's padding_causal on every call."""
+    plain, injected = _pair(family)
+    te_fx.inject_te_attention(injected)
+    ids, mask = _inputs(pad=pad)
+    ref, ref_grads = _loss_and_grads(plain, ids, mask)
+    te_fx.reset_te_attention_stats()
+    out, grads = _loss_and_grads(injected, ids, mask)
+    stats = te_fx.get_te_attention_stats()
+    errors = _compare(out, ref, grads, ref_grads, mask, rel_error)
+    print(f"eager padded {family} {pad}: {stats['te_hits']} TE calls, rel err {errors}")
+    assert stats["te_hits"] == injected.config.num_hidden_layers
+    assert errors["logits"] < LOGITS_TOL and errors["grads"] < GRAD_TOL
+
+
+@pytest.mark.parametrize("family", ["llama_gqa", "gemma3"])
+def test_eager_packed_rows_run_te(family, rel_error):
+    """Packed documents (block-diagonal causal mask from position_ids): TE's thd format on every call."""
+    plain, injected = _pair(family)
+    te_fx.inject_te_attention(injected)
+    ids, position_ids = _packed_inputs()
+    results = []
+    for model in (plain, injected):
+        te_fx.reset_te_attention_stats()
+        model.zero_grad(set_to_none=True)
+        logits = model(ids, position_ids=position_ids, use_cache=False).logits
+        logits.float().square().mean().backward()
+        results.append((logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    stats = te_fx.get_te_attention_stats()
+    (ref, ref_grads), (out, grads) = results
+    errors = _compare(out, ref, grads, ref_grads, torch.ones_like(ids), rel_error)
+    print(f"eager packed {family}: {stats['te_hits']} TE calls, rel err {errors}")
+    assert stats["te_hits"] == injected.config.num_hidden_layers
+    assert errors["logits"] < LOGITS_TOL and errors["grads"] < GRAD_TOL
+
+
+def test_eager_autocast_runs_te(rel_error):
+    """fp32 weights under bf16 autocast (HF Trainer's bf16=True): every call on TE, as SDPA under autocast."""
+    torch.manual_seed(0)
+    plain = tiny_model("llama_gqa").cuda().train()
+    injected = copy.deepcopy(plain)
+    te_fx.inject_te_attention(injected)
+    ids, mask = _inputs(pad="right")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        ref, ref_grads = _loss_and_grads(plain, ids, mask)
+        te_fx.reset_te_attention_stats()
+        out, grads = _loss_and_grads(injected, ids, mask)
+    stats = te_fx.get_te_attention_stats()
+    errors = _compare(out, ref, grads, ref_grads, mask, rel_error)
+    print(f"eager autocast: {stats}, rel err {errors}")
+    assert stats["te_hits"] == injected.config.num_hidden_layers
+    assert errors["logits"] < LOGITS_TOL and errors["grads"] < GRAD_TOL
