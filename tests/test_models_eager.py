@@ -191,21 +191,122 @@ def test_all_ones_attention_mask_runs_te(family):
     torch.testing.assert_close(out, plain(ids, attention_mask=mask).logits, atol=ATOL, rtol=RTOL)
 
 
-@pytest.mark.parametrize("side", ["left", "right"])
-@pytest.mark.parametrize("family", SUPPORTED)
-def test_padded_batch_matches_on_valid_positions(family, side):
-    plain, injected = _pair(family)
-    ids, mask = _padded_batch(side)
-    labels = ids.masked_fill(mask == 0, -100)
-    ref = plain(ids, attention_mask=mask, labels=labels)
-    te_fx.reset_te_attention_stats()
-    out = injected(ids, attention_mask=mask, labels=labels)
-    _expect_stats(fallback_mask=_num_layers(injected))  # a padding mask is no TE mask type: SDPA runs
-    valid = mask.bool()
-    torch.testing.assert_close(out.logits[valid], ref.logits[valid], atol=ATOL, rtol=RTOL)
-    ref.loss.backward()
+def _forward_backward(model: torch.nn.Module, ids: torch.Tensor, **kwargs) -> torch.Tensor:
+    """Logits of a training-style forward (labels: the ids, -100 where the attention mask is 0), after backward."""
+    mask = kwargs.get("attention_mask")
+    labels = ids if mask is None else ids.masked_fill(mask == 0, -100)
+    out = model(ids, labels=labels, use_cache=False, **kwargs)
     out.loss.backward()
+    return out.logits.detach()
+
+
+@pytest.mark.parametrize("side", ["left", "right", "both", "inner"])
+@pytest.mark.parametrize("family", SUPPORTED)
+def test_padded_batch_logits_and_gradients_match(family, side):
+    """Padding at the ends of rows runs TE (key padding, with the sliding layers' windows too); padding inside a
+    row runs SDPA (fallback_mask). Either way logits (every position: a padded query sees what SDPA gives it) and
+    gradients equal the plain model's."""
+    plain, injected = _pair(family)
+    ids = _input_ids(3, 12)
+    mask = torch.ones_like(ids)
+    if side in ("left", "both"):
+        mask[1, :4] = 0
+    if side in ("right", "both"):
+        mask[2, 9:] = 0
+    if side == "inner":
+        mask[1, 3:5] = 0
+        mask[2, 6] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    ref = _forward_backward(plain, ids, attention_mask=mask)
+    te_fx.reset_te_attention_stats()
+    out = _forward_backward(injected, ids, attention_mask=mask)
+    layers = _num_layers(injected)
+    _expect_stats(fallback_mask=layers) if side == "inner" else _expect_stats(te_hits=layers)
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=RTOL)
     _assert_grads_close(plain, injected)
+
+
+PACKED_POSITIONS = torch.tensor([
+    [0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6, 7, 8, 0, 1],  # documents of 5, 9 (> SLIDING_WINDOW) and 2 tokens
+    [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 0, 1, 2, 3, 4],
+])  # fmt: skip
+
+
+@pytest.mark.parametrize("family", SUPPORTED)
+def test_packed_rows_run_te_per_document(family):
+    """Rows of packed documents (position_ids restarting at 0, no attention_mask, no cache): HF builds a
+    block-diagonal causal mask; te_fx runs it as documents (thd plans), sliding layers' windows included. Logits and
+    gradients equal the plain model's, which differ from the unpacked rows' (the documents really are separate)."""
+    plain, injected = _pair(family)
+    ids = _input_ids(2, 16)
+    ref = _forward_backward(plain, ids, position_ids=PACKED_POSITIONS)
+    te_fx.reset_te_attention_stats()
+    out = _forward_backward(injected, ids, position_ids=PACKED_POSITIONS)
+    _expect_stats(te_hits=_num_layers(injected))
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=RTOL)
+    _assert_grads_close(plain, injected)
+    with torch.no_grad():
+        assert (plain(ids, use_cache=False).logits - ref).abs().max() > 1e-1  # guard: packing changes the output
+
+
+@pytest.mark.parametrize("family", ["llama_gqa", "mistral", "gemma3"])
+def test_data_collator_with_flattening_batches(family):
+    """DataCollatorWithFlattening's batches: one row of concatenated examples, position_ids restarting, labels
+    -100 at each example's first token."""
+    from transformers import DataCollatorWithFlattening
+
+    generator = torch.Generator().manual_seed(3)
+    lengths = [3, 11, 1, 6]  # one longer than the sliding window, one of a single token
+    examples = [{"input_ids": torch.randint(3, 128, (n,), generator=generator).tolist()} for n in lengths]
+    batch = DataCollatorWithFlattening()(examples)
+    assert batch["input_ids"].shape == (1, sum(lengths)) and "attention_mask" not in batch
+    plain, injected = _pair(family)
+    outputs = []
+    for model in (plain, injected):
+        te_fx.reset_te_attention_stats()
+        out = model(**batch, use_cache=False)
+        out.loss.backward()
+        outputs.append(out.logits.detach())
+    _expect_stats(te_hits=_num_layers(injected))
+    torch.testing.assert_close(outputs[1], outputs[0], atol=ATOL, rtol=RTOL)
+    _assert_grads_close(plain, injected)
+    # guard: each example alone gives the same logits (the documents are really separate)
+    start = lengths[0]
+    with torch.no_grad():
+        alone = plain(batch["input_ids"][:, start : start + lengths[1]], use_cache=False).logits
+    torch.testing.assert_close(outputs[0][:, start : start + lengths[1]], alone, atol=ATOL, rtol=RTOL)
+
+
+def _grad_vector(model: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+
+@pytest.mark.parametrize("family", SUPPORTED)
+def test_autocast_bf16_runs_te_within_bf16_noise(family):
+    """fp32 weights under ``torch.autocast("cpu", torch.bfloat16)`` (HF Trainer's bf16=True): every attention call
+    runs TE (te_fx casts as SDPA does). The injected model is compared with the plain model under the same
+    autocast; the tolerance is measured, not guessed: twice the plain model's own bf16 noise (its distance from
+    itself in fp32), for logits (max and mean) and the gradient's norm. A wrong mask moves logits by far more."""
+    plain, injected = _pair(family)
+    ids = _input_ids()
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding: key padding under autocast too
+    fp32 = _forward_backward(plain, ids, attention_mask=mask)
+    fp32_grad = _grad_vector(plain)
+    plain.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = _forward_backward(plain, ids, attention_mask=mask).float()
+        te_fx.reset_te_attention_stats()
+        out = _forward_backward(injected, ids, attention_mask=mask).float()
+    _expect_stats(te_hits=_num_layers(injected))
+    bf16_grad, te_grad = _grad_vector(plain), _grad_vector(injected)
+    noise = (bf16 - fp32).abs()
+    error = (out - bf16).abs()
+    assert 0 < noise.max() < 1.0  # autocast really ran in bf16, and bf16 is not hopeless here
+    assert error.max() <= 2 * noise.max(), (error.max(), noise.max())
+    assert error.mean() <= 2 * noise.mean(), (error.mean(), noise.mean())
+    grad_noise = (bf16_grad - fp32_grad).norm()
+    assert (te_grad - bf16_grad).norm() <= 2 * grad_noise, ((te_grad - bf16_grad).norm(), grad_noise)
 
 
 # --------------------------------------------------------------------------------------------- generation
@@ -384,7 +485,7 @@ def test_user_mask_rewritten_through_data_is_classified_again_in_the_next_forwar
                                    atol=ATOL, rtol=RTOL)  # fmt: skip
         assert te_fx.get_te_attention_stats()["te_hits"] == _num_layers(injected)
         te_fx.reset_te_attention_stats()
-        mask.data[1, :, 3:, :3] = False  # left padding of row 1, invisible to mask._version
+        mask.data[1, :, :, 5] = False  # padding inside row 1, invisible to mask._version
         torch.testing.assert_close(injected(ids, attention_mask=mask).logits, plain(ids, attention_mask=mask).logits,
                                    atol=ATOL, rtol=RTOL)  # fmt: skip
     assert te_fx.get_te_attention_stats() == {**ZERO_STATS, "fallback_mask": _num_layers(injected)}
@@ -405,7 +506,7 @@ def test_user_mask_rewritten_between_calls_of_the_decoder_or_of_one_module_is_cl
             mask.data.copy_(torch.ones(SEQ_LEN, SEQ_LEN, dtype=torch.bool).tril())
             model.model(ids, attention_mask=mask)
             te_fx.reset_te_attention_stats()
-            mask.data[0, 0, half:, :half] = False  # two documents, block-diagonal, invisible to mask._version
+            mask.data[0, 0, :, half] = False  # padding inside the row, invisible to mask._version
             torch.testing.assert_close(model.model(ids, attention_mask=mask).last_hidden_state,
                                        plain.model(ids, attention_mask=mask).last_hidden_state, atol=ATOL, rtol=RTOL)
         assert te_fx.get_te_attention_stats() == {**ZERO_STATS, "fallback_mask": _num_layers(model)}
@@ -426,7 +527,7 @@ def test_user_mask_rewritten_between_calls_of_one_decoder_layer_is_classified_ag
     with torch.no_grad():
         _layer_call(injected, hidden, mask)
         te_fx.reset_te_attention_stats()
-        mask.data[0, 0, SEQ_LEN // 2 :, : SEQ_LEN // 2] = False  # block-diagonal, invisible to mask._version
+        mask.data[0, 0, :, SEQ_LEN // 2] = False  # padding inside the row, invisible to mask._version
         torch.testing.assert_close(_layer_call(injected, hidden, mask), _layer_call(plain, hidden, mask),
                                    atol=ATOL, rtol=RTOL)  # fmt: skip
     assert te_fx.get_te_attention_stats() == {**ZERO_STATS, "fallback_mask": 1}
@@ -447,7 +548,7 @@ def test_a_forward_interrupted_by_keyboard_interrupt_leaves_no_decision_behind()
             injected(ids, attention_mask=mask)
         handle.remove()
         injected(ids, attention_mask=mask)
-        mask.data[1, :, 3:, :3] = False
+        mask.data[1, :, :, 3] = False  # padding inside row 1
         te_fx.reset_te_attention_stats()
         torch.testing.assert_close(injected(ids, attention_mask=mask).logits, plain(ids, attention_mask=mask).logits,
                                    atol=ATOL, rtol=RTOL)  # fmt: skip
