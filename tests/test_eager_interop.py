@@ -1,0 +1,293 @@
+"""The eager path next to other users of SDPA and next to torch.compile (CPU, fp32, reference executor).
+
+te_fx routes an injected module's SDPA calls with a per-thread torch function mode and never replaces
+``torch.nn.functional.scaled_dot_product_attention``. So a wrapper someone installs on that attribute (before or
+after ``import te_fx``) keeps being called and stays installed; a thread compiling a plain model is not disturbed by
+one running an injected model; and under torch.compile the injection steps aside (the graph holds plain SDPA, which
+``backend="te_attn"`` rewrites).
+"""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+import textwrap
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.overrides import _get_current_function_mode_stack
+
+import te_fx
+from te_fx.tiny_models import tiny_model
+
+ATOL = RTOL = 1e-5
+ZERO_STATS = dict.fromkeys(te_fx.get_te_attention_stats(), 0)
+
+
+def _pair(family: str = "llama_gqa", **overrides) -> tuple[torch.nn.Module, torch.nn.Module]:
+    torch.manual_seed(0)
+    plain = tiny_model(family, **overrides)
+    injected = copy.deepcopy(plain)
+    te_fx.inject_te_attention(injected, executor="reference")
+    return plain, injected
+
+
+def _ids(batch: int = 2, seq_len: int = 12, seed: int = 1) -> torch.Tensor:
+    return torch.randint(3, 128, (batch, seq_len), generator=torch.Generator().manual_seed(seed))
+
+
+def _stats(**counts: int) -> dict[str, int]:
+    return {**ZERO_STATS, **counts}
+
+
+# --------------------------------------------------------------------------------------------- foreign SDPA wrappers
+
+
+def test_a_wrapper_installed_on_sdpa_after_import_is_still_called_and_stays(monkeypatch):
+    """A wrapper on ``F.scaled_dot_product_attention`` (as context_parallel() installs one) is what HF calls; it
+    calls the builtin, which te_fx's mode routes to TE. Padded batches included (key padding plans)."""
+    original = F.scaled_dot_product_attention
+    calls = []
+
+    def wrapper(*args, **kwargs):
+        calls.append(bool(_get_current_function_mode_stack()))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", wrapper)
+    plain, injected = _pair("mistral")
+    ids = _ids()
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        for kwargs in ({}, {"attention_mask": mask}):
+            expected = plain(ids, **kwargs).logits
+            calls.clear()
+            te_fx.reset_te_attention_stats()
+            out = injected(ids, **kwargs).logits
+            torch.testing.assert_close(out, expected, atol=ATOL, rtol=RTOL)
+            assert calls == [True] * injected.config.num_hidden_layers  # the wrapper ran inside te_fx's route
+            assert te_fx.get_te_attention_stats() == _stats(te_hits=injected.config.num_hidden_layers)
+    assert F.scaled_dot_product_attention is wrapper
+    te_fx.remove_te_attention(injected)
+    assert F.scaled_dot_product_attention is wrapper
+
+
+def test_a_wrapper_installed_on_sdpa_before_import_is_still_called_and_stays():
+    """In a fresh interpreter: the wrapper is installed before ``import te_fx``."""
+    script = textwrap.dedent(
+        """
+        import copy
+        import torch
+        import torch.nn.functional as F
+
+        original = F.scaled_dot_product_attention
+        calls = []
+
+        def wrapper(*args, **kwargs):
+            calls.append(1)
+            return original(*args, **kwargs)
+
+        F.scaled_dot_product_attention = wrapper
+        import te_fx
+        from te_fx.tiny_models import tiny_model
+
+        torch.manual_seed(0)
+        plain = tiny_model("llama_gqa")
+        injected = copy.deepcopy(plain)
+        te_fx.inject_te_attention(injected, executor="reference")
+        ids = torch.randint(3, 128, (2, 8))
+        with torch.no_grad():
+            expected = plain(ids).logits
+            calls.clear()
+            out = injected(ids).logits
+        assert torch.allclose(out, expected, atol=1e-5, rtol=1e-5)
+        assert len(calls) == 2, calls
+        assert te_fx.get_te_attention_stats()["te_hits"] == 2
+        assert F.scaled_dot_product_attention is wrapper
+        import torch.nn.functional
+        assert torch.nn.functional.scaled_dot_product_attention is wrapper
+        print("ok")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
+def test_a_wrapper_that_does_not_call_the_builtin_is_called_as_is(monkeypatch):
+    """A wrapper that computes attention itself never reaches the builtin: te_fx does not see the call (nothing
+    counted) and the wrapper's result is what the model gets."""
+    calls = []
+
+    def own_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        calls.append(1)
+        if enable_gqa:
+            key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+            value = value.repeat_interleave(query.shape[1] // value.shape[1], dim=1)
+        scores = query @ key.transpose(-1, -2) * (scale if scale is not None else query.shape[-1] ** -0.5)
+        if attn_mask is not None:
+            scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+        elif is_causal:
+            causal = torch.ones(scores.shape[-2:], dtype=torch.bool).tril()
+            scores = scores.masked_fill(~causal, float("-inf"))
+        return scores.softmax(-1) @ value
+
+    plain, injected = _pair()
+    ids = _ids()
+    with torch.no_grad():
+        expected = plain(ids).logits
+        monkeypatch.setattr(F, "scaled_dot_product_attention", own_attention)
+        out = injected(ids).logits
+    torch.testing.assert_close(out, expected, atol=ATOL, rtol=RTOL)
+    assert len(calls) == injected.config.num_hidden_layers
+    assert te_fx.get_te_attention_stats() == ZERO_STATS
+
+
+# --------------------------------------------------------------------------------------------- threads and compile
+
+
+def test_an_injected_model_and_a_thread_compiling_a_plain_model():
+    """One thread runs an injected model (padded batches: TE), another compiles a plain model several times
+    (fresh torch.compile objects, new shapes): no crash, both correct, and the compiled graphs hold plain SDPA
+    (no te_fx call is counted for them)."""
+    plain, injected = _pair("llama_gqa")
+    compiled_source = copy.deepcopy(plain)
+    ids = _ids(2, 10)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    with torch.no_grad():
+        expected = plain(ids, attention_mask=mask).logits
+    failures: list[str] = []
+    done = threading.Event()
+    eager_steps = []
+    barrier = threading.Barrier(2)
+
+    def run_injected():
+        barrier.wait()
+        step = 0
+        while not done.is_set() or step < 5:
+            with torch.no_grad():
+                out = injected(ids, attention_mask=mask).logits
+            if not torch.allclose(out, expected, atol=ATOL, rtol=RTOL):
+                failures.append(f"injected step {step}: {(out - expected).abs().max():.3g}")
+            step += 1
+        eager_steps.append(step)
+
+    def compile_plain():
+        barrier.wait()
+        try:
+            for n, seq_len in enumerate((6, 9, 13)):
+                compiled = torch.compile(compiled_source, backend="eager" if n % 2 else "aot_eager", fullgraph=True)
+                x = _ids(1, seq_len, seed=n)
+                with torch.no_grad():
+                    got, want = compiled(x).logits, plain(x).logits
+                if not torch.allclose(got, want, atol=ATOL, rtol=RTOL):
+                    failures.append(f"compiled {seq_len}: {(got - want).abs().max():.3g}")
+        except Exception as error:  # noqa: BLE001 - reported below
+            failures.append(f"compile: {error!r}")
+        finally:
+            done.set()
+
+    te_fx.reset_te_attention_stats()
+    threads = [threading.Thread(target=run_injected), threading.Thread(target=compile_plain)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+    finally:
+        done.set()
+        torch._dynamo.reset()
+    assert not failures, failures
+    layers = injected.config.num_hidden_layers
+    stats = te_fx.get_te_attention_stats()
+    assert sum(stats.values()) <= eager_steps[0] * layers
+    if stats != _stats(te_hits=eager_steps[0] * layers):
+        pytest.xfail(
+            f"te_fx bug: {stats['te_hits']} of {eager_steps[0] * layers} injected attention calls ran TE; the others "
+            "ran plain SDPA uncounted: TEForward steps aside on torch.compiler.is_compiling(), which is True in "
+            "every thread while any thread compiles"
+        )
+
+
+FULLGRAPH = [
+    False,
+    pytest.param(True, marks=pytest.mark.xfail(
+        strict=True, raises=torch._dynamo.exc.Unsupported,
+        reason="te_fx bug: the mask-scope forward hooks (inject._enter_mask_scope -> masks._CACHE.clear) take a "
+        "threading.Lock under Dynamo: graph break",
+    )),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("fullgraph", FULLGRAPH)
+def test_an_injected_model_under_te_attn_compiles_without_graph_break(fullgraph):
+    """``backend="te_attn"`` on an injected model: the injection steps aside under Dynamo, the graph holds plain
+    SDPA, and te_fx's FX pass rewrites it (the compile report lists the rewritten nodes)."""
+    plain, injected = _pair("mistral")
+    ids = _ids(2, 12)
+    te_fx.reset_compile_report()
+    compiled = torch.compile(
+        injected, backend="te_attn", options={"executor": "reference", "inner": "eager"}, fullgraph=fullgraph
+    )
+    try:
+        with torch.no_grad():
+            out = compiled(ids).logits
+            expected = plain(ids).logits
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(out, expected, atol=ATOL, rtol=RTOL)
+    report = te_fx.compile_report()
+    layers = injected.config.num_hidden_layers
+    assert [entry["decision"] for entry in report] == ["te"] * layers, report
+    assert all(entry["executor"] == "reference" for entry in report)
+    assert te_fx.get_te_attention_stats() == ZERO_STATS  # the eager route did not run inside the graph
+    with torch.no_grad():  # and the injected model still runs its eager route outside torch.compile
+        torch.testing.assert_close(injected(ids).logits, expected, atol=ATOL, rtol=RTOL)
+    assert te_fx.get_te_attention_stats() == _stats(te_hits=layers)
+
+
+@pytest.mark.parametrize("fullgraph", FULLGRAPH)
+def test_an_injected_model_compiles_with_the_eager_backend(fullgraph):
+    """Any other backend gets the plain model's graph: fullgraph works, the outputs are the plain model's."""
+    plain, injected = _pair("gemma3")
+    ids = _ids(2, 12)
+    compiled = torch.compile(injected, backend="eager", fullgraph=fullgraph)
+    try:
+        with torch.no_grad():
+            out = compiled(ids).logits
+    finally:
+        torch._dynamo.reset()
+    with torch.no_grad():
+        torch.testing.assert_close(out, plain(ids).logits, atol=ATOL, rtol=RTOL)
+    assert te_fx.get_te_attention_stats() == ZERO_STATS
+    assert not _get_current_function_mode_stack()
+
+
+@pytest.mark.xfail(strict=True, reason="te_fx bug: TEForward steps aside on torch.compiler.is_compiling(), which is "
+                   "True in every thread while any thread compiles")  # fmt: skip
+def test_an_injected_forward_in_another_thread_while_dynamo_compiles_runs_te():
+    """Deterministic: while Dynamo compiles in this thread (inside the backend), another thread runs an injected
+    model; its attention calls must still run TE."""
+    _, injected = _pair("llama_gqa")
+    hits = []
+
+    def backend(gm, example_inputs):
+        def other():
+            with torch.no_grad():
+                injected(_ids(1, 6))
+            hits.append(te_fx.get_te_attention_stats()["te_hits"])
+
+        te_fx.reset_te_attention_stats()
+        thread = threading.Thread(target=other)
+        thread.start()
+        thread.join()
+        return gm.forward
+
+    try:
+        torch.compile(lambda x: x.sin() + 1, backend=backend)(torch.randn(3))
+    finally:
+        torch._dynamo.reset()
+    assert hits == [injected.config.num_hidden_layers]
