@@ -105,12 +105,21 @@ def attend_pattern(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(attend, well_formed) for an SDPA mask: bool masks are True = attend; float masks are additive, and an entry
     counts as masked only if it is -inf or at most half the dtype's lowest value (what HF writes: ``finfo.min``),
     since any finite penalty leaves the key a nonzero weight. ``well_formed`` is False if any entry is neither 0 nor
-    such a penalty; such a mask is never converted."""
+    such a penalty, or if a query row has every key masked and some with a finite penalty; such a mask is never
+    converted.
+
+    A query row that sees no key is zero in every plan (and in TE). SDPA agrees for a bool row and an all -inf row
+    (zero, PyTorch >= 2.5). A row of finite penalties is a softmax over them, nonzero whatever the penalty: equal
+    finfo.min penalties give the mean of V in float32, the unmasked row's attention where scores survive the
+    rounding (fp16's -65504), so no plan reproduces it."""
     if mask.dtype == torch.bool:
         return mask, torch.ones((), dtype=torch.bool, device=mask.device)
     attend = mask == 0
     blocked = mask <= torch.finfo(mask.dtype).min / 2
-    return attend, (attend | blocked).all()
+    # in a well-formed row the largest entry is 0 (a key seen), -inf (no key, SDPA's zero) or a finite penalty
+    row_max = mask.amax(-1)
+    penalized_row = (row_max < 0) & (row_max > -float("inf"))
+    return attend, (attend | blocked).all() & ~penalized_row.any()
 
 
 def _dedupe_broadcast(mask: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """classify_mask / _detect_causal_mask against brute-force oracles, and the per-mask decision cache.
 
 The oracle decodes the mask itself (bool: True = attend; float: 0 attends, -inf or exactly finfo(dtype).min is
-masked, anything else makes the mask malformed) and builds the pattern of a plan by explicit loops
+masked, anything else makes the mask malformed, and so does a query row with no key seen and a finfo.min in it:
+SDPA's softmax over its penalties is not the zero every plan gives) and builds the pattern of a plan by explicit loops
 (``oracles.plan_pattern``: TE's per-query key ranges, ANDed with the plan's keep vector or cut into its documents).
 A plan must be *sound* (the mask's attend pattern equals the plan's at every batch item, head, query and key) and
 *complete*: a well-formed mask that one TE mask type reproduces (all-visible, or bottom-right causal with any
@@ -49,8 +50,11 @@ def decode(mask: torch.Tensor, shape: tuple[int, int, int, int]) -> tuple[torch.
         return mask.expand(shape), False
     values = mask.to(torch.float64)
     attend = values == 0
-    blocked = torch.isneginf(values) | (values == torch.finfo(mask.dtype).min)
-    return attend.expand(shape), not bool((attend | blocked).all())
+    penalty = values == torch.finfo(mask.dtype).min
+    blocked = torch.isneginf(values) | penalty
+    # a row with no key seen is zero in SDPA only if all of it is -inf: finite penalties share a softmax
+    penalized_row = ~attend.any(-1) & penalty.any(-1)
+    return attend.expand(shape), not bool((attend | blocked).all()) or bool(penalized_row.any())
 
 
 def uniform_match(attend: torch.Tensor) -> bool:
@@ -360,7 +364,9 @@ def hf_mask_cases(draw):
 @MORE_EXAMPLES
 def test_classify_hf_masking_utils_masks(case):
     """Masks from transformers.masking_utils (sdpa_mask for bool, eager_mask for additive float masks): padded
-    and packed batches included; left / right padding of a square mask always gets a plan (key padding)."""
+    and packed batches included; left / right padding of a square mask always gets a plan (key padding), except
+    an additive mask with padding queries that see no key (left padding; right padding past a window): SDPA's
+    softmax over finfo.min there is the mean of V, not the zero of every plan, so it falls back."""
     batch, q_len, kv_len, sliding, padding, pads, dtype = case
     attention_mask = None
     if padding != "none":
@@ -381,8 +387,11 @@ def test_classify_hf_masking_utils_masks(case):
     else:
         mask = masking_utils.eager_mask(batch, q_len, kv_len, dtype=dtype, **kwargs)
     assert mask is not None
-    supported = padding == "none" or (padding in ("left", "right") and q_len == kv_len > 1)
+    blind_rows = not bool((mask == 0).any(-1).all()) if dtype != torch.bool else False
+    supported = padding == "none" or (padding in ("left", "right") and q_len == kv_len > 1 and not blind_rows)
     decision = check_classify(mask, batch, 2, q_len, kv_len, supported=supported)
+    if blind_rows:
+        assert decision is None
     if padding == "none" and q_len > 1:
         window = sliding - 1 if sliding and sliding - 1 < kv_len - 1 else -1
         assert decision == causal(window, "causal" if q_len == kv_len else "causal_bottom_right")
@@ -489,15 +498,45 @@ def test_every_single_flip(dtype, masked, q_len, kv_len, window_left):
 def test_malformed_float_values_are_rejected(dtype, value, where, kind):
     pattern = hf_causal(4, 4).expand(2, 1, 4, 4).clone()
     if kind == "padding":
-        pattern[1, ..., :1] = False
+        pattern[1, ..., 3:] = False  # right padding: every query row sees a key (finfo.min below)
     elif kind == "documents":
         pattern[1, ..., 2:, :2] = False
     mask = encode(pattern, dtype)
     assert classify_mask(mask, 2, 1, 4, 4) is not None
-    i, j = (0, 3) if where == "masked" else (3, 3)
+    i, j = (0, 3) if where == "masked" else (3, 0 if kind == "padding" else 3)
     mask[1, 0, i, j] = value
     assert classify_mask(mask, 2, 1, 4, 4) is None
     assert _detect_causal_mask(mask, (-1, 0)) is None
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize(("padding", "window"), [("left", -1), ("left", 1), ("right", 1)])
+def test_query_rows_that_see_no_key(dtype, padding, window):
+    """Padding queries that see no key (left padding; right padding past a window) are zero in every plan. A bool
+    or all -inf row is zero in SDPA too: the mask gets its plan. A row with a finfo.min penalty in it (HF's
+    eager_mask) is a softmax over the penalties in SDPA (the mean of V for equal ones): no plan."""
+    pattern = hf_causal(6, 6, window).expand(2, 1, 6, 6).clone()
+    if padding == "left":
+        pattern[1, ..., :3] = False
+    else:
+        pattern[1, ..., 3:] = False  # queries 5 (and with window 1 only them) see keys 4 and 5 only
+    assert not bool(pattern.any(-1).all())
+    for mask in (pattern, encode(pattern, dtype, "inf")):
+        assert check_classify(mask, 2, 2, 6, 6, supported=True).kind == "padding_causal"
+    mixed = encode(pattern, dtype, "inf")
+    blind = (~pattern.any(-1)).nonzero()[0].tolist()
+    mixed[blind[0], blind[1], blind[2], -1] = torch.finfo(dtype).min
+    for mask in (encode(pattern, dtype, "min"), mixed):
+        assert check_classify(mask, 2, 2, 6, 6) is None
+        assert classify_mask(mask[:1].expand(2, 1, 6, 6), 2, 2, 6, 6) is not None  # the rows that see a key
+    if dtype in (torch.float32, torch.float64):  # what SDPA does with such rows (CPU)
+        q, k, v = torch.randn(3, 2, 2, 6, 4, dtype=dtype).unbind(0)
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        inf_out = sdpa(q, k, v, attn_mask=encode(pattern, dtype, "inf"))
+        min_out = sdpa(q, k, v, attn_mask=encode(pattern, dtype, "min"))
+        for b, _, i in (~pattern.any(-1)).nonzero().tolist():
+            assert bool((inf_out[b, :, i] == 0).all())
+            torch.testing.assert_close(min_out[b, :, i], v[b].mean(-2))
 
 
 def test_all_masked_penalty_mask_is_rejected_even_with_identical_penalties():

@@ -251,6 +251,8 @@ def expected_runs(case) -> set[str]:
     if case.mask_kind == "is_causal":
         return {"causal"} if q_len <= kv_len else set()
     pattern = build_pattern(case)
+    if case.encoding == "min" and not bool(pattern.any(-1).all()):
+        return set()  # a query row of finfo.min penalties only: SDPA averages V there, every plan gives zero
     if q_len == kv_len:
         return representable(pattern[:, 0])
     return {"uniform"} if is_canonical(pattern, q_len, kv_len) else set()
@@ -267,12 +269,6 @@ def test_replacement_equals_sdpa(mask_kind, data):
     q, k, v, kwargs = call_args(case, xq, xk, xv)
     out = fn(q, k, v, **kwargs)
     expected = ORIGINAL_SDPA(q, k, v, **kwargs)
-    pattern = build_pattern(case)
-    if case.encoding == "min" and pattern is not None and te_fx.get_te_attention_stats()["te_hits"]:
-        # te_fx bug (test_fully_masked_query_rows_of_a_finfo_min_mask): SDPA averages every value in a query row
-        # whose keys are all finfo.min-masked, TE gives zeros. Compared here only on the rows that see a key.
-        seen = pattern.any(-1, keepdim=True).expand(case.batch, heads, case.q_len, 1)
-        out, expected = out * seen, expected * seen
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5, equal_nan=True)
 
     runs = expected_runs(case)
@@ -312,23 +308,31 @@ def test_replacement_equals_sdpa(mask_kind, data):
         assert ("padding" if plan.key_padding is not None else "documents") in runs
 
 
-@pytest.mark.xfail(strict=True, reason="te_fx bug: a finfo.min-masked query row is zero on TE, SDPA's mean of V")
 @pytest.mark.parametrize("window", [-1, 2])
 def test_fully_masked_query_rows_of_a_finfo_min_mask(window):
     """An additive mask that blocks a whole query row with finfo.min (as HF's eager masks and many user masks do)
-    leaves SDPA a softmax over equal penalties: the row's output is the mean of V. te_fx takes such masks as key
-    padding (finfo.min counts as masked), and TE (and the reference executor) give zero for a row that sees no key.
-    Bool and -inf masks agree (SDPA gives zero there too)."""
+    leaves SDPA a softmax over equal penalties: the row's output is the mean of V, which no plan reproduces (TE and
+    the reference executor give zero for a row that sees no key), so the call falls back. Bool and -inf masks agree
+    (SDPA gives zero there too) and run TE."""
     q, k, v = _simple_inputs(batch=2, seq=5)
     pattern = hf_causal(5, 5, window).expand(2, 1, 5, 5).clone()
     pattern[1, ..., :2] = False  # left padding: row 1's queries 0 and 1 see no key
-    mask = torch.zeros(pattern.shape).masked_fill(~pattern, torch.finfo(torch.float32).min)
+    finfo_min = torch.zeros(pattern.shape).masked_fill(~pattern, torch.finfo(torch.float32).min)
+    mixed = finfo_min.clone()
+    mixed[1, 0, 0, 1:] = -float("inf")  # one finfo.min penalty left in a row of -inf: SDPA gives that key's value
     fn, module = make_sdpa(4, 2, 8)
-    expected = ORIGINAL_SDPA(q, k, v, attn_mask=mask)
-    out = fn(q, k, v, attn_mask=mask)
-    for inf_mask in (pattern, torch.zeros(pattern.shape).masked_fill(~pattern, -float("inf"))):  # these agree
-        torch.testing.assert_close(fn(q, k, v, attn_mask=inf_mask), ORIGINAL_SDPA(q, k, v, attn_mask=inf_mask))
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    for mask in (finfo_min, mixed):
+        te_fx.reset_te_attention_stats()
+        torch.testing.assert_close(fn(q, k, v, attn_mask=mask), ORIGINAL_SDPA(q, k, v, attn_mask=mask))
+        assert te_fx.get_te_attention_stats() == stats_delta(fallback_mask=1)
+    assert module.calls == []
+    for mask in (pattern, torch.zeros(pattern.shape).masked_fill(~pattern, -float("inf"))):  # these agree: TE runs
+        te_fx.reset_te_attention_stats()
+        expected = ORIGINAL_SDPA(q, k, v, attn_mask=mask)
+        assert bool((expected[1, :, :2] == 0).all())
+        torch.testing.assert_close(fn(q, k, v, attn_mask=mask), expected)
+        assert te_fx.get_te_attention_stats() == stats_delta(te_hits=1)
+        assert module.calls[-1]["plan"].kind == "padding_causal"
 
 
 GRAD_CASES = {
