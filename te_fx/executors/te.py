@@ -73,7 +73,7 @@ def _recipe_key(recipe: Any) -> tuple | None:
 @functools.lru_cache(maxsize=4096)
 def _backend_ok(
     dtype: torch.dtype,
-    shape: tuple[int, int, int, int, int, int, int, int],
+    shape: tuple[int, int, int, int, int, int, int, int, int],
     mask_type: str,
     window_size: tuple[int, int],
     dropout_p: float,
@@ -83,8 +83,9 @@ def _backend_ok(
     qkv_format: str = "bshd",
 ) -> bool:
     """Whether TE selects its fused attention for this call: the F16 backend, or the FP8 one while FP8 attention
-    is on (``fp8_key``, from :func:`_recipe_key` of the current recipe), with deterministic kernels if asked."""
-    batch, heads, kv_heads, q_len, kv_len, dqk, dv, device_index = shape
+    is on (``fp8_key``, from :func:`_recipe_key` of the current recipe), with deterministic kernels if asked.
+    ``shape`` ends with the device and the token count of a thd call (TE's ``num_tokens_q/kv``; 0 in bshd)."""
+    batch, heads, kv_heads, q_len, kv_len, dqk, dv, device_index, tokens = shape
     fp8 = {} if fp8_key is None else dict(fp8=True, fp8_meta={"recipe": FP8GlobalStateManager.get_fp8_recipe()})
     params = dpa_utils.AttentionParams(
         qkv_dtype=dtype,
@@ -94,6 +95,8 @@ def _backend_ok(
         num_gqa_groups=kv_heads,
         max_seqlen_q=q_len,
         max_seqlen_kv=kv_len,
+        num_tokens_q=tokens,
+        num_tokens_kv=tokens,
         head_dim_qk=dqk,
         head_dim_v=dv,
         attn_mask_type=mask_type,
@@ -130,11 +133,13 @@ def shape_unsupported_reason(
     device_index: int = 0,
     fp8_recipe: Any = None,
     qkv_format: str = "bshd",
+    num_tokens: int | None = None,
 ) -> str | None:
     """Why TE's fused attention cannot run (batch, heads, kv_heads, q_len, kv_len, head_dim_qk, head_dim_v) in
     ``dtype`` (a stats key), or None if it can: the F16 backend, or the FP8 one under an FP8 attention recipe.
-    In the thd format batch is the number of documents and q_len / kv_len bound their lengths (te_fx runs thd in
-    F16 only). Decided from metadata only, so compile-time guards use it too."""
+    In the thd format batch is the number of documents, q_len / kv_len bound their lengths and ``num_tokens``
+    (default: batch * q_len, a bound) counts the packed tokens; te_fx runs thd in F16 only. Decided from metadata
+    only, so compile-time guards use it too."""
     if dtype not in (torch.float16, torch.bfloat16):
         return "fallback_dtype"
     if not te_head_dims_supported(shape[5], shape[6]):
@@ -144,9 +149,12 @@ def shape_unsupported_reason(
             return "fallback_fp8"
         if not _packed_softmax_stats(device_index):
             return "fallback_shape"
+        tokens = shape[0] * shape[3] if num_tokens is None else num_tokens
+    else:
+        tokens = 0
     key = _recipe_key(fp8_recipe)
     config = (mask_type, tuple(window_size), float(dropout_p), bool(training), key, _deterministic(), qkv_format)
-    if not _backend_ok(dtype, (*shape, device_index), *config):
+    if not _backend_ok(dtype, (*shape, device_index, tokens), *config):
         return "fallback_shape" if key is None else "fallback_fp8"
     return None
 
@@ -173,7 +181,8 @@ def unsupported_reason(
     shape = (batch, q.shape[2], k.shape[2], q.shape[1], k.shape[1], q.shape[-1], v.shape[-1])
     device_index = q.device.index or 0
     return shape_unsupported_reason(
-        q.dtype, shape, mask_type, window_size, dropout_p, training, device_index, fp8_recipe, qkv_format
+        q.dtype, shape, mask_type, window_size, dropout_p, training, device_index, fp8_recipe, qkv_format,
+        q.shape[0] * q.shape[1] if qkv_format == "thd" else None,
     )
 
 
