@@ -30,7 +30,7 @@ class ModelCase:
     seq: int
 
     def config(self):  # noqa: ANN201
-        from te_fx.tiny_models import tiny_config
+        from te_fx.tools.tiny_models import tiny_config
 
         return tiny_config(self.family, **dict(self.overrides))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 
-from .backend import compile_report, register, reset_compile_report
+from .compile.backend import compile_report, register, reset_compile_report
 from .executors import TEUnavailableError
 from .te_attention import (
     get_te_attention_stats,

@@ -181,7 +181,7 @@ def _attn_module_factory(executor: str) -> Callable[[dict], Any]:
 def inject_te_attention_into_module(module: nn.Module, *, executor: str | None = None) -> bool:
     """Inject TE attention into one HF ``self_attn`` module.
 
-    Returns True on success, False when the module does not match the expected layout (:func:`te_fx.explain`
+    Returns True on success, False when the module does not match the expected layout (:func:`te_fx.tools.explain`
     and the log say why). ``executor``: "te" (default, or ``TE_FX_EXECUTOR``) or "reference" (the pure-PyTorch
     executor, any device). Mask decisions last one call of the module.
     """

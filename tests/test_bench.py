@@ -10,7 +10,7 @@ from bench.kernels import VARIANTS, Case, flops
 from bench.report import evaluate_targets
 from bench.models import full_models
 from bench.run import build_parser, run
-from te_fx.model_config import shrink_config
+from te_fx.tools.model_config import shrink_config
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +107,7 @@ def test_targets_pass_fail_and_miss_by():
 def test_te_fx_bench_command_dispatches_to_the_benchmark(capsys):
     import torch
 
-    from te_fx.cli import main
+    from te_fx.tools.cli import main
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")

@@ -1,4 +1,4 @@
-"""The ``te-fx`` command: ``check``, ``explain`` and argument errors (CPU, in-process through ``te_fx.cli.main``).
+"""The ``te-fx`` command: ``check``, ``explain`` and argument errors (CPU, in-process through ``te_fx.tools.cli.main``).
 
 ``explain``'s per-layer decisions are checked against an independent run: the tiny model itself (not explain's
 shrunk copy, at another batch size and length) injected with the reference executor, and compiled with te_attn,
@@ -21,8 +21,8 @@ import pytest
 import torch
 
 import te_fx
-from te_fx import cli
-from te_fx.tiny_models import FAMILIES, SLIDING_WINDOW, tiny_config, tiny_model
+from te_fx.tools import cli
+from te_fx.tools.tiny_models import FAMILIES, SLIDING_WINDOW, tiny_config, tiny_model
 
 EXPLAIN_FAMILIES = ["llama_gqa", "mistral", "qwen2", "gemma3", "deepseek_v3", "phi3", "falcon"]
 ORACLE_BATCH, ORACLE_SEQ = 3, 20  # unlike explain's 2 x 16; still longer than the tiny sliding window
@@ -60,7 +60,7 @@ LLAMA3_8B = {
 def _cpu_view_of_te(monkeypatch):
     """explain applies TransformerEngine's backend check where CUDA and TE are there, which turns TE decisions the
     GPU's TE rejects into SDPA; the oracles here run the reference executor, so explain must not either."""
-    from te_fx import explain
+    from te_fx.tools import explain
 
     monkeypatch.setattr(explain, "_te_checker", lambda: (None, "not run (tests)"))
 
@@ -148,7 +148,7 @@ def _fake_te(shape_reason=None):
 
 def test_check_with_gpu_and_te(monkeypatch, capsys):
     """The report's logic where CUDA and TE are there (both stood in for: this is no GPU test)."""
-    from te_fx import check
+    from te_fx.tools import check
 
     _fake_gpu(monkeypatch)
     fake = _fake_te()
@@ -171,7 +171,8 @@ def test_check_with_gpu_and_te(monkeypatch, capsys):
 
 
 def test_check_te_that_fails_to_import(monkeypatch, capsys):
-    from te_fx import check, executors
+    from te_fx import executors
+    from te_fx.tools import check
 
     def broken():
         try:
@@ -191,7 +192,7 @@ def test_check_te_that_fails_to_import(monkeypatch, capsys):
 
 def test_explain_applies_te_backend_check(monkeypatch, capsys):
     """Where TE's backend check runs (stood in for here), TE decisions it rejects become SDPA with its reason."""
-    from te_fx import explain
+    from te_fx.tools import explain
 
     def check(layer, dtype, mask_type, window, q_len, kv_len, training):
         assert dtype == torch.bfloat16 and kv_len == 256  # tiny configs: max_position_embeddings 256

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 import te_fx
-from te_fx.fx_pass import _SDPA_TARGETS, _sdpa_arguments
-from te_fx.tiny_models import FAMILIES, PAD_TOKEN_ID, SLIDING_WINDOW, tiny_model
+from te_fx.compile.fx_pass import _SDPA_TARGETS, _sdpa_arguments
+from te_fx.tools.tiny_models import FAMILIES, PAD_TOKEN_ID, SLIDING_WINDOW, tiny_model
 
 OPTIONS = {"executor": "reference", "inner": "aot_eager"}
 BATCH, SEQ = 2, 16  # SEQ > SLIDING_WINDOW: sliding layers really cut keys off

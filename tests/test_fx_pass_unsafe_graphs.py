@@ -316,7 +316,7 @@ def test_storage_read_after_the_transpose_back_sees_sdpa_layout():
 def test_a_mask_too_large_to_sample_stays_on_sdpa(monkeypatch):
     """A large static batch times the lengths a window must be checked at (2 * window + 3) could exhaust memory at
     compile time: such a mask stays on SDPA instead (the limit is lowered here to keep the test small)."""
-    from te_fx import mask_subgraph
+    from te_fx.compile import mask_subgraph
 
     monkeypatch.setattr(mask_subgraph, "_MAX_SAMPLE_ELEMENTS", 20_000)
 

@@ -22,7 +22,7 @@ from torch.library import opcheck
 
 import te_fx
 from te_fx import ops
-from te_fx.backend import te_attn
+from te_fx.compile.backend import te_attn
 from te_fx.executors.reference import reference_attention, reference_attention_backward
 
 F64 = torch.float64

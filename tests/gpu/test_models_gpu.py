@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import te_fx
-from te_fx.tiny_models import supported_families, tiny_model
+from te_fx.tools.tiny_models import supported_families, tiny_model
 
 SEQ = 64
 # bf16 over a few layers: TE's cuDNN kernels and SDPA's kernels round differently

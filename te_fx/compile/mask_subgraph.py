@@ -21,8 +21,8 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
-from .core.plan import AttentionPlan
-from .masks import causal_pattern, classify_mask
+from ..core.plan import AttentionPlan
+from ..masks import causal_pattern, classify_mask
 
 __all__ = ["classify_mask_node", "node_value", "same_size"]
 
@@ -182,7 +182,7 @@ def classify_mask_node(
     mask: fx.Node, batch: object, q_len: object, kv_len: object, written: set[fx.Node]
 ) -> AttentionPlan | str:
     """Classify the SDPA mask produced by ``mask`` for queries (batch, *, q_len) and kv_len keys (ints or SymInts of
-    the graph); ``written`` holds the graph's values that in-place ops write (:mod:`te_fx.fx_aliasing`). Returns a
+    the graph); ``written`` holds the graph's values that in-place ops write (:mod:`te_fx.compile.fx_aliasing`). Returns a
     :class:`~te_fx.core.plan.AttentionPlan` (its ``key_padding`` the graph input holding a 2D key padding mask ANDed into
     the pattern, if any), or the reason the mask is left to SDPA."""
     ancestors = _ancestors(mask)

@@ -2,7 +2,7 @@
 
 For each SDPA node the pass elides ``repeat_kv`` producers (and ``enable_gqa``) so TE gets the KV heads natively,
 reads q/k/v from the (B, S, H, D) tensors that HF's ``transpose(1, 2)`` came from, classifies the mask from the
-subgraph that built it (:mod:`te_fx.mask_subgraph`), and checks guards on fake metadata only. A node that fails any
+subgraph that built it (:mod:`te_fx.compile.mask_subgraph`), and checks guards on fake metadata only. A node that fails any
 check is left untouched; every node gets a report entry saying what was decided and why.
 """
 
@@ -18,10 +18,10 @@ import torch.fx as fx
 from torch._prims_common import make_contiguous_strides_for
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
-from . import ops
+from .. import ops
 from .fx_aliasing import written_in_place
-from .core.guards import is_causal_plan, sdpa_call_refusal
-from .core.plan import AttentionPlan
+from ..core.guards import is_causal_plan, sdpa_call_refusal
+from ..core.plan import AttentionPlan
 from .mask_subgraph import classify_mask_node, node_value, same_size
 
 __all__ = ["AttentionRewrite", "rewrite_attention"]
@@ -158,7 +158,7 @@ def _te_shape_reason(
 ) -> str | None:
     """TE's own support check at the traced sizes (its F16 fused backend has no sequence-length limits that matter
     for dynamic shapes, so the traced hint stands for all)."""
-    from .executors import load_te_executor
+    from ..executors import load_te_executor
 
     shape = tuple(_hint(s) for s in (q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2], q.shape[3], v.shape[3]))
     return load_te_executor().shape_unsupported_reason(

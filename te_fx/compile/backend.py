@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .executors import resolve_executor
+from ..executors import resolve_executor
 from .fx_pass import rewrite_attention
 
 __all__ = ["te_attn", "compile_report", "reset_compile_report", "register"]

@@ -1,6 +1,6 @@
 """``te-fx explain MODEL``: per attention layer, what te_fx's eager path and its compile path do with a model, and why.
 
-MODEL is a family of :mod:`te_fx.tiny_models` (its tiny config), a local ``config.json`` or a local checkpoint folder
+MODEL is a family of :mod:`te_fx.tools.tiny_models` (its tiny config), a local ``config.json`` or a local checkpoint folder
 holding one. Nothing is downloaded and no weights are read. The analysis runs te_fx's own code, never a copy of its
 rules:
 
@@ -34,8 +34,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .core.reasons import describe
-from .executors import te_head_dims_supported
+from ..core.reasons import describe
+from ..executors import te_head_dims_supported
 from .model_config import (
     TRACE_BATCH,
     TRACE_SEQ,
@@ -160,7 +160,7 @@ def _layer_index(path: str, position: int) -> int:
 def _attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The attention modules of a HF causal LM, in forward order: ``self_attn`` modules (where te_fx injects), fused
     q/k/v attention modules, and modules with separate q/k/v projections under another name."""
-    from . import params
+    from .. import params
 
     found = []
     for path, module in model.named_modules():
@@ -173,7 +173,7 @@ def _attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def _window_left(module: nn.Module, config: Any, index: int) -> int:
     """TE's left window of a layer (-1 for none): the injected module's, else HF's sliding window - 1."""
-    from . import params
+    from .. import params
 
     te_module = getattr(module, "attn_module", None)
     if te_module is not None:
@@ -186,7 +186,7 @@ def _window_left(module: nn.Module, config: Any, index: int) -> int:
 
 def _not_injected_reason(path: str, module: nn.Module) -> str:
     """Why :func:`te_fx.inject_te_attention` left this module alone."""
-    from .eager.inject import not_injected_reason
+    from ..eager.inject import not_injected_reason
 
     return not_injected_reason(path, module) or "not injected"
 
@@ -208,7 +208,7 @@ def _head_dim_limit(head_dim: int | None, v_head_dim: int | None) -> str | None:
 def _record_eager(model: nn.Module, paths: list[str]) -> Iterator[dict[str, dict[str, Any]]]:
     """Per attention module: the te_fx counters its forward added and the (mask_type, window_size) its TE module was
     called with, for the calls made inside the block."""
-    from . import te_attention
+    from .. import te_attention
 
     modules = dict(model.named_modules())
     record: dict[str, dict[str, Any]] = {}
@@ -267,7 +267,7 @@ def _run_eager(
     small: nn.Module, paths: list[str], windows: dict[str, tuple[int, int]]
 ) -> dict[str, dict[str, Decision]]:
     """Per module path: the eager decision of each scenario, from running the injected shrunk copy."""
-    from . import te_attention
+    from .. import te_attention
 
     model = copy.deepcopy(small)
     te_attention.inject_te_attention(model, executor="reference")
@@ -312,7 +312,7 @@ def _run_compile(
     """Per attention layer (in forward order): the compile decision of each scenario, from te_attn's FX pass on the
     shrunk copy; or (None, why the entries could not be mapped to layers). ``windows``: per layer, (TE's left
     window in the shrunk copy, the real one); ``window_map`` the same for the config's sliding window."""
-    from . import backend
+    from ..compile import backend
 
     vocab = small.config.get_text_config().vocab_size
     ids = torch.randint(3, vocab, (TRACE_BATCH, TRACE_SEQ), generator=torch.Generator().manual_seed(0))
@@ -353,7 +353,7 @@ def _run_compile(
 def _te_checker() -> tuple[Any, str]:
     """(a function (layer, dtype, mask_type, window, q_len, kv_len, training) -> reason or None, or None; what was
     checked). The compile path checks with training=True, as te_attn's pass does."""
-    from .executors import load_te_executor
+    from ..executors import load_te_executor
 
     if not torch.cuda.is_available():
         return None, "not run (no CUDA GPU; the head-dim limits above are TE's, judged from the config)"
@@ -410,7 +410,7 @@ def explain(model: str, compile_path: bool = True) -> Explanation:
     of the shrunk copy; torch._dynamo and te_fx's compile report are reset."""
     from transformers import AutoModelForCausalLM
 
-    from . import te_attention
+    from .. import te_attention
 
     with _quiet():
         config, source = load_config(model)
@@ -537,7 +537,7 @@ def explain(model: str, compile_path: bool = True) -> Explanation:
         notes.append(
             "compile: decided once per compiled graph from the subgraph that builds the mask, whatever its values"
         )
-        from .mask_subgraph import _MAX_SAMPLE
+        from ..compile.mask_subgraph import _MAX_SAMPLE
 
         if any(layer.sliding_window for layer in layers):
             notes.append(

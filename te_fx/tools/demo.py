@@ -15,8 +15,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from . import te_attention
-from .executors import TEUnavailableError, load_te_executor
+from .. import te_attention
+from ..executors import TEUnavailableError, load_te_executor
 from .tiny_models import FAMILIES, tiny_model
 
 __all__ = ["run_demo", "DEMO_FAMILIES"]

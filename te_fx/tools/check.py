@@ -72,7 +72,7 @@ def _te_installed() -> bool:
 
 def _load_te() -> tuple[Any, str | None]:
     """(te_fx's TE executor module, None) or (None, the first line of the import error)."""
-    from .executors import load_te_executor
+    from ..executors import load_te_executor
 
     try:
         return load_te_executor(), None
@@ -117,7 +117,7 @@ def _te_selection(te_executor: Any) -> str:
 
 def run_check() -> CheckResult:
     """Inspect this machine (imports TE when it is installed; starts CUDA when a GPU is there)."""
-    from . import __version__
+    from .. import __version__
 
     result = CheckResult(
         python=platform.python_version(),

@@ -1,0 +1,1 @@
+"""The command-line tools: ``te-fx demo``, ``check``, ``explain`` and ``bench``, and the tiny models they build."""
