@@ -109,9 +109,10 @@ def attend_pattern(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     converted.
 
     A query row that sees no key is zero in every plan (and in TE). SDPA agrees for a bool row and an all -inf row
-    (zero, PyTorch >= 2.5). A row of finite penalties is a softmax over them, nonzero whatever the penalty: equal
-    finfo.min penalties give the mean of V in float32, the unmasked row's attention where scores survive the
-    rounding (fp16's -65504), so no plan reproduces it."""
+    (zero since PyTorch 2.5 in its math and memory-efficient backends; its cuDNN backend, the CUDA default for
+    fp16 / bf16 with a mask in 2.11, gives such bool rows a nonzero output). A row of finite penalties is a softmax
+    over them whose result depends on the dtype and backend: the mean of V (float32 finfo.min, math backend), the
+    row's unmasked attention (fp16's -65504), or zero (bf16 on the fused backends), so no plan reproduces it."""
     if mask.dtype == torch.bool:
         return mask, torch.ones((), dtype=torch.bool, device=mask.device)
     attend = mask == 0
