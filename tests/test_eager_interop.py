@@ -3,13 +3,14 @@
 te_fx routes an injected module's SDPA calls with a per-thread torch function mode and never replaces
 ``torch.nn.functional.scaled_dot_product_attention``. So a wrapper someone installs on that attribute (before or
 after ``import te_fx``) keeps being called and stays installed; a thread compiling a plain model is not disturbed by
-one running an injected model; and under torch.compile the injection steps aside (the graph holds plain SDPA, which
-``backend="te_attn"`` rewrites).
+one running an injected model (nor that one by it); and under torch.compile and torch.export the injection steps
+aside (the graph holds plain SDPA, which ``backend="te_attn"`` rewrites, with no graph break) and says so once.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 import subprocess
 import sys
 import textwrap
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from torch.overrides import _get_current_function_mode_stack
 
 import te_fx
+from te_fx.eager import inject
 from te_fx.tiny_models import tiny_model
 
 ATOL = RTOL = 1e-5
@@ -204,25 +206,10 @@ def test_an_injected_model_and_a_thread_compiling_a_plain_model():
     layers = injected.config.num_hidden_layers
     stats = te_fx.get_te_attention_stats()
     assert sum(stats.values()) <= eager_steps[0] * layers
-    if stats != _stats(te_hits=eager_steps[0] * layers):
-        pytest.xfail(
-            f"te_fx bug: {stats['te_hits']} of {eager_steps[0] * layers} injected attention calls ran TE; the others "
-            "ran plain SDPA uncounted: TEForward steps aside on torch.compiler.is_compiling(), which is True in "
-            "every thread while any thread compiles"
-        )
+    assert stats == _stats(te_hits=eager_steps[0] * layers), "injected calls stepped aside while others compiled"
 
 
-FULLGRAPH = [
-    False,
-    pytest.param(True, marks=pytest.mark.xfail(
-        strict=True, raises=torch._dynamo.exc.Unsupported,
-        reason="te_fx bug: the mask-scope forward hooks (inject._enter_mask_scope -> masks._CACHE.clear) take a "
-        "threading.Lock under Dynamo: graph break",
-    )),
-]  # fmt: skip
-
-
-@pytest.mark.parametrize("fullgraph", FULLGRAPH)
+@pytest.mark.parametrize("fullgraph", [False, True])
 def test_an_injected_model_under_te_attn_compiles_without_graph_break(fullgraph):
     """``backend="te_attn"`` on an injected model: the injection steps aside under Dynamo, the graph holds plain
     SDPA, and te_fx's FX pass rewrites it (the compile report lists the rewritten nodes)."""
@@ -249,7 +236,7 @@ def test_an_injected_model_under_te_attn_compiles_without_graph_break(fullgraph)
     assert te_fx.get_te_attention_stats() == _stats(te_hits=layers)
 
 
-@pytest.mark.parametrize("fullgraph", FULLGRAPH)
+@pytest.mark.parametrize("fullgraph", [False, True])
 def test_an_injected_model_compiles_with_the_eager_backend(fullgraph):
     """Any other backend gets the plain model's graph: fullgraph works, the outputs are the plain model's."""
     plain, injected = _pair("gemma3")
@@ -266,8 +253,53 @@ def test_an_injected_model_compiles_with_the_eager_backend(fullgraph):
     assert not _get_current_function_mode_stack()
 
 
-@pytest.mark.xfail(strict=True, reason="te_fx bug: TEForward steps aside on torch.compiler.is_compiling(), which is "
-                   "True in every thread while any thread compiles")  # fmt: skip
+def test_an_injected_model_under_torch_compile_warns_once(monkeypatch, caplog):
+    """Traced graphs get plain SDPA: the te_fx logger says so once per process (not per call, layer, compile or
+    model), naming backend="te_attn"; eager forwards say nothing."""
+    monkeypatch.setattr(inject, "_compile_warned", False)
+    plain, injected = _pair("llama_gqa")
+    other = copy.deepcopy(injected)
+
+    def compile_warnings() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == "te_fx" and "torch.compile" in r.getMessage()]
+
+    with caplog.at_level(logging.WARNING, logger="te_fx"):
+        with torch.no_grad():
+            injected(_ids())
+        assert compile_warnings() == []
+        try:
+            for model, seq_len in ((injected, 12), (injected, 9), (other, 12)):
+                compiled = torch.compile(model, backend="eager", fullgraph=True)
+                with torch.no_grad():
+                    torch.testing.assert_close(
+                        compiled(_ids(2, seq_len)).logits, plain(_ids(2, seq_len)).logits, atol=ATOL, rtol=RTOL
+                    )
+        finally:
+            torch._dynamo.reset()
+    (message,) = compile_warnings()
+    assert 'backend="te_attn"' in message and "plain SDPA" in message
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_an_injected_model_exports(strict):
+    """torch.export (strict: Dynamo; non-strict: the Python forward under tracing) of an injected model gives the
+    plain model's graph: plain SDPA, no te_fx op, the plain model's outputs. The eager route still runs after."""
+    plain, injected = _pair("llama_gqa")
+    ids = _ids(2, 8)
+    with torch.no_grad():
+        expected = plain(ids).logits
+        program = torch.export.export(injected, (ids,), kwargs={"use_cache": False}, strict=strict)
+    targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+    assert any("scaled_dot_product_attention" in target for target in targets), targets
+    assert not any("te_fx" in target for target in targets), targets
+    assert te_fx.get_te_attention_stats() == ZERO_STATS
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(ids, use_cache=False).logits, expected, atol=ATOL, rtol=RTOL)
+        torch.testing.assert_close(injected(ids).logits, expected, atol=ATOL, rtol=RTOL)
+    assert te_fx.get_te_attention_stats() == _stats(te_hits=injected.config.num_hidden_layers)
+    assert not _get_current_function_mode_stack()
+
+
 def test_an_injected_forward_in_another_thread_while_dynamo_compiles_runs_te():
     """Deterministic: while Dynamo compiles in this thread (inside the backend), another thread runs an injected
     model; its attention calls must still run TE."""

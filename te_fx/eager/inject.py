@@ -27,11 +27,37 @@ TE_MODULE_ATTR = "attn_module"
 _SCOPE_PARENT = "_te_fx_mask_scope_parent"  # the scoped module whose forward calls this one, in the module's __dict__
 
 
+_COMPILE_WARNING = (
+    "te_fx: torch.compile / torch.export traces injected attention modules as plain SDPA (the injection steps aside "
+    "while Dynamo traces or torch.export runs); compile with backend=\"te_attn\" to have te_fx rewrite those calls "
+    "to TE attention: with any other backend they run torch's SDPA"
+)
+_compile_warned = False
+
+
+def _stepping_aside() -> bool:
+    """Whether injected modules leave their forward as it is: while Dynamo traces this thread's code
+    (torch.compile, strict torch.export) or torch.export runs (a flag of the process). Not
+    ``torch.compiler.is_compiling()``, which holds in every thread while any thread compiles."""
+    return torch.compiler.is_dynamo_compiling() or torch.compiler.is_exporting()
+
+
+@torch.compiler.assume_constant_result
+def _warn_compiled_once() -> bool:
+    """Log once per process that traced graphs get plain SDPA. Under Dynamo this runs at trace time (its result is
+    a constant), so the graph has no break for it."""
+    global _compile_warned
+    if not _compile_warned:
+        _compile_warned = True
+        logger.warning(_COMPILE_WARNING)
+    return True
+
+
 class TEForward:
     """``module.forward`` after injection: the module's own forward with this thread's SDPA calls routed to
-    ``te_sdpa``. Under torch.compile or torch.export it steps aside (the graph gets plain SDPA, which
-    ``backend="te_attn"`` rewrites). Holds the module rather than a bound method, so deep copies and pickles of the
-    model stay consistent."""
+    ``te_sdpa``. Under torch.compile or torch.export it steps aside (:func:`_stepping_aside`; the graph gets plain
+    SDPA, which ``backend="te_attn"`` rewrites) and says so once. Holds the module rather than a bound method, so
+    deep copies and pickles of the model stay consistent."""
 
     def __init__(self, module: nn.Module, te_sdpa: Callable) -> None:
         self.module = module
@@ -40,7 +66,8 @@ class TEForward:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         forward = self.inner if self.inner is not None else type(self.module).forward.__get__(self.module)
-        if torch.compiler.is_compiling():
+        if _stepping_aside():
+            _warn_compiled_once()
             return forward(*args, **kwargs)
         with sdpa_routed_to(self.te_sdpa):
             return forward(*args, **kwargs)
@@ -116,10 +143,14 @@ def inject_module(module: nn.Module, make_attn_module: Callable[[dict], Any]) ->
 
 
 def _enter_mask_scope(module: nn.Module, _args: tuple) -> None:
+    if _stepping_aside():  # no decisions to cache, and Dynamo would break the graph on the cache's lock
+        return
     masks.enter_forward(module, vars(module).get(_SCOPE_PARENT))
 
 
 def _leave_mask_scope(module: nn.Module, _args: tuple, _output: Any) -> None:
+    if torch.compiler.is_dynamo_compiling():  # elsewhere it drops only what its own enter pushed
+        return
     masks.leave_forward(module)
 
 
