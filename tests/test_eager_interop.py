@@ -23,7 +23,7 @@ from torch.overrides import _get_current_function_mode_stack
 
 import te_fx
 from te_fx.eager import inject
-from te_fx.tiny_models import tiny_model
+from te_fx.tools.tiny_models import tiny_model
 
 ATOL = RTOL = 1e-5
 ZERO_STATS = dict.fromkeys(te_fx.get_te_attention_stats(), 0)
@@ -94,7 +94,7 @@ def test_a_wrapper_installed_on_sdpa_before_import_is_still_called_and_stays():
 
         F.scaled_dot_product_attention = wrapper
         import te_fx
-        from te_fx.tiny_models import tiny_model
+        from te_fx.tools.tiny_models import tiny_model
 
         torch.manual_seed(0)
         plain = tiny_model("llama_gqa")
