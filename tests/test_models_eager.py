@@ -1,4 +1,4 @@
-"""Eager injection on tiny models of every family in ``te_fx.tiny_models`` (CPU, fp32, reference executor).
+"""Eager injection on tiny models of every family in ``te_fx.tools.tiny_models`` (CPU, fp32, reference executor).
 
 Each test compares an injected model with an unpatched copy holding the same weights: logits, gradients, greedy
 generation, checkpoints, module state and dropout. Counters are checked too, but never instead of outputs.
@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 
 import te_fx
 from te_fx import params
-from te_fx.tiny_models import (
+from te_fx.tools.tiny_models import (
     FAMILIES,
     SLIDING_WINDOW,
     supported_families,
