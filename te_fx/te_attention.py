@@ -19,7 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import masks, params
+from .core import masks
+from .eager import params
 from .core.plan import AttentionPlan
 from .eager import inject, stats
 from .eager.replacement import TESdpa

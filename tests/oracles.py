@@ -1,5 +1,5 @@
 """Brute-force oracles shared by the tests: which keys a query sees under TE's mask semantics, written as plain
-loops, independently of te_fx.masks."""
+loops, independently of te_fx.core.masks."""
 
 import torch
 
@@ -36,7 +36,7 @@ def hf_causal(q_len: int, kv_len: int, window_left: int = -1) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# Per-row plans (key padding, packed documents): brute force, independently of te_fx.masks
+# Per-row plans (key padding, packed documents): brute force, independently of te_fx.core.masks
 # ------------------------------------------------------------------------------------------------------------------
 
 

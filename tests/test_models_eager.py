@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
 import te_fx
-from te_fx import params
+from te_fx.eager import params
 from te_fx.tools.tiny_models import (
     FAMILIES,
     SLIDING_WINDOW,
@@ -557,7 +557,7 @@ def test_a_forward_interrupted_by_keyboard_interrupt_leaves_no_decision_behind()
 
 def test_a_mask_is_classified_once_per_forward_not_per_layer(monkeypatch):
     """HF hands every layer the same mask object: one classification (one host sync) per forward of the model."""
-    from te_fx import masks
+    from te_fx.core import masks
 
     plain, injected = _pair("llama", num_hidden_layers=3)
     calls = []

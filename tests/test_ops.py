@@ -30,7 +30,7 @@ FWD = torch.ops.te_fx.attention_fwd.default
 BWD = torch.ops.te_fx.attention_bwd.default
 NO_DROPOUT_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
 OPTIONS = {"executor": "reference", "inner": "aot_eager"}
-REPORT_KEYS = {"node", "decision", "reason", "mask_kind", "num_heads", "num_kv_heads", "head_dim", "window_size",
+REPORT_KEYS = {"node", "decision", "reason", "detail", "mask_kind", "num_heads", "num_kv_heads", "head_dim", "window_size",
                "executor"}  # fmt: skip
 
 
@@ -122,7 +122,7 @@ def test_fake_outputs_without_training():
 
 
 def _sdpa_mask(mask_type, window, q_len, kv_len, key_padding=None):
-    """Bool (B or 1, 1, q_len, kv_len) SDPA mask, True = attend, written out independently of te_fx.masks."""
+    """Bool (B or 1, 1, q_len, kv_len) SDPA mask, True = attend, written out independently of te_fx.core.masks."""
     rows = torch.arange(q_len)[:, None]
     cols = torch.arange(kv_len)[None, :]
     diagonal = rows + (kv_len - q_len if mask_type.endswith("bottom_right") else 0)
@@ -515,7 +515,7 @@ def test_default_executor_is_te_and_leaves_cpu_graphs_alone(monkeypatch):
     monkeypatch.delenv("TE_FX_EXECUTOR", raising=False)
     (entry,) = _compile_sdpa(options={"inner": "aot_eager"})
     assert entry["executor"] == "te" and entry["decision"] == "sdpa"
-    assert entry["reason"] == "the te executor needs CUDA tensors, got cpu"
+    assert entry["reason"] == "fallback_device" and "the te executor refuses float32 on cpu" in entry["detail"], entry
 
 
 def test_backend_is_registered():
@@ -533,8 +533,8 @@ def test_compile_report_semantics(caplog):
         first = _compile_sdpa(options=OPTIONS)
     assert len(first) == 1 and set(first[0]) == REPORT_KEYS
     assert first[0] == {
-        "node": first[0]["node"], "decision": "te", "reason": "rewritten", "mask_kind": "causal", "num_heads": 2,
-        "num_kv_heads": 2, "head_dim": 8, "window_size": (-1, 0), "executor": "reference",
+        "node": first[0]["node"], "decision": "te", "reason": "rewritten", "detail": "", "mask_kind": "causal",
+        "num_heads": 2, "num_kv_heads": 2, "head_dim": 8, "window_size": (-1, 0), "executor": "reference",
     }  # fmt: skip
     assert any("te_attn:" in record.getMessage() and "-> te (rewritten)" in record.getMessage()
                for record in caplog.records)  # fmt: skip

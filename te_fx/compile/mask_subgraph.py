@@ -22,7 +22,7 @@ import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from ..core.plan import AttentionPlan
-from ..masks import causal_pattern, classify_mask
+from ..core.masks import causal_pattern, classify_mask
 
 __all__ = ["classify_mask_node", "node_value", "same_size"]
 

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import masks, params
+from ..core import masks
+from . import params
 from .intercept import SDPA, sdpa_routed_to
 from .replacement import TESdpa
 
@@ -127,7 +128,7 @@ def module_reason(module: nn.Module) -> str | None:
 
 def inject_module(module: nn.Module, make_attn_module: Callable[[dict], Any]) -> str | None:
     """Inject into one attention module; returns None, or why it was not injected (also logged). The attention
-    module comes from ``make_attn_module(params)`` (see :func:`te_fx.params.infer_attn_params`)."""
+    module comes from ``make_attn_module(params)`` (see :func:`te_fx.eager.params.infer_attn_params`)."""
     reason = module_reason(module)
     if reason is not None:
         return reason
@@ -163,7 +164,7 @@ def _prefixes(name: str) -> list[str]:
 def scope_mask_decisions(root: nn.Module, paths: list[str]) -> None:
     """Cache mask decisions while a forward runs in ``root``, in the modules above all the attention modules at
     ``paths`` (the decoder) and in the modules holding one (the decoder layers, which may be called on their own);
-    see :func:`te_fx.masks.enter_forward`. Containers without a forward (ModuleList) are skipped."""
+    see :func:`te_fx.core.masks.enter_forward`. Containers without a forward (ModuleList) are skipped."""
     common = os.path.commonprefix([path.split(".") for path in paths])
     names = {".".join(common[:depth]) for depth in range(len(common) + 1)}
     names |= {path.rpartition(".")[0] for path in paths}

@@ -2,7 +2,7 @@
 
 It follows autocast as SDPA does, reads HF's (B, H, S, D) views as the contiguous (B, S, H, D) tensors TE needs,
 undoes ``repeat_kv`` (TE does GQA natively), unpacks the packed-GQA decode layout of transformers >= 5.23, turns the
-mask into a plan with the exact matcher (:mod:`te_fx.masks`), and runs the plan through the attention module's
+mask into a plan with the exact matcher (:mod:`te_fx.core.masks`), and runs the plan through the attention module's
 runner. Anything it is not sure of goes to the original SDPA, counted under its reason.
 """
 
@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from .. import masks
+from ..core import masks
 from ..core.autocast import autocast_dtype, cast_like_sdpa
 from ..core.guards import is_causal_plan, scales_match, sdpa_call_refusal
 from ..core.plan import NO_MASK, AttentionPlan

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..masks import te_visible
+from ..core.masks import te_visible
 from . import Executor, ExecutorModule, thd_mask_type
 
 if TYPE_CHECKING:
@@ -72,7 +72,7 @@ def thd_visible(
     """Bool (B, 1, q_len, kv_len), True = attend: what TE computes in the thd format for documents packed over the
     flattened bshd tokens (document n: queries cu_seqlens_q[n]..cu_seqlens_q[n+1], keys likewise from
     cu_seqlens_kv). A ``padding*`` mask type and ``window_size`` apply within each document, the diagonal at its
-    top-left corner (bottom-right for ``*_bottom_right``), as in :func:`te_fx.masks.te_visible`."""
+    top-left corner (bottom-right for ``*_bottom_right``), as in :func:`te_fx.core.masks.te_visible`."""
     if not mask_type.startswith("padding"):
         raise ValueError(f"the thd format needs a padding mask type, got {mask_type!r}")
     if cu_seqlens_q.numel() != cu_seqlens_kv.numel():

@@ -160,7 +160,7 @@ def _layer_index(path: str, position: int) -> int:
 def _attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The attention modules of a HF causal LM, in forward order: ``self_attn`` modules (where te_fx injects), fused
     q/k/v attention modules, and modules with separate q/k/v projections under another name."""
-    from .. import params
+    from ..eager import params
 
     found = []
     for path, module in model.named_modules():
@@ -173,7 +173,7 @@ def _attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def _window_left(module: nn.Module, config: Any, index: int) -> int:
     """TE's left window of a layer (-1 for none): the injected module's, else HF's sliding window - 1."""
-    from .. import params
+    from ..eager import params
 
     te_module = getattr(module, "attn_module", None)
     if te_module is not None:

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import torch
 
-from .core.plan import NO_MASK, AttentionPlan
+from .plan import NO_MASK, AttentionPlan
 
 __all__ = [
     "causal_pattern",
