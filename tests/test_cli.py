@@ -7,7 +7,6 @@ layer by layer; and against what the config says (which layers slide, by how muc
 
 from __future__ import annotations
 
-import enum
 import importlib.util
 import json
 import resource
@@ -128,22 +127,21 @@ def _fake_gpu(monkeypatch):
 
 
 def _fake_te(shape_reason=None):
-    """A stand-in for te_fx's TE executor module: what check.py reads from it (TE's backend selection, its enum
-    and te_fx's shape check)."""
-    backends = enum.IntEnum(
-        "FusedAttnBackend", {"No_Backend": -1, "F16_max512_seqlen": 0, "F16_arbitrary_seqlen": 1, "FP8": 2}
-    )
+    """A stand-in for te_fx's TE executor module: what check.py reads from it (the backend TE selects, te_fx's
+    shape check)."""
     seen = {}
 
-    def get_attention_backend(params):
-        seen["params"] = params
-        return False, None, True, 1, False, [False, True, True]
+    def selected_backend(*args):
+        seen["selected_backend"] = args
+        return "FusedAttention (F16_arbitrary_seqlen)"
 
-    utils = types.SimpleNamespace(AttentionParams=lambda **kwargs: kwargs, get_attention_backend=get_attention_backend)
-    module = types.SimpleNamespace(
-        dpa_utils=utils, FusedAttnBackend=backends, shape_unsupported_reason=lambda *args: shape_reason, seen=seen
+    def shape_unsupported_reason(*args):
+        seen["shape_unsupported_reason"] = args
+        return shape_reason
+
+    return types.SimpleNamespace(
+        selected_backend=selected_backend, shape_unsupported_reason=shape_unsupported_reason, seen=seen
     )
-    return module
 
 
 def test_check_with_gpu_and_te(monkeypatch, capsys):
@@ -160,9 +158,8 @@ def test_check_with_gpu_and_te(monkeypatch, capsys):
     assert "FusedAttention (F16_arbitrary_seqlen) for bf16, batch 2, length 4096" in out
     assert "te_fx path:        FusedAttention (F16_arbitrary_seqlen) supported" in out
     assert "ok: the default executor 'te'" in out and "missing" not in out
-    params = fake.seen["params"]
-    assert (params["num_heads"], params["num_gqa_groups"], params["head_dim_qk"]) == (32, 8, 128)
-    assert params["attn_mask_type"] == "causal" and params["bottom_right_diagonal"] is False
+    for asked in ("selected_backend", "shape_unsupported_reason"):  # the same typical call, asked once each
+        assert fake.seen[asked][:4] == (torch.bfloat16, (2, 32, 8, 4096, 4096, 128, 128), "causal", (-1, 0)), asked
 
     monkeypatch.setattr(check, "_load_te", lambda: (_fake_te("fallback_shape"), None))
     code, out, _ = _run(capsys, "check")

@@ -11,9 +11,12 @@ from __future__ import annotations
 import abc
 import functools
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING
 
+import torch
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
@@ -22,14 +25,18 @@ if TYPE_CHECKING:
 __all__ = [
     "EXECUTORS",
     "QKV_FORMATS",
+    "AttentionCall",
     "Executor",
     "ExecutorModule",
     "TEUnavailableError",
     "get_executor",
     "load_te_executor",
+    "qkv_mismatch_reason",
     "resolve_executor",
     "te_head_dims_supported",
+    "te_limits_reason",
     "thd_mask_type",
+    "unsupported_call_reason",
 ]
 
 EXECUTORS = ("te", "reference")
@@ -40,6 +47,28 @@ ENV_EXECUTOR = "TE_FX_EXECUTOR"
 def te_head_dims_supported(head_dim_qk: int, head_dim_v: int) -> bool:
     """TE's F16 fused attention on sm90: head dims that are multiples of 8 and at most 256 (known without TE)."""
     return head_dim_qk % 8 == 0 and head_dim_v % 8 == 0 and max(head_dim_qk, head_dim_v) <= 256
+
+
+def te_limits_reason(dtype: torch.dtype, device_type: str, head_dim_qk: int, head_dim_v: int) -> str | None:
+    """What TE's fused attention needs that is known without importing TE (a stats key), or None: CUDA tensors,
+    fp16/bf16 and :func:`te_head_dims_supported` head dims. The TE executor asks TE for the rest."""
+    if device_type != "cuda":
+        return "fallback_device"
+    if dtype not in (torch.float16, torch.bfloat16):
+        return "fallback_dtype"
+    if not te_head_dims_supported(head_dim_qk, head_dim_v):
+        return "fallback_head_dim"
+    return None
+
+
+def qkv_mismatch_reason(q: Tensor, k: Tensor, v: Tensor) -> str | None:
+    """"fallback_device" or "fallback_dtype" where k or v differ from q in device or dtype (no executor runs such a
+    call), else None."""
+    if k.device != q.device or v.device != q.device:
+        return "fallback_device"
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        return "fallback_dtype"
+    return None
 
 
 def thd_mask_type(mask_type: str) -> str:
@@ -72,6 +101,50 @@ def load_te_executor() -> ModuleType:
             f"(or set {ENV_EXECUTOR}=reference) to run the pure-PyTorch reference executor."
         ) from error
     return te
+
+
+@dataclass(frozen=True)
+class AttentionCall:
+    """What an executor's support check reads of a call: metadata only, so the eager path builds it from real
+    tensors (:meth:`of_bshd`) and the compile pass from fake ones at their traced size hints.
+
+    ``shape`` is (batch, heads, kv_heads, q_len, kv_len, head_dim_qk, head_dim_v) in plain ints; in the "thd"
+    format batch is the number of documents, q_len / kv_len bound their lengths and ``num_tokens`` counts the packed
+    tokens (None: batch * q_len).
+    """
+
+    dtype: torch.dtype
+    device: torch.device
+    shape: tuple[int, int, int, int, int, int, int]
+    mask_type: str
+    window_size: tuple[int, int]
+    qkv_format: str = "bshd"
+    num_tokens: int | None = None
+    dropout_p: float = 0.0
+    training: bool = False
+
+    @classmethod
+    def of_bshd(
+        cls,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        mask_type: str,
+        window_size: tuple[int, int],
+        qkv_format: str = "bshd",
+        num_sequences: int | None = None,
+        dropout_p: float = 0.0,
+        training: bool = False,
+    ) -> AttentionCall:
+        """The call of bshd q (B, Sq, H, Dqk), k (B, Skv, Hkv, Dqk), v (B, Skv, Hkv, Dv); in "thd", ``num_sequences``
+        documents packed over their B * Sq tokens."""
+        thd = qkv_format == "thd"
+        shape = (num_sequences if thd else q.shape[0], q.shape[2], k.shape[2], q.shape[1], k.shape[1], q.shape[3],
+                 v.shape[3])  # fmt: skip
+        return cls(
+            q.dtype, q.device, tuple(int(size) for size in shape), mask_type, tuple(window_size), qkv_format,
+            q.shape[0] * q.shape[1] if thd else None, float(dropout_p), bool(training),
+        )  # fmt: skip
 
 
 class Executor(abc.ABC):
@@ -128,6 +201,9 @@ class Executor(abc.ABC):
         """Empty (softmax_stats, rng_state) of the shapes :meth:`forward` returns (q may be a fake tensor)."""
 
     @abc.abstractmethod
+    def call_unsupported_reason(self, call: AttentionCall) -> str | None:
+        """Why this executor cannot run ``call`` (a te_fx stats key, :data:`te_fx.core.reasons.REASONS`), or None."""
+
     def unsupported_reason(
         self,
         q: Tensor,
@@ -142,6 +218,11 @@ class Executor(abc.ABC):
     ) -> str | None:
         """Why this executor cannot run the call (a te_fx stats key), or None; from metadata only. For "thd",
         ``num_sequences`` is the number of documents and q/k/v are bshd rows bounding each document's length."""
+        reason = qkv_mismatch_reason(q, k, v)
+        if reason is not None:
+            return reason
+        call = AttentionCall.of_bshd(q, k, v, mask_type, window_size, qkv_format, num_sequences, dropout_p, training)
+        return self.call_unsupported_reason(call)
 
 
 @functools.cache
@@ -155,6 +236,25 @@ def get_executor(name: str) -> Executor:
 
         return ReferenceExecutor()
     raise ValueError(f"unknown te_fx executor {name!r}; choose one of {EXECUTORS}")
+
+
+def _no_limits(call: AttentionCall) -> str | None:
+    return None
+
+
+def _te_limits(call: AttentionCall) -> str | None:
+    return te_limits_reason(call.dtype, call.device.type, call.shape[5], call.shape[6])
+
+
+# per executor, what it refuses that is known without loading it (so a CPU graph never imports TE)
+_LIMITS: dict[str, Callable[[AttentionCall], str | None]] = {"te": _te_limits, "reference": _no_limits}
+
+
+def unsupported_call_reason(name: str, call: AttentionCall) -> str | None:
+    """Why the executor called ``name`` cannot run ``call`` (a stats key), or None. The limits known without the
+    executor's library come first, so a call they refuse loads nothing (TE is imported only for calls it may run)."""
+    reason = _LIMITS.get(name, _no_limits)(call)
+    return reason if reason is not None else get_executor(name).call_unsupported_reason(call)
 
 
 class ExecutorModule(nn.Module):

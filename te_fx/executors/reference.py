@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..core.masks import te_visible
-from . import Executor, ExecutorModule, thd_mask_type
+from . import AttentionCall, Executor, ExecutorModule, thd_mask_type
 
 if TYPE_CHECKING:
     from ..core.plan import AttentionPlan
@@ -277,18 +277,8 @@ class ReferenceExecutor(Executor):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return q.new_empty(0, dtype=torch.float32), q.new_empty(2 if dropout_p > 0 else 0, dtype=torch.int64)
 
-    def unsupported_reason(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        mask_type: str,
-        window_size: tuple[int, int],
-        qkv_format: str = "bshd",
-        num_sequences: int | None = None,
-        dropout_p: float = 0.0,
-        training: bool = False,
-    ) -> str | None:
+    def call_unsupported_reason(self, call: AttentionCall) -> str | None:
+        """None: the reference runs every call, on any device and dtype."""
         return None
 
 

@@ -27,14 +27,23 @@ from transformer_engine.pytorch.quantization import FP8GlobalStateManager
 from transformer_engine.pytorch.utils import get_cudnn_version
 
 from ..core.plan import AttentionPlan
-from . import Executor, ExecutorModule, te_head_dims_supported, thd_mask_type
+from . import (
+    AttentionCall,
+    Executor,
+    ExecutorModule,
+    qkv_mismatch_reason,
+    te_limits_reason,
+    thd_mask_type,
+)
 
 __all__ = [
     "TEDotProductAttention",
     "TEExecutor",
+    "call_unsupported_reason",
     "fused_attention",
     "fused_backward",
     "fused_forward",
+    "selected_backend",
     "shape_unsupported_reason",
     "unsupported_reason",
 ]
@@ -70,23 +79,21 @@ def _recipe_key(recipe: Any) -> tuple | None:
     return None if recipe is None else (type(recipe).__name__, str(recipe.fp8_format), recipe.fp8_dpa, recipe.fp8_mha)
 
 
-@functools.lru_cache(maxsize=4096)
-def _backend_ok(
+def _select_backend(
     dtype: torch.dtype,
     shape: tuple[int, int, int, int, int, int, int, int, int],
     mask_type: str,
     window_size: tuple[int, int],
     dropout_p: float,
     training: bool,
-    fp8_key: tuple | None,
+    fp8_recipe: Any,
     deterministic: bool,
     qkv_format: str = "bshd",
-) -> bool:
-    """Whether TE selects its fused attention for this call: the F16 backend, or the FP8 one while FP8 attention
-    is on (``fp8_key``, from :func:`_recipe_key` of the current recipe), with deterministic kernels if asked.
-    ``shape`` ends with the device and the token count of a thd call (TE's ``num_tokens_q/kv``; 0 in bshd)."""
+) -> tuple:
+    """TE's own backend selection (``get_attention_backend``) for this call, as TE's ``DotProductAttention`` asks
+    it. ``shape`` ends with the device and the token count of a thd call (TE's ``num_tokens_q/kv``; 0 in bshd)."""
     batch, heads, kv_heads, q_len, kv_len, dqk, dv, device_index, tokens = shape
-    fp8 = {} if fp8_key is None else dict(fp8=True, fp8_meta={"recipe": FP8GlobalStateManager.get_fp8_recipe()})
+    fp8 = {} if fp8_recipe is None else {"fp8": True, "fp8_meta": {"recipe": fp8_recipe}}
     params = dpa_utils.AttentionParams(
         qkv_dtype=dtype,
         qkv_layout=_QKV_LAYOUT[qkv_format],
@@ -108,10 +115,60 @@ def _backend_ok(
         **fp8,
     )
     with torch.cuda.device(device_index):
-        selection = dpa_utils.get_attention_backend(params)
+        return dpa_utils.get_attention_backend(params)
+
+
+@functools.lru_cache(maxsize=4096)
+def _backend_ok(
+    dtype: torch.dtype,
+    shape: tuple[int, int, int, int, int, int, int, int, int],
+    mask_type: str,
+    window_size: tuple[int, int],
+    dropout_p: float,
+    training: bool,
+    fp8_key: tuple | None,
+    deterministic: bool,
+    qkv_format: str = "bshd",
+) -> bool:
+    """Whether TE selects its fused attention for this call: the F16 backend, or the FP8 one while FP8 attention
+    is on (``fp8_key``, from :func:`_recipe_key` of the current recipe), with deterministic kernels if asked."""
+    recipe = None if fp8_key is None else FP8GlobalStateManager.get_fp8_recipe()
+    selection = _select_backend(
+        dtype, shape, mask_type, window_size, dropout_p, training, recipe, deterministic, qkv_format
+    )
     fused_available, fused_backend = selection[5][1], selection[3]
     wanted = _F16 if fp8_key is None else FusedAttnBackend.FP8
     return bool(fused_available) and fused_backend is not None and int(fused_backend) == int(wanted)
+
+
+def selected_backend(
+    dtype: torch.dtype,
+    shape: tuple[int, int, int, int, int, int, int],
+    mask_type: str,
+    window_size: tuple[int, int],
+    dropout_p: float = 0.0,
+    training: bool = False,
+    device_index: int = 0,
+) -> str:
+    """The backend TE's own ``DotProductAttention`` selects for (batch, heads, kv_heads, q_len, kv_len, head_dim_qk,
+    head_dim_v) in bshd: "FlashAttention (...)", "FusedAttention (<FusedAttnBackend name>)",
+    "UnfusedDotProductAttention (no fused kernel for this shape)" or "no backend" (what ``te-fx check`` reports)."""
+    selection = _select_backend(
+        dtype, (*shape, device_index, 0), mask_type, tuple(window_size), dropout_p, training, None, _deterministic()
+    )
+    use_flash, flash_backend, use_fused, fused_backend, use_unfused = selection[:5]
+    if use_flash:
+        return f"FlashAttention{f' ({flash_backend})' if flash_backend is not None else ''}"
+    if use_fused:
+        try:  # TE returns an int or a FusedAttnBackend member, depending on its version
+            cast = getattr(FusedAttnBackend, "cast", None)
+            name = str((cast(fused_backend) if cast else FusedAttnBackend(int(fused_backend))).name)
+        except Exception:  # noqa: BLE001
+            name = str(getattr(fused_backend, "name", fused_backend))
+        return f"FusedAttention ({name})"
+    if use_unfused:
+        return "UnfusedDotProductAttention (no fused kernel for this shape)"
+    return "no backend"
 
 
 @functools.lru_cache(maxsize=64)
@@ -140,10 +197,9 @@ def shape_unsupported_reason(
     In the thd format batch is the number of documents, q_len / kv_len bound their lengths and ``num_tokens``
     (default: batch * q_len, a bound) counts the packed tokens; te_fx runs thd in F16 only. Decided from metadata
     only, so compile-time guards use it too."""
-    if dtype not in (torch.float16, torch.bfloat16):
-        return "fallback_dtype"
-    if not te_head_dims_supported(shape[5], shape[6]):
-        return "fallback_head_dim"
+    reason = te_limits_reason(dtype, "cuda", shape[5], shape[6])  # the call runs on CUDA device ``device_index``
+    if reason is not None:
+        return reason
     if qkv_format == "thd":
         if fp8_recipe is not None:
             return "fallback_fp8"
@@ -157,6 +213,18 @@ def shape_unsupported_reason(
     if not _backend_ok(dtype, (*shape, device_index, tokens), *config):
         return "fallback_shape" if key is None else "fallback_fp8"
     return None
+
+
+def call_unsupported_reason(call: AttentionCall, fp8_recipe: Any = None) -> str | None:
+    """Why TE's fused attention cannot run ``call`` (a stats key), or None if it can: :func:`te_limits_reason`, then
+    :func:`shape_unsupported_reason` on the call's CUDA device."""
+    reason = te_limits_reason(call.dtype, call.device.type, call.shape[5], call.shape[6])
+    if reason is not None:
+        return reason
+    return shape_unsupported_reason(
+        call.dtype, call.shape, call.mask_type, call.window_size, call.dropout_p, call.training,
+        call.device.index or 0, fp8_recipe, call.qkv_format, call.num_tokens,
+    )  # fmt: skip
 
 
 def unsupported_reason(
@@ -173,17 +241,11 @@ def unsupported_reason(
 ) -> str | None:
     """Why TE's fused attention cannot run these bshd tensors (a stats key), or None if it can; in "thd",
     ``num_sequences`` documents packed over their rows."""
-    if not (q.is_cuda and k.device == q.device and v.device == q.device):
-        return "fallback_device"
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        return "fallback_dtype"
-    batch = num_sequences if qkv_format == "thd" else q.shape[0]
-    shape = (batch, q.shape[2], k.shape[2], q.shape[1], k.shape[1], q.shape[-1], v.shape[-1])
-    device_index = q.device.index or 0
-    return shape_unsupported_reason(
-        q.dtype, shape, mask_type, window_size, dropout_p, training, device_index, fp8_recipe, qkv_format,
-        q.shape[0] * q.shape[1] if qkv_format == "thd" else None,
-    )
+    reason = qkv_mismatch_reason(q, k, v)
+    if reason is not None:
+        return reason
+    call = AttentionCall.of_bshd(q, k, v, mask_type, window_size, qkv_format, num_sequences, dropout_p, training)
+    return call_unsupported_reason(call, fp8_recipe)
 
 
 def _tokens(x: torch.Tensor) -> torch.Tensor:
@@ -372,21 +434,8 @@ class TEExecutor(Executor):
             stats = q.new_empty(batch, heads, q_len, 1, dtype=torch.float32)
         return stats, q.new_empty(2, dtype=torch.int64)
 
-    def unsupported_reason(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        mask_type: str,
-        window_size: tuple[int, int],
-        qkv_format: str = "bshd",
-        num_sequences: int | None = None,
-        dropout_p: float = 0.0,
-        training: bool = False,
-    ) -> str | None:
-        return unsupported_reason(
-            q, k, v, mask_type, window_size, dropout_p, training, None, qkv_format, num_sequences
-        )
+    def call_unsupported_reason(self, call: AttentionCall) -> str | None:
+        return call_unsupported_reason(call)
 
 
 class _FusedAttentionFunction(torch.autograd.Function):

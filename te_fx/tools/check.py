@@ -2,8 +2,9 @@
 
 Versions of Python, PyTorch, transformers, te_fx and TransformerEngine; the CUDA devices and cuDNN; and, where a GPU
 and TransformerEngine are both there, which backend TE selects for a typical shape and whether te_fx's path (TE's
-F16 fused attention) accepts it. TransformerEngine is reached only through :func:`te_fx.executors.load_te_executor`
-(``te_fx/executors/te.py`` stays the only module importing it).
+F16 fused attention) accepts it, both asked of te_fx's TE executor (``selected_backend``, ``shape_unsupported_reason``),
+reached only through :func:`te_fx.executors.load_te_executor` (``te_fx/executors/te.py`` stays the only module
+importing TransformerEngine).
 """
 
 from __future__ import annotations
@@ -80,37 +81,10 @@ def _load_te() -> tuple[Any, str | None]:
         return None, first_line(error.__cause__ or error)
 
 
-def _fused_backend_name(te_executor: Any, backend: Any) -> str:
-    """The sub-backend's name (TE 2.x returns an int or a ``FusedAttnBackend`` member)."""
-    enum = getattr(te_executor, "FusedAttnBackend", None)
-    try:
-        member = enum.cast(backend) if hasattr(enum, "cast") else enum(int(backend))
-        return str(member.name)
-    except Exception:  # noqa: BLE001
-        return str(getattr(backend, "name", backend))
-
-
 def _te_selection(te_executor: Any) -> str:
-    """Which backend TE's own selection (``get_attention_backend``) picks for TYPICAL_SHAPE."""
+    """Which backend TE's own selection picks for TYPICAL_SHAPE (asked through the TE executor)."""
     try:
-        utils = te_executor.dpa_utils
-        batch, heads, kv_heads, q_len, kv_len, dqk, dv = TYPICAL_SHAPE
-        params = utils.AttentionParams(
-            qkv_dtype=torch.bfloat16, qkv_layout="bshd_bshd_bshd", batch_size=batch, num_heads=heads,
-            num_gqa_groups=kv_heads, max_seqlen_q=q_len, max_seqlen_kv=kv_len, head_dim_qk=dqk, head_dim_v=dv,
-            attn_mask_type="causal", window_size=(-1, 0), bottom_right_diagonal=False, attention_dropout=0.0,
-            is_training=True,
-        )  # fmt: skip
-        with torch.cuda.device(0):
-            selection = utils.get_attention_backend(params)
-        use_flash, flash_backend, use_fused, fused_backend, use_unfused = selection[:5]
-        if use_flash:
-            return f"FlashAttention{f' ({flash_backend})' if flash_backend is not None else ''}"
-        if use_fused:
-            return f"FusedAttention ({_fused_backend_name(te_executor, fused_backend)})"
-        if use_unfused:
-            return "UnfusedDotProductAttention (no fused kernel for this shape)"
-        return "no backend"
+        return te_executor.selected_backend(torch.bfloat16, TYPICAL_SHAPE, "causal", (-1, 0), 0.0, True, 0)
     except Exception as error:  # noqa: BLE001 - TE's internal API moves between versions
         return f"unknown (TE's backend selection failed: {first_line(error)})"
 

@@ -20,6 +20,8 @@ def test_check_names_the_gpu_and_te_fused_attention(capsys):
     assert code == 0, out + err
     assert torch.cuda.get_device_name(0) in out
     assert "te_fx path:        FusedAttention (F16_arbitrary_seqlen) supported" in out
+    backend_line = next(line for line in out.splitlines() if line.strip().startswith("TE backend:"))
+    assert "Attention" in backend_line and "unknown" not in backend_line, backend_line  # executors.te.selected_backend
     assert "missing" not in out
 
 
