@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 import te_fx
 from te_fx import ops
+from te_fx.core.reasons import reason_text
 
 from .report import finish
 from .timing import median_ms
@@ -81,7 +82,7 @@ def model_step(layers: int, seq: int, steps: int) -> dict:
                 "sdpa_nodes": len(report),
                 "rewritten": sum(e["decision"] == "te" for e in report),
                 "mask_kinds": sorted({str(e["mask_kind"]) for e in report}),
-                "reasons": sorted({e["reason"] for e in report}),
+                "reasons": sorted({reason_text(e["reason"], e["detail"]) for e in report}),
             }
     return results
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 import te_fx
+from te_fx.core.reasons import reason_text
 
 from .timing import median_ms
 
@@ -135,7 +136,7 @@ def run_model_case(case: ModelCase, device: torch.device, dtype: torch.dtype, ex
             "te_fx_compile": {
                 "sdpa_nodes": len(report),
                 "rewritten": sum(e["decision"] == "te" for e in report),
-                "reasons": sorted({e["reason"] for e in report if e["decision"] != "te"}),
+                "reasons": sorted({reason_text(e["reason"], e["detail"]) for e in report if e["decision"] != "te"}),
             },
         }
         del runner, model, optimizer

@@ -22,13 +22,14 @@ from transformers import DynamicCache
 
 import te_fx
 from te_fx.compile.fx_pass import _SDPA_TARGETS, _sdpa_arguments
+from te_fx.core.reasons import REASONS
 from te_fx.tools.tiny_models import FAMILIES, PAD_TOKEN_ID, SLIDING_WINDOW, tiny_model
 
 OPTIONS = {"executor": "reference", "inner": "aot_eager"}
 BATCH, SEQ = 2, 16  # SEQ > SLIDING_WINDOW: sliding layers really cut keys off
 LOGIT_TOL = dict(rtol=1e-5, atol=1e-5)
 GRAD_TOL = dict(rtol=1e-5, atol=1e-5)
-PADDING_SLIDING_REASON = "padding masks are converted for full causal attention only"
+PADDING_SLIDING_DETAIL = "padding masks are converted for full causal attention only"
 MASK_KINDS = ["none", "ones", "right", "left", "holes"]
 
 # The rewritten layer's KV head count: repeat_kv is elided (GQA/MQA run natively). Falcon's new decoder
@@ -71,9 +72,20 @@ def _spy_backend(records: list[GraphRecord], options: dict = OPTIONS):
         before = len(te_fx.compile_report())
         compiled = torch._dynamo.lookup_backend("te_attn")(gm, example_inputs, options=dict(options))
         records.append(GraphRecord(forms, te_fx.compile_report()[before:], _is_dynamic(example_inputs)))
+        _assert_reasons_are_keys(records[-1].entries)
         return compiled
 
     return backend
+
+
+def _assert_reasons_are_keys(entries: list[dict]) -> None:
+    """Every entry left on SDPA names its reason by a key of the one reason table, with a detail; a rewritten one
+    says "rewritten"."""
+    for entry in entries:
+        if entry["decision"] == "te":
+            assert entry["reason"] == "rewritten" and entry["detail"] == "", entry
+        else:
+            assert entry["decision"] == "sdpa" and entry["reason"] in REASONS and entry["detail"], entry
 
 
 def _is_dynamic(example_inputs) -> bool:
@@ -178,11 +190,11 @@ def _check_record(record: GraphRecord, case: str, config, has_mask: bool, seq: i
             assert seq <= SLIDING_WINDOW, where
         if case == "falcon_alibi":
             assert entry["decision"] == "sdpa", where
-            assert entry["reason"] and entry["reason"] != "rewritten", where
+            assert entry["reason"] == "fallback_mask" and entry["detail"], where  # ALiBi: a float bias
             assert entry["mask_kind"] is None and entry["window_size"] is None, where
         elif is_sliding and has_mask:  # by design: no TE mask type has both a window and key padding
             assert entry["decision"] == "sdpa", where
-            assert entry["reason"] == PADDING_SLIDING_REASON, where
+            assert (entry["reason"], entry["detail"]) == ("fallback_mask", PADDING_SLIDING_DETAIL), where
             assert entry["mask_kind"] is None and entry["window_size"] is None, where
         else:
             assert entry["decision"] == "te" and entry["reason"] == "rewritten", where
@@ -238,6 +250,19 @@ def test_train_step_matches_eager(compiled_case, mask_kind):
     ids, mask, labels = _batch(mask_kind)
     record = compiled_case.check_step(ids, mask, labels)
     _check_record(record, compiled_case.case, compiled_case.config, has_mask=mask is not None)
+
+
+def test_every_fallback_is_a_reason_key(compiled_case):
+    """Over every family's compiled graphs (with and without an attention_mask), each report entry that stays on
+    SDPA carries a key of te_fx.core.reasons.REASONS and a detail: the report speaks the eager counters' terms."""
+    for mask_kind in ("none", "right"):
+        compiled_case.check_step(*_batch(mask_kind))
+    assert set(compiled_case.by_mask_presence) == {False, True}
+    for record in compiled_case.by_mask_presence.values():
+        assert record.entries, compiled_case.case
+        _assert_reasons_are_keys(record.entries)
+    if compiled_case.case == "falcon_alibi":  # a float bias: the table's mask reason, not free text
+        assert {e["reason"] for e in compiled_case.by_mask_presence[True].entries} == {"fallback_mask"}
 
 
 # --------------------------------------------------------------------------------------------- dynamic lengths
@@ -431,6 +456,6 @@ def test_chunked_prefill_with_cache(with_mask):
     prefill, chunk = (record.entries[0] for record in records)
     assert (prefill["decision"], prefill["mask_kind"]) == ("te", "padding_causal" if with_mask else "causal")
     if with_mask:
-        assert chunk["decision"] == "sdpa" and chunk["reason"], chunk
+        assert chunk["decision"] == "sdpa" and chunk["reason"] == "fallback_mask" and chunk["detail"], chunk
     else:
         assert (chunk["decision"], chunk["mask_kind"], chunk["window_size"]) == ("te", "causal_bottom_right", (-1, 0))

@@ -25,11 +25,13 @@ from hypothesis import strategies as st
 from torch import nn
 
 import te_fx
+from te_fx.core.reasons import REASONS
 
 OPTIONS = {"executor": "reference", "inner": "aot_eager"}
 TOL = dict(rtol=1e-5, atol=1e-5)
 EMBED = 16
-PADDING_REASON = "padding masks are converted for full causal attention only"
+PADDING_REASON = "fallback_mask"
+PADDING_DETAIL = "padding masks are converted for full causal attention only"
 
 
 def _examples(n: int) -> int:
@@ -298,7 +300,7 @@ def oracle(spec: Spec) -> dict:
             base = _sliding_mask_kind(spec.seq, spec.window) if spec.padding_base == "sliding" else (
                 _offset_mask_kind(spec.seq, 0))  # fmt: skip
             if base != ("causal", (-1, 0)):  # a window, or seq 1 (causal == all visible): no TE type for it
-                return {**sdpa, "reason": PADDING_REASON}
+                return {**sdpa, "reason": PADDING_REASON, "detail": PADDING_DETAIL}
             decided = ("padding_causal", (-1, 0))
     else:
         raise AssertionError(kind)
@@ -372,7 +374,7 @@ def check_spec(spec: Spec) -> dict:
     assert {key: entry[key] for key in expected} == expected, (spec, entry)
     assert entry["executor"] == "reference"
     if entry["decision"] == "sdpa":
-        assert entry["reason"] and entry["reason"] != "rewritten", entry
+        assert entry["reason"] in REASONS and entry["detail"], entry
         assert entry["mask_kind"] is None and entry["window_size"] is None, entry
     assert torch.isfinite(ref[rows]).all()
     torch.testing.assert_close(out[rows], ref[rows], **TOL)
@@ -563,7 +565,9 @@ def test_rank_2_mask_is_left_to_sdpa():
     out = torch.compile(attend, backend="te_attn", options=OPTIONS, fullgraph=True)(q, k, v)
     torch.testing.assert_close(out, attend(q, k, v), **TOL)
     (entry,) = te_fx.compile_report()
-    assert entry["decision"] == "sdpa" and entry["reason"] == "mask does not have the query/key shape"
+    assert (entry["decision"], entry["reason"], entry["detail"]) == (
+        "sdpa", "fallback_mask", "mask does not have the query/key shape"
+    ), entry
 
 
 def test_dropout_is_rewritten_with_dropout():

@@ -17,10 +17,11 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from ..core.reasons import reason_text
 from ..executors import resolve_executor
 from .fx_pass import rewrite_attention
 
-__all__ = ["te_attn", "compile_report", "reset_compile_report", "register"]
+__all__ = ["compile_report", "entry_text", "register", "reset_compile_report", "te_attn"]
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +33,8 @@ _REPORT_LOCK = threading.Lock()
 
 def compile_report() -> list[dict[str, Any]]:
     """One dict per SDPA node compiled by ``te_attn`` since the last reset: ``decision`` ("te" or "sdpa"),
-    ``reason``, ``mask_kind``, ``num_heads``, ``num_kv_heads``, ``head_dim``, ``window_size``, ``executor``."""
+    ``reason`` ("rewritten", or for "sdpa" a key of :data:`te_fx.core.reasons.REASONS`), ``detail`` (what exactly),
+    ``mask_kind``, ``num_heads``, ``num_kv_heads``, ``head_dim``, ``window_size``, ``executor``."""
     with _REPORT_LOCK:
         return [dict(entry) for entry in _REPORT]
 
@@ -41,6 +43,14 @@ def reset_compile_report() -> None:
     """Forget the entries of earlier compilations."""
     with _REPORT_LOCK:
         _REPORT.clear()
+
+
+def entry_text(entry: dict[str, Any]) -> str:
+    """A report entry's decision in words: ``te (rewritten), causal window (-1, 0)`` or ``sdpa (fallback_mask: what
+    exactly)``."""
+    if entry["decision"] == "te":
+        return f"te ({entry['reason']}), {entry['mask_kind']} window {entry['window_size']}"
+    return f"sdpa ({reason_text(entry['reason'], entry['detail'])})"
 
 
 def te_attn(
@@ -66,8 +76,7 @@ def te_attn(
     with _REPORT_LOCK:
         _REPORT.extend(entries)
     for entry in entries:
-        logger.info("te_attn: %s -> %s (%s)%s", entry["node"], entry["decision"], entry["reason"],
-                    f", {entry['mask_kind']} window {entry['window_size']}" if entry["decision"] == "te" else "")
+        logger.info("te_attn: %s -> %s", entry["node"], entry_text(entry))
     if inner == "eager":
         return gm.forward
     if inner == "aot_eager":

@@ -19,9 +19,10 @@ from torch._prims_common import make_contiguous_strides_for
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from .. import ops
-from .fx_aliasing import written_in_place
-from ..core.guards import is_causal_plan, sdpa_call_refusal
+from ..core.guards import Refusal, is_causal_plan, sdpa_call_refusal
 from ..core.plan import AttentionPlan
+from ..executors import AttentionCall, unsupported_call_reason
+from .fx_aliasing import written_in_place
 from .mask_subgraph import classify_mask_node, node_value, same_size
 
 __all__ = ["AttentionRewrite", "rewrite_attention"]
@@ -33,11 +34,13 @@ _SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scal
 
 @dataclass
 class AttentionRewrite:
-    """One SDPA node's report entry."""
+    """One SDPA node's report entry: ``decision`` "te" (``reason`` "rewritten") or "sdpa", whose ``reason`` is a key
+    of :data:`te_fx.core.reasons.REASONS` and ``detail`` says what exactly."""
 
     node: str
     decision: str = "sdpa"
     reason: str = ""
+    detail: str = ""
     mask_kind: str | None = None
     num_heads: int | None = None
     num_kv_heads: int | None = None
@@ -128,65 +131,69 @@ def _unrepeat_kv(node: fx.Node) -> fx.Node | None:
     return source if merged and all(same_size(a, b) for a, b in kept_dims) else None
 
 
-def _guard(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, args: dict[str, Any], executor: str
-) -> str | None:
-    """Why this SDPA call cannot be rewritten, judged from metadata alone; None when it can."""
+def _guard(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, args: dict[str, Any]) -> Refusal | None:
+    """Why this SDPA call cannot be rewritten whatever the executor, judged from metadata alone; None when it can."""
     if not isinstance(args["is_causal"], bool):
-        return "is_causal is not a compile-time constant"
+        return "fallback_dynamic", "is_causal is not a compile-time constant"
     if not isinstance(args["enable_gqa"], bool):
-        return "enable_gqa is not a compile-time constant"
+        return "fallback_dynamic", "enable_gqa is not a compile-time constant"
     # floats may be SymFloat graph inputs (torch 2.11 lifts some float attributes); the op takes them as they are
     if not all(isinstance(node_value(args[name]), (int, float, torch.SymFloat)) for name in ("dropout_p", "scale")
                if args[name] is not None):  # fmt: skip
-        return "dropout_p or scale is not a float"
+        return "fallback_dynamic", "dropout_p or scale is not a float"
     refusal = sdpa_call_refusal(q, k, v, args["enable_gqa"], args["dropout_p"], same_size)
     if refusal is not None:
-        return refusal[1]
+        return refusal
     if any(_int(size) is None for size in (q.shape[1], k.shape[1], q.shape[3], v.shape[3])):
-        return "symbolic head count or head dim"
-    if executor == "te":
-        if q.device.type != "cuda":
-            return f"the te executor needs CUDA tensors, got {q.device.type}"
-        if q.dtype not in (torch.float16, torch.bfloat16):
-            return f"the te executor needs fp16/bf16, got {q.dtype}"
+        return "fallback_dynamic", "symbolic head count or head dim"
     return None
 
 
-def _te_shape_reason(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan, dropout_p: float
-) -> str | None:
-    """TE's own support check at the traced sizes (its F16 fused backend has no sequence-length limits that matter
-    for dynamic shapes, so the traced hint stands for all)."""
-    from ..executors import load_te_executor
+def _executor_refusal(
+    executor: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan, dropout_p: Any
+) -> Refusal | None:
+    """Why ``executor`` cannot run ``plan`` on these (B, H, S, D) fake tensors, asked at the traced sizes (TE's
+    fused backend has no sequence-length limits that matter for dynamic shapes, so the traced hint stands for all)
+    and for training (the graph may be differentiated)."""
+    shape = tuple(int(_hint(size)) for size in (q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2],
+                                                 q.shape[3], v.shape[3]))  # fmt: skip
+    call = AttentionCall(q.dtype, q.device, shape, plan.kind, tuple(plan.window_size),
+                         dropout_p=float(_hint(dropout_p)), training=True)  # fmt: skip
+    reason = unsupported_call_reason(executor, call)
+    if reason is None:
+        return None
+    dtype = str(q.dtype).removeprefix("torch.")
+    return reason, (f"the {executor} executor refuses {dtype} on {q.device.type}, (batch, heads, kv_heads, q_len, "
+                    f"kv_len, head_dim_qk, head_dim_v) {shape} at the traced sizes, {plan.kind} window "
+                    f"{tuple(plan.window_size)}")  # fmt: skip
 
-    shape = tuple(_hint(s) for s in (q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2], q.shape[3], v.shape[3]))
-    return load_te_executor().shape_unsupported_reason(
-        q.dtype, shape, plan.kind, plan.window_size, float(dropout_p), True, q.device.index or 0
-    )
 
-
-def _classify(args: dict[str, Any], q: torch.Tensor, k: torch.Tensor, written: set[fx.Node]) -> AttentionPlan | str:
+def _classify(args: dict[str, Any], q: torch.Tensor, k: torch.Tensor, written: set[fx.Node]) -> AttentionPlan | Refusal:
+    """The plan of the call's mask, or why it has none (every such reason is "fallback_mask")."""
     batch, q_len, kv_len = q.shape[0], q.shape[2], k.shape[2]
     mask = args["attn_mask"]
     if mask is None:
         if not args["is_causal"]:
             return AttentionPlan("no_mask", (-1, -1))
         plan = is_causal_plan(q_len, kv_len, same_size)
-        return plan if plan is not None else "is_causal with more queries than keys, or lengths not known to compare"
+        if plan is None:
+            return "fallback_mask", "is_causal with more queries than keys, or lengths not known to compare"
+        return plan
     if args["is_causal"]:
-        return "attn_mask together with is_causal"
+        return "fallback_mask", "attn_mask together with is_causal"
     if not isinstance(mask, fx.Node):
-        return "attn_mask is not a graph value"
+        return "fallback_mask", "attn_mask is not a graph value"
     try:
         classified = classify_mask_node(mask, batch, q_len, kv_len, written)
     except Exception as error:  # noqa: BLE001 - a mask the classifier cannot handle stays on SDPA
-        return f"mask classification failed ({type(error).__name__})"
-    if isinstance(classified, str) or classified.mask_type != "causal" or same_size(q_len, kv_len):
+        return "fallback_mask", f"mask classification failed ({type(error).__name__})"
+    if isinstance(classified, str):
+        return "fallback_mask", classified
+    if classified.mask_type != "causal" or same_size(q_len, kv_len):
         return classified
     # HF's causal masks sit at the bottom right when there are fewer queries than keys (a KV cache)
     if classified.key_padding is not None:
-        return "padding mask with q_len != kv_len"
+        return "fallback_mask", "padding mask with q_len != kv_len"
     return AttentionPlan("causal_bottom_right", classified.window_size)
 
 
@@ -207,22 +214,21 @@ def _rewrite_one(graph: fx.Graph, node: fx.Node, executor: str, written: set[fx.
         args = {**args, "enable_gqa": True}
     if isinstance(k, torch.Tensor) and k.dim() == 4:
         entry.num_kv_heads = _int(k.shape[1])
-    reason = _guard(q, k, v, args, executor)
-    if reason is None:
+    refusal = _guard(q, k, v, args)
+    if refusal is None:
         classified = _classify(args, q, k, written)
-        if isinstance(classified, str):
-            reason = classified
+        if isinstance(classified, AttentionPlan):
+            refusal = _executor_refusal(executor, q, k, v, classified, node_value(args["dropout_p"]))
         else:
-            entry.mask_kind = classified.kind
-            entry.window_size = classified.window_size
-            if executor == "te":
-                reason = _te_shape_reason(q, k, v, classified, _hint(node_value(args["dropout_p"])))
-    layout = _output_layout(node_value(node)) if reason is None else None
-    if reason is None and layout is None:
-        reason = "SDPA's output has a memory layout the op does not give"
-    if reason is not None:
-        entry.reason = reason
+            refusal = classified
+    layout = _output_layout(node_value(node)) if refusal is None else None
+    if refusal is None and layout is None:
+        refusal = "fallback_layout", "SDPA's output has a memory layout the op does not give"
+    if refusal is not None:
+        entry.reason, entry.detail = refusal
         return entry
+    entry.mask_kind = classified.kind
+    entry.window_size = classified.window_size
 
     scale = args["scale"] if args["scale"] is not None else 1.0 / math.sqrt(_int(q.shape[3]))
     if not isinstance(scale, fx.Node):  # a SymFloat graph input (torch 2.11 lifts some float attributes) stays one

@@ -1,11 +1,12 @@
 """The fallback reasons: why a call ran PyTorch's SDPA instead of TE, one table for every way in.
 
-The eager counters are keyed by these names, ``te-fx explain`` and the README describe them from here.
+The eager counters are keyed by these names, the compile report's ``reason`` is one of them (with a ``detail``),
+``te-fx explain`` and the README describe them from here.
 """
 
 from __future__ import annotations
 
-__all__ = ["REASONS", "STATS_KEYS", "describe"]
+__all__ = ["REASONS", "STATS_KEYS", "describe", "reason_text"]
 
 REASONS: dict[str, str] = {
     "fallback_mask": "a mask that is not exactly causal, sliding-window causal, all-visible, key padding at the ends "
@@ -18,6 +19,8 @@ REASONS: dict[str, str] = {
     "fallback_head_dim": "head dim not a multiple of 8 or above 256",
     "fallback_shape": "TE's fused backend rejects the shape",
     "fallback_fp8": "TE's FP8 attention rejects the call (inside FP8 autocast)",
+    "fallback_dynamic": "compile path: an argument the graph does not fix at compile time (is_causal, enable_gqa, "
+    "dropout_p or scale as a tensor, symbolic head counts or head dims)",
 }
 STATS_KEYS: tuple[str, ...] = ("te_hits", *REASONS)
 
@@ -25,3 +28,8 @@ STATS_KEYS: tuple[str, ...] = ("te_hits", *REASONS)
 def describe(key: str) -> str:
     """``key: what it means`` for a reason key (the key alone when it is not in the table)."""
     return f"{key}: {REASONS[key]}" if key in REASONS else key
+
+
+def reason_text(key: str, detail: str = "") -> str:
+    """``key: detail`` for a fallback that says what exactly (a compile report entry), else :func:`describe`."""
+    return f"{key}: {detail}" if detail else describe(key)

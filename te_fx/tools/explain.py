@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.reasons import describe
+from ..core.reasons import describe, reason_text
 from ..executors import te_head_dims_supported
 from .model_config import (
     TRACE_BATCH,
@@ -343,7 +343,7 @@ def _run_compile(
                     window = (window_map[window[0]], window[1])
                 layer[scenario] = Decision("te", mask_type=entry["mask_kind"], window_size=window)
             else:
-                layer[scenario] = Decision("sdpa", reason=entry["reason"])
+                layer[scenario] = Decision("sdpa", reason=reason_text(entry["reason"], entry["detail"]))
     return per_layer, None
 
 
