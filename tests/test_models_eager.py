@@ -736,7 +736,8 @@ def test_dropout_that_differs_from_the_te_module_falls_back():
 
 
 @pytest.mark.parametrize("family", ["gemma3", "granite"])
-def test_scale_that_differs_from_the_te_module_falls_back(family):
+def test_a_call_scale_that_differs_from_the_te_module_runs_with_the_calls_scale(family):
+    """te_fx's own attention modules take each call's scale; a stand-in cannot (tests/test_te_sdpa.py)."""
     plain, injected = _pair(family)
     for model in (plain, injected):
         for module in _attn_modules(model):
@@ -745,8 +746,24 @@ def test_scale_that_differs_from_the_te_module_falls_back(family):
     ref = plain(ids).logits
     te_fx.reset_te_attention_stats()
     out = injected(ids).logits
-    _expect_stats(fallback_scale_mismatch=_num_layers(injected))
-    assert torch.equal(out, ref)
+    _expect_stats(te_hits=_num_layers(injected))
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=RTOL)
+
+
+def test_opt_which_scales_the_query_itself_runs_on_te():
+    """OPT multiplies q by head_dim ** -0.5 and calls SDPA with scale=1: the product is what matters."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    config = OPTConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, ffn_dim=128, num_attention_heads=4,
+                       max_position_embeddings=64, attn_implementation="sdpa")  # fmt: skip
+    torch.manual_seed(0)
+    plain = OPTForCausalLM(config).eval()
+    injected = copy.deepcopy(plain)
+    te_fx.inject_te_attention(injected, executor="reference")
+    ids = _input_ids()
+    te_fx.reset_te_attention_stats()
+    torch.testing.assert_close(injected(ids).logits, plain(ids).logits, atol=ATOL, rtol=RTOL)
+    _expect_stats(te_hits=config.num_hidden_layers)
 
 
 def test_a_query_projection_that_also_computes_a_gate_is_not_injected():

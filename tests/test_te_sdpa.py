@@ -496,25 +496,43 @@ def _simple_inputs(batch=2, heads=4, kv_heads=2, seq=5, head_dim=8):
     return q, k, v
 
 
-def test_scale_mismatch_falls_back_and_warns_once_per_module(caplog):
+def test_te_fx_modules_run_each_call_with_its_own_scale(caplog):
+    """te_fx's own modules take the call's scale (explicit, or SDPA's default for scale=None) whatever theirs is: the
+    plan carries it where it differs, as OPT needs (it scales q itself and calls with scale=1)."""
     q, k, v = _simple_inputs()
     fn, module = make_sdpa(4, 2, 8, softmax_scale=0.25)
-    other_fn, _ = make_sdpa(4, 2, 8, softmax_scale=0.5)
+    with caplog.at_level(logging.WARNING, logger="te_fx"):
+        for scale in (0.3, None, 1.0, 0.25):
+            out = fn(q, k, v, is_causal=True, scale=scale)
+            torch.testing.assert_close(out, ORIGINAL_SDPA(q, k, v, is_causal=True, scale=scale), rtol=1e-6, atol=1e-6)
+    assert te_fx.get_te_attention_stats() == stats_delta(te_hits=4)
+    assert [call["plan"].softmax_scale for call in module.calls] == [0.3, 8**-0.5, 1.0, None]
+    assert not [r for r in caplog.records if "scale" in r.getMessage()]
+
+
+def test_a_stand_in_gets_no_call_with_another_scale_and_warns_once_per_module(caplog):
+    """A stand-in runs with its own scale, which te_fx does not read: calls with another one run SDPA, counted, and
+    each module warns once."""
+    q, k, v = _simple_inputs()
+    (spy, inner), (other_spy, other_inner) = stand_in_for(4, 2, 8, softmax_scale=0.25), stand_in_for(4, 2, 8)
+    fn = _make_te_sdpa(spy, 4, 2, ORIGINAL_SDPA, (-1, 0), 0.25)
+    other_fn = _make_te_sdpa(other_spy, 4, 2, ORIGINAL_SDPA, (-1, 0), 0.5)
     with caplog.at_level(logging.WARNING, logger="te_fx"):
         for sdpa, scale in ((fn, 0.3), (fn, None), (other_fn, 0.3), (fn, 0.3)):
             out = sdpa(q, k, v, is_causal=True, scale=scale)
             torch.testing.assert_close(out, ORIGINAL_SDPA(q, k, v, is_causal=True, scale=scale), rtol=0, atol=0)
     assert te_fx.get_te_attention_stats() == stats_delta(fallback_scale_mismatch=4)
-    assert module.calls == []
+    assert inner.mock_calls == [] and other_inner.mock_calls == []
     warnings = [r for r in caplog.records if "scale" in r.getMessage()]
     assert len(warnings) == 2 and all(r.levelno == logging.WARNING for r in warnings)  # fn once, other_fn once
     assert "0.25" in warnings[0].getMessage() and "0.5" in warnings[1].getMessage()
-    # the agreeing scale runs TE, explicit or implied
+    # the agreeing scale runs the stand-in, explicit or implied
     te_fx.reset_te_attention_stats()
     for scale in (0.25, 0.25 * (1 + 1e-12)):
         expected = ORIGINAL_SDPA(q, k, v, is_causal=True, scale=scale)
         torch.testing.assert_close(fn(q, k, v, is_causal=True, scale=scale), expected)
-    default_fn, _ = make_sdpa(4, 2, 8)
+    default_spy, _ = stand_in_for(4, 2, 8)
+    default_fn = _make_te_sdpa(default_spy, 4, 2, ORIGINAL_SDPA, (-1, 0))
     expected = ORIGINAL_SDPA(q, k, v, is_causal=True)
     torch.testing.assert_close(default_fn(q, k, v, is_causal=True, scale=8**-0.5), expected)
     torch.testing.assert_close(default_fn(q, k, v, is_causal=True), ORIGINAL_SDPA(q, k, v, is_causal=True))

@@ -24,13 +24,15 @@ class AttentionPlan:
     * ``cu_seqlens``: (N + 1,) int32 document boundaries over the B * S flattened tokens (every row boundary is one):
       packed documents, each causal (and windowed) on its own. TE runs it in the ``thd`` format.
 
-    In the compile path these fields hold the graph nodes that compute them.
+    In the compile path these fields hold the graph nodes that compute them. ``softmax_scale`` is the call's scale
+    where it differs from the attention module's (None: the module's), as for OPT, which scales the query itself.
     """
 
     mask_type: str
     window_size: tuple[int, int]
     key_padding: Any = None
     cu_seqlens: Any = None
+    softmax_scale: float | None = None
 
     @property
     def kind(self) -> str:

@@ -8,6 +8,7 @@ runner. Anything it is not sure of goes to the original SDPA, counted under its 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -28,13 +29,15 @@ logger = logging.getLogger("te_fx")
 class ModuleRunner:
     """Runs plans on an attention module te_fx did not build (a stand-in for TE's ``DotProductAttention``, such as a
     test double), through TE's call contract: ``module(q, k, v, attn_mask_type=..., window_size=...)`` on bshd
-    tensors, returning (B, Sq, H * Dv). It reads no attribute of the module; per-row plans are not part of that
-    contract and stay on SDPA."""
+    tensors, returning (B, Sq, H * Dv). It reads no attribute of the module; per-row plans and a scale of the call's
+    own are not part of that contract and stay on SDPA."""
 
     def __init__(self, module: Any) -> None:
         self.module = module
 
     def unsupported_reason(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan) -> str | None:
+        if plan.softmax_scale is not None:
+            return "fallback_scale_mismatch"
         return "fallback_mask" if plan.key_padding is not None or plan.cu_seqlens is not None else None
 
     def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
@@ -134,24 +137,25 @@ class TESdpa:
         batch, heads, q_len, head_dim = q.shape
         if k.shape[1] == heads == self.num_heads and self.n_rep > 1:
             k, v = k[:, :: self.n_rep], v[:, :: self.n_rep]  # K/V arrive repeat_kv-ed: pass the KV heads, TE does GQA
-        if not scales_match(scale, head_dim, self.softmax_scale):
-            if not self.scale_mismatch_warned:
-                self.scale_mismatch_warned = True
-                logger.warning(
-                    "te_fx: SDPA was called with scale=%s but the TE module uses softmax_scale=%s; these calls run "
-                    "the original SDPA (counted as fallback_scale_mismatch)", scale, self.softmax_scale,
-                )  # fmt: skip
-            return "fallback_scale_mismatch", None
         if dropout_p != self._dropout():
             return "fallback_dropout", None
         kv_len = k.shape[2]
         plan = _mask_plan(attn_mask, is_causal, q, q_len, kv_len)
         if plan is None:
             return "fallback_mask", None
+        if not scales_match(scale, head_dim, self.softmax_scale):  # OPT scales q itself and calls with scale=1
+            plan = dataclasses.replace(plan, softmax_scale=scale if scale is not None else head_dim**-0.5)
         if attn_mask is None and is_causal and q_len < kv_len:
             k, v = k[:, :, :q_len], v[:, :, :q_len]
         q_bshd, k_bshd, v_bshd = (t.transpose(1, 2).contiguous() for t in (q, k, v))
         reason = self.runner.unsupported_reason(q_bshd, k_bshd, v_bshd, plan)
+        if reason == "fallback_scale_mismatch" and not self.scale_mismatch_warned:
+            self.scale_mismatch_warned = True
+            logger.warning(
+                "te_fx: SDPA was called with scale=%s but the TE module uses softmax_scale=%s and cannot take the "
+                "call's; these calls run the original SDPA (counted as fallback_scale_mismatch)", scale,
+                self.softmax_scale,
+            )  # fmt: skip
         if reason is not None:
             return reason, None
         out = self.runner.run(q_bshd, k_bshd, v_bshd, plan).transpose(1, 2)

@@ -271,18 +271,26 @@ class ExecutorModule(nn.Module):
         raise NotImplementedError
 
     def run(self, q: Tensor, k: Tensor, v: Tensor, plan: AttentionPlan) -> Tensor:
-        """bshd (B, Sq, H, Dqk) in, bshd (B, Sq, H, Dv) out, differentiable: ``plan`` with this module's softmax
-        scale, and its attention dropout in training mode only. Callers ask :meth:`unsupported_reason` first."""
+        """bshd (B, Sq, H, Dqk) in, bshd (B, Sq, H, Dv) out, differentiable: ``plan`` with its softmax scale (else
+        this module's), and this module's attention dropout in training mode only. Callers ask
+        :meth:`unsupported_reason` first."""
         raise NotImplementedError
 
     def _dropout_p(self) -> float:
         return getattr(self, "attention_dropout", 0.0) if self.training else 0.0
 
+    def _softmax_scale(self, plan: AttentionPlan, head_dim: int) -> float:
+        """The plan's scale, else this module's, else TE's default head_dim ** -0.5."""
+        for scale in (plan.softmax_scale, getattr(self, "softmax_scale", None)):
+            if scale is not None:
+                return scale
+        return head_dim**-0.5
+
     def _run_op(self, q: Tensor, k: Tensor, v: Tensor, plan: AttentionPlan, executor: str) -> Tensor:
-        """``plan`` through te_fx's op on ``executor``, with this module's softmax scale (default head_dim**-0.5)."""
+        """``plan`` through te_fx's op on ``executor``."""
         from ..ops import attention
 
-        scale = self.softmax_scale if getattr(self, "softmax_scale", None) is not None else q.shape[-1] ** -0.5
+        scale = self._softmax_scale(plan, q.shape[-1])
         return attention(
             q, k, v, mask_type=plan.mask_type, window_size=plan.window_size, softmax_scale=scale,
             dropout_p=self._dropout_p(), key_padding_mask=plan.key_padding, cu_seqlens=plan.cu_seqlens,

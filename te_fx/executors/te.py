@@ -496,6 +496,8 @@ class TEDotProductAttention(ExecutorModule, te.DotProductAttention):
         if fp8_recipe is not None:  # TE's own forward runs FP8 attention, and selects its backend by module mode
             if plan.key_padding is not None or plan.cu_seqlens is not None:
                 return "fallback_fp8"
+            if plan.softmax_scale is not None and plan.softmax_scale != self.softmax_scale:
+                return "fallback_scale_mismatch"
             training = self.training
         else:
             training = dropout_p > 0 or (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
@@ -515,8 +517,8 @@ class TEDotProductAttention(ExecutorModule, te.DotProductAttention):
                 out = super().forward(q, k, v, attn_mask_type=plan.mask_type, window_size=plan.window_size)
             return out.view(*q.shape[:3], -1)
         return fused_attention(
-            q.contiguous(), k.contiguous(), v.contiguous(), plan.mask_type, plan.window_size, self.softmax_scale,
-            self._dropout_p(),
+            q.contiguous(), k.contiguous(), v.contiguous(), plan.mask_type, plan.window_size,
+            self._softmax_scale(plan, q.shape[-1]), self._dropout_p(),
         )  # fmt: skip
 
     def forward(self, query_layer, key_layer, value_layer, *args, **kwargs):

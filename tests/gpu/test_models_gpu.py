@@ -154,3 +154,22 @@ def test_eager_autocast_runs_te(rel_error):
     print(f"eager autocast: {stats}, rel err {errors}")
     assert stats["te_hits"] == injected.config.num_hidden_layers
     assert errors["logits"] < LOGITS_TOL and errors["grads"] < GRAD_TOL
+
+
+def test_eager_opt_runs_te_with_the_calls_scale(rel_error):
+    """OPT scales q by head_dim ** -0.5 and calls SDPA with scale=1: TE runs with the call's scale."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    config = OPTConfig(vocab_size=128, hidden_size=256, num_hidden_layers=2, ffn_dim=512, num_attention_heads=4,
+                       max_position_embeddings=128, attn_implementation="sdpa")  # fmt: skip
+    torch.manual_seed(0)
+    plain = OPTForCausalLM(config).to("cuda", torch.bfloat16).train()
+    injected = copy.deepcopy(plain)
+    te_fx.inject_te_attention(injected)
+    ids, mask = _inputs(pad="left")
+    ref, ref_grads = _loss_and_grads(plain, ids, mask)
+    te_fx.reset_te_attention_stats()
+    out, grads = _loss_and_grads(injected, ids, mask)
+    assert te_fx.get_te_attention_stats()["te_hits"] == config.num_hidden_layers
+    errors = _compare(out, ref, grads, ref_grads, mask, rel_error)
+    assert errors["logits"] < LOGITS_TOL and errors["grads"] < GRAD_TOL, errors
