@@ -49,7 +49,10 @@ class Case:
     @property
     def name(self) -> str:
         window = f" w{self.window}" if self.window else ""
-        return f"{self.family} {self.kind}{window} B{self.batch} S{self.seq} H{self.heads}/{self.kv_heads} D{self.head_dim}"
+        return (
+            f"{self.family} {self.kind}{window} B{self.batch} S{self.seq} H{self.heads}/{self.kv_heads} "
+            f"D{self.head_dim}"
+        )
 
     @property
     def q_len(self) -> int:

@@ -100,15 +100,16 @@ def run_model_case(case: ModelCase, device: torch.device, dtype: torch.dtype, ex
             runner = torch.compile(model, backend="te_attn", options={"executor": executor, "inner": inner})
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
 
-        def forward_backward() -> None:
+        # optimizer and runner bound as defaults: each closure uses this iteration's, not the loop's last
+        def forward_backward(optimizer=optimizer, runner=runner) -> None:
             optimizer.zero_grad(set_to_none=True)
             runner(ids, attention_mask=mask, labels=ids).loss.backward()
 
-        def train_step() -> None:
+        def train_step(optimizer=optimizer, forward_backward=forward_backward) -> None:
             forward_backward()
             optimizer.step()
 
-        def prefill() -> None:
+        def prefill(runner=runner) -> None:
             with torch.no_grad():
                 runner(ids, attention_mask=mask)
 

@@ -116,7 +116,9 @@ def _model_table(results: dict) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, variants in results.get("models", {}).items():
         for variant, r in variants.items():
-            summary = r["te_fx_eager"] if variant == "eager te_fx" else (r["te_fx_compile"] if variant == "te_attn" else "")
+            summary = (
+                r["te_fx_eager"] if variant == "eager te_fx" else (r["te_fx_compile"] if variant == "te_attn" else "")
+            )
             lines.append(f"| {name} | {variant} | {_fmt(r['fwd_bwd_ms'], 1)} | {_fmt(r['step_ms'], 1)} | "
                          f"{r['tokens_per_s']:.0f} | "
                          f"{_fmt(r['prefill_ms'], 1)} | {_fmt(r['peak_gb'], 1)} | {r['warmup_s']:.1f} | "

@@ -64,7 +64,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--out", type=Path, help="output folder (default bench/results/<card>)")
     parser.add_argument("--reps", type=_positive_int, help="timed repetitions per measurement (default: the profile's)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="the kernels' dtype on a GPU")
-    parser.add_argument("--seq", type=_positive_int, nargs="+", metavar="S", help="only the kernel cases of these lengths")
+    parser.add_argument(
+        "--seq", type=_positive_int, nargs="+", metavar="S", help="only the kernel cases of these lengths"
+    )
     parser.add_argument("--merge", action="store_true", help="add to the folder's results.json instead of replacing it")
     parser.add_argument("--resume", action="store_true",
                         help="--merge, skipping the kernel cases and models the folder's results.json already holds")
@@ -110,7 +112,9 @@ def _previous_results(out: Path, device: torch.device) -> dict | None:
     if not isinstance(previous, dict) or not isinstance(previous.get("kernels"), list):
         raise BenchUsageError(f"--merge: {path} is not a te-fx bench results file")
     if previous.get("device") != _device_name(device):
-        raise BenchUsageError(f"--merge: {path} holds results of {previous.get('device')!r}, not {_device_name(device)!r}")
+        raise BenchUsageError(
+            f"--merge: {path} holds results of {previous.get('device')!r}, not {_device_name(device)!r}"
+        )
     return previous
 
 

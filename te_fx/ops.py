@@ -48,7 +48,10 @@ def attention_fwd(
 
 
 @attention_fwd.register_fake
-def _(q, k, v, cu_seqlens_q, cu_seqlens_kv, mask_type, window_left, window_right, softmax_scale, dropout_p, training, executor, qkv_format="bshd"):
+def _(
+    q, k, v, cu_seqlens_q, cu_seqlens_kv, mask_type, window_left, window_right, softmax_scale, dropout_p, training,
+    executor, qkv_format="bshd",
+):  # fmt: skip
     torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4, lambda: "te_fx attention takes 4D bshd tensors")
     torch._check(q.shape[2] % k.shape[2] == 0, lambda: "query heads must be a multiple of KV heads")
     out = q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[-1])
@@ -90,7 +93,9 @@ def _(d_out, q, k, v, out, softmax_stats, rng_state, *config):
 
 
 def _setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-    q, k, v, cu_q, cu_kv, mask_type, window_left, window_right, softmax_scale, dropout_p, _training, executor, *fmt = inputs
+    q, k, v, cu_q, cu_kv, mask_type, window_left, window_right, softmax_scale, dropout_p, _training, executor, *fmt = (
+        inputs
+    )
     out, stats, rng = output
     ctx.save_for_backward(q, k, v, out, stats, rng, cu_q, cu_kv)
     ctx.config = (mask_type, window_left, window_right, softmax_scale, dropout_p, executor, *fmt)
@@ -105,7 +110,9 @@ def _backward(ctx: Any, d_out: Tensor, _d_stats: Tensor, _d_rng: Tensor) -> tupl
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _compact_valid_first(key_padding_mask: Tensor, window_left: int) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor]:
+def _compact_valid_first(
+    key_padding_mask: Tensor, window_left: int
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor]:
     """(order, inverse order, cu_seqlens_q, cu_seqlens_kv, rows that see a key) for a (B, S) key padding mask
     (nonzero = keep) under causal attention with ``window_left`` (-1: none).
 

@@ -20,9 +20,8 @@ import torch
 from torch import nn
 
 from .core import masks
-from .eager import params
 from .core.plan import AttentionPlan
-from .eager import inject, stats
+from .eager import inject, params, stats
 from .eager.replacement import TESdpa
 from .executors import load_te_executor, resolve_executor
 from .executors.reference import ReferenceDotProductAttention

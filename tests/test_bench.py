@@ -7,8 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from bench.kernels import VARIANTS, Case, flops
-from bench.report import evaluate_targets
 from bench.models import full_models
+from bench.report import evaluate_targets
 from bench.run import build_parser, run
 from te_fx.tools.model_config import shrink_config
 

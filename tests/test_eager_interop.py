@@ -130,7 +130,9 @@ def test_a_wrapper_that_does_not_call_the_builtin_is_called_as_is(monkeypatch):
             value = value.repeat_interleave(query.shape[1] // value.shape[1], dim=1)
         scores = query @ key.transpose(-1, -2) * (scale if scale is not None else query.shape[-1] ** -0.5)
         if attn_mask is not None:
-            scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+            scores = (
+                scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+            )
         elif is_causal:
             causal = torch.ones(scores.shape[-2:], dtype=torch.bool).tril()
             scores = scores.masked_fill(~causal, float("-inf"))

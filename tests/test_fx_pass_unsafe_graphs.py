@@ -48,7 +48,9 @@ def test_mask_edited_in_place_after_it_was_built_stays_on_sdpa():
 
     for fn in (prefix_lm, prefix_lm_masked_fill):
         (entry,) = _compile_and_compare(fn, *_qkv())
-        assert entry["decision"] == "sdpa" and entry["reason"] == "fallback_mask" and "written in place" in entry["detail"], entry
+        assert (
+        entry["decision"] == "sdpa" and entry["reason"] == "fallback_mask" and "written in place" in entry["detail"]
+    ), entry
 
 
 def test_mask_written_by_an_aten_overload_stays_on_sdpa():
@@ -58,7 +60,9 @@ def test_mask_written_by_an_aten_overload_stays_on_sdpa():
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
     (entry,) = _compile_and_compare(aten_fill, *_qkv())
-    assert entry["decision"] == "sdpa" and entry["reason"] == "fallback_mask" and "written in place" in entry["detail"], entry
+    assert (
+        entry["decision"] == "sdpa" and entry["reason"] == "fallback_mask" and "written in place" in entry["detail"]
+    ), entry
 
 
 def test_padding_input_written_in_place_stays_on_sdpa():
@@ -67,7 +71,9 @@ def test_padding_input_written_in_place_stays_on_sdpa():
     def edited_padding(q, k, v, attention_mask):
         keep = attention_mask.bool()
         keep[:, 0] = True
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=_causal(q.shape[2])[None, None] & keep[:, None, None, :])
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=_causal(q.shape[2])[None, None] & keep[:, None, None, :]
+        )
 
     def cleared_after_use(q, k, v, attention_mask):
         mask = _causal(q.shape[2])[None, None] & attention_mask[:, None, None, :].bool()
@@ -81,7 +87,9 @@ def test_padding_input_written_in_place_stays_on_sdpa():
 
     for fn in (edited_padding, cleared_after_use, foreach_cleared):
         (entry,) = _compile_and_compare(fn, *_qkv(), pad)
-        assert entry["decision"] == "sdpa" and entry["reason"] == "fallback_mask" and "written in place" in entry["detail"], entry
+        assert (
+        entry["decision"] == "sdpa" and entry["reason"] == "fallback_mask" and "written in place" in entry["detail"]
+    ), entry
 
 
 def test_repeat_kv_source_written_after_the_copy_is_not_elided():
@@ -131,7 +139,11 @@ def test_window_from_a_dynamic_integer_stays_on_sdpa():
         q, k, v = _qkv(seq=seq)
         torch.testing.assert_close(compiled(q, k, v, window), windowed(q, k, v, window), atol=ATOL, rtol=RTOL)
     dynamic = te_fx.compile_report()[-1]
-    assert dynamic["decision"] == "sdpa" and dynamic["reason"] == "fallback_mask" and "dynamic integer" in dynamic["detail"], dynamic
+    assert (
+        dynamic["decision"] == "sdpa"
+        and dynamic["reason"] == "fallback_mask"
+        and "dynamic integer" in dynamic["detail"]
+    ), dynamic
 
 
 def test_float_window_constant_is_sampled_beyond():
@@ -156,7 +168,9 @@ def test_positions_in_a_low_precision_float_stay_on_sdpa():
         return F.scaled_dot_product_attention(q, k, v, attn_mask=(pos[None, :] <= pos[:, None])[None, None])
 
     (entry,) = _compile_and_compare(bf16_positions, *_qkv(seq=300, batch=1, dim=8))
-    assert entry["decision"] == "sdpa" and entry["reason"] == "fallback_mask" and "floating-point" in entry["detail"], entry
+    assert (
+        entry["decision"] == "sdpa" and entry["reason"] == "fallback_mask" and "floating-point" in entry["detail"]
+    ), entry
 
 
 def test_dropout_of_one_stays_on_sdpa():
@@ -164,7 +178,9 @@ def test_dropout_of_one_stays_on_sdpa():
         return F.scaled_dot_product_attention(q, k, v, dropout_p=1.0, is_causal=True)
 
     (entry,) = _compile_and_compare(all_dropped, *_qkv())
-    assert entry["decision"] == "sdpa" and entry["reason"] == "fallback_dropout" and "dropout_p" in entry["detail"], entry
+    assert (
+        entry["decision"] == "sdpa" and entry["reason"] == "fallback_dropout" and "dropout_p" in entry["detail"]
+    ), entry
 
 
 def test_symbolic_batch_with_a_batch_free_mask_compiles():
@@ -241,7 +257,11 @@ def test_a_key_mask_that_also_drops_a_token_id_stays_on_sdpa():
     ids = torch.randint(6, 16, (2, 8), generator=torch.Generator().manual_seed(0))
     ids[:, 4], ids[0, 6:] = sep, 0
     (entry,) = _compile_and_compare(drop_padding_and_separators, *_qkv(), ids)
-    assert entry["decision"] == "sdpa" and entry["reason"] == "fallback_mask" and "other than key padding" in entry["detail"], entry
+    assert (
+        entry["decision"] == "sdpa"
+        and entry["reason"] == "fallback_mask"
+        and "other than key padding" in entry["detail"]
+    ), entry
 
 
 def test_kv_batch_broadcast_over_the_queries_stays_on_sdpa():
@@ -254,7 +274,9 @@ def test_kv_batch_broadcast_over_the_queries_stays_on_sdpa():
     attention_mask = torch.ones(3, 8, dtype=torch.long)
     attention_mask[0, 6:] = 0
     (entry,) = _compile_and_compare(shared_memory, q, k, v, attention_mask)
-    assert entry["decision"] == "sdpa" and entry["reason"] == "fallback_layout" and "K/V batch" in entry["detail"], entry
+    assert (
+        entry["decision"] == "sdpa" and entry["reason"] == "fallback_layout" and "K/V batch" in entry["detail"]
+    ), entry
 
 
 def test_output_viewed_as_sdpa_laid_it_out():

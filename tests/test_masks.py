@@ -18,15 +18,14 @@ import threading
 import pytest
 import torch
 from hypothesis import event, given, settings
-from hypothesis.control import currently_in_test_context
 from hypothesis import strategies as st
+from hypothesis.control import currently_in_test_context
+from oracles import hf_causal, plan_pattern, representable, te_pattern, uniform_patterns
 from transformers import masking_utils
 
-from oracles import hf_causal, plan_pattern, representable, te_pattern, uniform_patterns
-
 from te_fx.core import masks
-from te_fx.core.plan import CAUSAL, NO_MASK, AttentionPlan
 from te_fx.core.masks import classify_mask
+from te_fx.core.plan import CAUSAL, NO_MASK, AttentionPlan
 from te_fx.te_attention import _detect_causal_mask
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)

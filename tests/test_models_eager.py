@@ -587,7 +587,9 @@ def test_remove_te_attention_gives_back_the_plain_model():
     te_fx.remove_te_attention(injected)
     assert not any(hasattr(module, "attn_module") for module in injected.modules())
     assert not hasattr(injected, "_te_attention_injected")
-    assert not any(m._forward_pre_hooks or m._forward_hooks or m._forward_hooks_always_called for m in injected.modules())
+    assert not any(
+        m._forward_pre_hooks or m._forward_hooks or m._forward_hooks_always_called for m in injected.modules()
+    )
     assert injected.state_dict().keys() == plain.state_dict().keys()
     ids = _input_ids()
     torch.testing.assert_close(injected(ids).logits, plain(ids).logits, atol=0, rtol=0)

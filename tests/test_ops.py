@@ -30,8 +30,8 @@ FWD = torch.ops.te_fx.attention_fwd.default
 BWD = torch.ops.te_fx.attention_bwd.default
 NO_DROPOUT_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
 OPTIONS = {"executor": "reference", "inner": "aot_eager"}
-REPORT_KEYS = {"node", "decision", "reason", "detail", "mask_kind", "num_heads", "num_kv_heads", "head_dim", "window_size",
-               "executor"}  # fmt: skip
+REPORT_KEYS = {"node", "decision", "reason", "detail", "mask_kind", "num_heads", "num_kv_heads", "head_dim",
+               "window_size", "executor"}  # fmt: skip
 
 
 def _qkv(batch=2, q_len=5, kv_len=5, heads=4, kv_heads=2, dqk=3, dv=3, dtype=F64, grad=True, seed=0):

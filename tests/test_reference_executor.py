@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from oracles import visible_keys
 
 from te_fx.executors.reference import (
@@ -24,7 +23,6 @@ from te_fx.executors.reference import (
     reference_attention,
     reference_attention_backward,
 )
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # The oracle

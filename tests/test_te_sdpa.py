@@ -25,25 +25,23 @@ import torch
 import torch.nn.functional as F
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
+from oracles import attend_of, hf_causal, plan_pattern, representable, te_pattern, uniform_patterns
 from torch.overrides import _get_current_function_mode_stack
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.integrations.sdpa_attention import repeat_kv
+
+import te_fx
+from te_fx import te_attention
+from te_fx.core.plan import NO_MASK, AttentionPlan
+from te_fx.executors import ExecutorModule
+from te_fx.executors.reference import ReferenceDotProductAttention
+from te_fx.te_attention import _make_te_sdpa
 
 try:  # the packed-GQA decode layout of transformers >= 5.23
     from transformers.integrations.sdpa_attention import pack_gqa
 except ImportError:
     pack_gqa = None
 needs_pack_gqa = pytest.mark.skipif(pack_gqa is None, reason="transformers < 5.23 has no packed-GQA decode layout")
-
-from oracles import attend_of, hf_causal, plan_pattern, representable, te_pattern, uniform_patterns
-
-import te_fx
-from te_fx import te_attention
-from te_fx.core.plan import NO_MASK, AttentionPlan
-from te_fx.eager.intercept import SDPA
-from te_fx.executors import ExecutorModule
-from te_fx.executors.reference import ReferenceDotProductAttention
-from te_fx.te_attention import _make_te_sdpa
 
 ORIGINAL_SDPA = F.scaled_dot_product_attention  # te_fx never replaces it
 # the SDPA property tests are cheap (a few ms an example): 4x the profile's examples
@@ -138,8 +136,8 @@ def check_plan_form(plan: AttentionPlan, batch: int, q_len: int, kv_len: int) ->
 # Property test: the replacement equals SDPA, and runs TE exactly when it should
 # ----------------------------------------------------------------------------------------------------------------
 
-MASK_KINDS = ("none", "is_causal", "causal", "sliding", "all", "pad_left", "pad_right", "pad_both", "pad_inner", "packed",
-              "flip")  # fmt: skip
+MASK_KINDS = ("none", "is_causal", "causal", "sliding", "all", "pad_left", "pad_right", "pad_both", "pad_inner",
+              "packed", "flip")  # fmt: skip
 
 
 @st.composite
@@ -961,8 +959,8 @@ def test_local_sdpa_import_is_injected_and_reaches_te(attention_module_file, cap
     assert hasattr(local, "attn_module") and "forward" in vars(local)
     calls = []
     for module in (local, attribute):
-        run = module.attn_module.run
-        module.attn_module.run = lambda *args, run=run, name=type(module).__name__: calls.append(name) or run(*args)
+        run, name = module.attn_module.run, type(module).__name__
+        module.attn_module.run = lambda *args, run=run, name=name: calls.append(name) or run(*args)
     with torch.no_grad():
         torch.testing.assert_close(local(x), expected["local"], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(attribute(x), expected["attribute"], rtol=1e-5, atol=1e-5)

@@ -2,8 +2,8 @@
 
 For each SDPA node the pass elides ``repeat_kv`` producers (and ``enable_gqa``) so TE gets the KV heads natively,
 reads q/k/v from the (B, S, H, D) tensors that HF's ``transpose(1, 2)`` came from, classifies the mask from the
-subgraph that built it (:mod:`te_fx.compile.mask_subgraph`), and checks guards on fake metadata only. A node that fails any
-check is left untouched; every node gets a report entry saying what was decided and why.
+subgraph that built it (:mod:`te_fx.compile.mask_subgraph`), and checks guards on fake metadata only. A node that fails
+any check is left untouched; every node gets a report entry saying what was decided and why.
 """
 
 from __future__ import annotations

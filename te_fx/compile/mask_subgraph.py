@@ -21,8 +21,8 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
-from ..core.plan import AttentionPlan
 from ..core.masks import causal_pattern, classify_mask
+from ..core.plan import AttentionPlan
 
 __all__ = ["classify_mask_node", "node_value", "same_size"]
 
@@ -182,9 +182,9 @@ def classify_mask_node(
     mask: fx.Node, batch: object, q_len: object, kv_len: object, written: set[fx.Node]
 ) -> AttentionPlan | str:
     """Classify the SDPA mask produced by ``mask`` for queries (batch, *, q_len) and kv_len keys (ints or SymInts of
-    the graph); ``written`` holds the graph's values that in-place ops write (:mod:`te_fx.compile.fx_aliasing`). Returns a
-    :class:`~te_fx.core.plan.AttentionPlan` (its ``key_padding`` the graph input holding a 2D key padding mask ANDed into
-    the pattern, if any), or the reason the mask is left to SDPA."""
+    the graph); ``written`` holds the graph's values that in-place ops write (:mod:`te_fx.compile.fx_aliasing`).
+    Returns a :class:`~te_fx.core.plan.AttentionPlan` (its ``key_padding`` the graph input holding a 2D key padding
+    mask ANDed into the pattern, if any), or the reason the mask is left to SDPA."""
     ancestors = _ancestors(mask)
     extracted = _extract(mask, ancestors)
     if extracted is None:
@@ -266,7 +266,7 @@ def classify_mask_node(
     if kind is None:
         return "mask is not a causal, sliding-window causal or all-visible pattern"
     mask_type, window = kind
-    for args, ones in samples:
+    for _args, ones in samples:
         q, kv = ones.shape[-2:]
         expected = torch.ones(q, kv, dtype=torch.bool) if mask_type == "no_mask" else causal_pattern(q, kv, window)
         if not (ones == expected.to(ones.device)).all():

@@ -125,7 +125,9 @@ def attend_pattern(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _dedupe_broadcast(mask: torch.Tensor) -> torch.Tensor:
     """Index 0 of every expanded (stride 0) dim: HF's masks are often ``expand``-ed over the batch."""
-    index = tuple(slice(0, 1) if stride == 0 and size > 1 else slice(None) for size, stride in zip(mask.shape, mask.stride()))
+    index = tuple(
+        slice(0, 1) if stride == 0 and size > 1 else slice(None) for size, stride in zip(mask.shape, mask.stride())
+    )
     return mask[index]
 
 

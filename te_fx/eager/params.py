@@ -92,7 +92,7 @@ def infer_attn_params(module: nn.Module) -> dict[str, Any] | None:
     v_head_dim = _first_int(getattr(module, "v_head_dim", None)) or (v_out // num_kv_heads if v_out else head_dim)
 
     if "sliding_window" in vars(module) or hasattr(type(module), "sliding_window"):
-        window = _first_int(getattr(module, "sliding_window"))
+        window = _first_int(module.sliding_window)
     else:
         window = config_sliding_window(config, getattr(module, "layer_idx", None))
     scaling = getattr(module, "scaling", None)

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+
 from ..core import masks
 from ..core.autocast import autocast_dtype, cast_like_sdpa
 from ..core.guards import is_causal_plan, scales_match, sdpa_call_refusal

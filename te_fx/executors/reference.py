@@ -43,11 +43,16 @@ def _check_packed(cu_seqlens: torch.Tensor, batch: int, seq_len: int, name: str)
     """The thd contract the bshd rows rely on: boundaries from 0 to B * S, in order, every row boundary one of them
     (so no document crosses a row). Reads the values: the reference executor may synchronize."""
     if cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (torch.int32, torch.int64) or cu_seqlens.numel() < 2:
-        raise ValueError(f"{name} must be a 1D int32/int64 tensor of document boundaries, got {tuple(cu_seqlens.shape)} "
-                         f"{cu_seqlens.dtype}")  # fmt: skip
+        raise ValueError(f"{name} must be a 1D int32/int64 tensor of document boundaries, "
+                         f"got {tuple(cu_seqlens.shape)} {cu_seqlens.dtype}")  # fmt: skip
     bounds = cu_seqlens.long()
     rows = torch.arange(0, (batch + 1) * seq_len, seq_len, device=bounds.device)
-    if bounds[0] != 0 or bounds[-1] != batch * seq_len or (bounds.diff() < 0).any() or not torch.isin(rows, bounds).all():
+    if (
+        bounds[0] != 0
+        or bounds[-1] != batch * seq_len
+        or (bounds.diff() < 0).any()
+        or not torch.isin(rows, bounds).all()
+    ):
         raise ValueError(f"{name} must rise from 0 to B * S = {batch * seq_len} with every multiple of S = {seq_len} "
                          f"among its boundaries (no document may cross a row), got {cu_seqlens.tolist()}")  # fmt: skip
 
@@ -248,7 +253,9 @@ class ReferenceExecutor(Executor):
         training: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         seed = torch.randint(0, 2**62, (2 if dropout_p > 0 else 0,), dtype=torch.int64)
-        config = _config(q, k, cu_seqlens_q, cu_seqlens_kv, qkv_format, mask_type, window_size, softmax_scale, dropout_p)
+        config = _config(
+            q, k, cu_seqlens_q, cu_seqlens_kv, qkv_format, mask_type, window_size, softmax_scale, dropout_p
+        )
         out = reference_attention(q, k, v, generator=_generator(seed, q.device), **config)
         return out, q.new_empty(0, dtype=torch.float32), seed.to(q.device)
 
@@ -269,7 +276,9 @@ class ReferenceExecutor(Executor):
         softmax_scale: float,
         dropout_p: float,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        config = _config(q, k, cu_seqlens_q, cu_seqlens_kv, qkv_format, mask_type, window_size, softmax_scale, dropout_p)
+        config = _config(
+            q, k, cu_seqlens_q, cu_seqlens_kv, qkv_format, mask_type, window_size, softmax_scale, dropout_p
+        )
         return reference_attention_backward(d_out, q, k, v, generator=_generator(rng_state, q.device), **config)
 
     def fake_aux(

@@ -1,8 +1,8 @@
 """``te-fx explain MODEL``: per attention layer, what te_fx's eager path and its compile path do with a model, and why.
 
-MODEL is a family of :mod:`te_fx.tools.tiny_models` (its tiny config), a local ``config.json`` or a local checkpoint folder
-holding one. Nothing is downloaded and no weights are read. The analysis runs te_fx's own code, never a copy of its
-rules:
+MODEL is a family of :mod:`te_fx.tools.tiny_models` (its tiny config), a local ``config.json`` or a local checkpoint
+folder holding one. Nothing is downloaded and no weights are read. The analysis runs te_fx's own code, never a copy of
+its rules:
 
 * the model's real geometry (head counts, head dims, windows, scales, which modules get injected and why the others
   do not) comes from building the model on the meta device (no memory) and running
@@ -518,8 +518,8 @@ def explain(model: str, compile_path: bool = True) -> Explanation:
         )
     te_backend_check = _apply_te_limits(layers, dtype, getattr(config, "max_position_embeddings", None))
     notes.append(
-        f"mask decisions come from a shrunk copy of the config ({head_dims}; the same layers, heads, KV heads and layer "
-        f"types) run at batch {TRACE_BATCH}, length {TRACE_SEQ}: widths change no decision te_fx makes"
+        f"mask decisions come from a shrunk copy of the config ({head_dims}; the same layers, heads, KV heads and "
+        f"layer types) run at batch {TRACE_BATCH}, length {TRACE_SEQ}: widths change no decision te_fx makes"
     )
     if changed:
         spans = ", ".join(f"{name} {real_span} -> {small_span}" for name, (real_span, small_span) in changed.items())
@@ -601,18 +601,22 @@ def format_explanation(result: Explanation) -> str:
     lines = [f"te-fx explain {result.model}: {result.source}"]
     lines.append(f"model: {result.model_type} ({result.architecture}), {result.num_layers} layers, "
                  f"dtype {result.dtype or 'not set (float32)'}")  # fmt: skip
-    heads, kv_heads = _distinct([l.num_heads for l in layers]), _distinct([l.num_kv_heads for l in layers])
+    heads = _distinct([layer.num_heads for layer in layers])
+    kv_heads = _distinct([layer.num_kv_heads for layer in layers])
     dims = _distinct(
-        [l.head_dim if l.head_dim == l.v_head_dim else f"{l.head_dim} (QK) / {l.v_head_dim} (V)" for l in layers]
+        [
+            layer.head_dim if layer.head_dim == layer.v_head_dim else f"{layer.head_dim} (QK) / {layer.v_head_dim} (V)"
+            for layer in layers
+        ]
     )
-    scales = _distinct([_scale_text(l.softmax_scale, l.head_dim) for l in layers])
+    scales = _distinct([_scale_text(layer.softmax_scale, layer.head_dim) for layer in layers])
     lines.append(f"attention: {heads} heads, {kv_heads} KV heads, head dim {dims}, softmax scale {scales}")
-    windows = sorted({l.sliding_window for l in layers if l.sliding_window})
+    windows = sorted({layer.sliding_window for layer in layers if layer.sliding_window})
     if windows:
-        count = sum(1 for l in layers if l.sliding_window)
+        count = sum(1 for layer in layers if layer.sliding_window)
         lines.append(f"sliding window: {_distinct(windows)} on {count} of {len(layers)} layers")
     lines.append(f"eager path (inject_te_attention): injects {len(injected)} of {len(layers)} attention layers")
-    over = [str(l.index) for l in layers if l.te_limit]
+    over = [str(layer.index) for layer in layers if layer.te_limit]
     limits = "ok (multiples of 8, <= 256)" if not over else f"over TE's limits on layers {', '.join(over)}"
     lines.append(f"TE head dims: {limits}")
     lines.append(f"TE dtype: {'ok' if result.dtype_note is None else result.dtype_note}")

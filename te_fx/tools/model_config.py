@@ -116,7 +116,8 @@ def causal_lm_config(config: Any) -> tuple[Any, str | None]:
 
     text, note = config.get_text_config(decoder=True), None
     if text is not config and type(text) in MODEL_FOR_CAUSAL_LM_MAPPING:
-        config, note = text, f"{config.model_type} is a composite model: explaining its text decoder ({text.model_type})"
+        note = f"{config.model_type} is a composite model: explaining its text decoder ({text.model_type})"
+        config = text
     elif type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
         raise ModelConfigError(f"model_type {config.model_type!r} has no causal-LM class in transformers")
     heads, kv_heads = getattr(config, "num_attention_heads", None), getattr(config, "num_key_value_heads", None)

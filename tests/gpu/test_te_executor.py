@@ -118,7 +118,10 @@ def test_dropout_is_applied_and_backward_replays_it():
 
 def _hf_views(batch, seq, heads, kv_heads, head_dim, dtype):
     """q/k/v as HF makes them: (B, S, H*D) projections viewed as (B, S, H, D) and transposed to (B, H, S, D)."""
-    make = lambda h: torch.randn(batch, seq, h * head_dim, device="cuda", dtype=dtype)
+
+    def make(h):
+        return torch.randn(batch, seq, h * head_dim, device="cuda", dtype=dtype)
+
     return [t.view(batch, seq, -1, head_dim).transpose(1, 2) for t in (make(heads), make(kv_heads), make(kv_heads))]
 
 
@@ -449,5 +452,7 @@ def test_thd_backend_check_accepts_a_typical_shape():
 
     shape = (5, 32, 8, 4096, 4096, 128, 128)
     assert shape_unsupported_reason(torch.bfloat16, shape, "padding_causal", (-1, 0), 0.0, True, 0, None, "thd") is None
-    assert shape_unsupported_reason(torch.bfloat16, shape, "padding_causal", (4095, 0), 0.0, True, 0, None, "thd") is None
+    assert (
+        shape_unsupported_reason(torch.bfloat16, shape, "padding_causal", (4095, 0), 0.0, True, 0, None, "thd") is None
+    )
     assert shape_unsupported_reason(torch.bfloat16, shape, "padding_causal", (4095, 0), 0.0, True) is None
