@@ -161,7 +161,7 @@ def test_eager_opt_runs_te_with_the_calls_scale(rel_error):
     from transformers import OPTConfig, OPTForCausalLM
 
     config = OPTConfig(vocab_size=128, hidden_size=256, num_hidden_layers=2, ffn_dim=512, num_attention_heads=4,
-                       max_position_embeddings=128, attn_implementation="sdpa")  # fmt: skip
+                       max_position_embeddings=128, dropout=0.0, attn_implementation="sdpa")  # fmt: skip
     torch.manual_seed(0)
     plain = OPTForCausalLM(config).to("cuda", torch.bfloat16).train()
     injected = copy.deepcopy(plain)
