@@ -66,12 +66,16 @@ class TEForward:
         self.inner = vars(module).get("forward")  # a forward someone installed before us, else the class's
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        forward = self.inner if self.inner is not None else type(self.module).forward.__get__(self.module)
         if _stepping_aside():
             _warn_compiled_once()
-            return forward(*args, **kwargs)
+            return self._forward(*args, **kwargs)
         with sdpa_routed_to(self.te_sdpa):
-            return forward(*args, **kwargs)
+            return self._forward(*args, **kwargs)
+
+    def _forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.inner is not None:
+            return self.inner(*args, **kwargs)
+        return type(self.module).forward(self.module, *args, **kwargs)  # not __get__: Dynamo < 2.13 cannot trace it
 
 
 def _refuse_replication() -> nn.Module:
