@@ -20,6 +20,7 @@ from .plan import NO_MASK, AttentionPlan
 
 __all__ = [
     "causal_pattern",
+    "in_window",
     "te_visible",
     "classify_mask",
     "attend_pattern",
@@ -66,6 +67,20 @@ def _causal_edges(q_len: int, kv_len: int, window_left: int | torch.Tensor, devi
     return torch.cat([first_row, first_column])
 
 
+def in_window(diagonal: torch.Tensor, cols: torch.Tensor, mask_type: str, window_size: tuple[int, int]) -> torch.Tensor:
+    """Bool, broadcast over ``diagonal`` and ``cols``: key position ``cols`` lies in TE's window (left, right) around a
+    query's ``diagonal`` position; causal types force right = 0."""
+    left, right = window_size
+    if "causal" in mask_type:
+        right = 0
+    visible = torch.ones(torch.broadcast_shapes(diagonal.shape, cols.shape), dtype=torch.bool, device=cols.device)
+    if right >= 0:
+        visible = visible & (cols <= diagonal + right)
+    if left >= 0:
+        visible = visible & (cols >= diagonal - left)
+    return visible
+
+
 def te_visible(
     mask_type: str,
     window_size: tuple[int, int],
@@ -88,14 +103,7 @@ def te_visible(
     cols = torch.arange(kv_len, device=device).view(1, 1, 1, -1)
     bottom_right = mask_type.endswith("bottom_right")
     diag = rows + (skv - sq) if bottom_right else rows
-    left, right = window_size
-    visible = torch.ones_like(rows + cols, dtype=torch.bool)
-    if "causal" in mask_type:
-        right = 0
-    if right >= 0:
-        visible = visible & (cols <= diag + right)
-    if left >= 0:
-        visible = visible & (cols >= diag - left)
+    visible = in_window(diag, cols, mask_type, window_size)
     if padded:
         visible = visible & (rows < sq) & (cols < skv)
     return visible

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..core.masks import te_visible
+from ..core.masks import in_window, te_visible
 from . import AttentionCall, Executor, ExecutorModule, thd_mask_type
 
 if TYPE_CHECKING:
@@ -89,15 +89,8 @@ def thd_visible(
     diag = pos_q
     if mask_type.endswith("bottom_right"):
         diag = pos_q + (cu_seqlens_kv.long().diff() - cu_seqlens_q.long().diff())[doc_q]
-    rows, cols = diag[:, :, None], pos_kv[:, None, :]
     visible = doc_q[:, :, None] == doc_kv[:, None, :]
-    left, right = window_size
-    if "causal" in mask_type:
-        right = 0
-    if right >= 0:
-        visible = visible & (cols <= rows + right)
-    if left >= 0:
-        visible = visible & (cols >= rows - left)
+    visible = visible & in_window(diag[:, :, None], pos_kv[:, None, :], mask_type, window_size)
     return visible[:, None]
 
 
