@@ -150,7 +150,11 @@ def _cumulative(lengths: Tensor) -> Tensor:
 
 
 def _gather_rows(x: Tensor, index: Tensor) -> Tensor:
-    return x.gather(1, index[:, :, None, None].expand(-1, -1, x.shape[2], x.shape[3]))
+    """``x[b, index[b, s]]`` for (B, S, H, D) ``x``: whole tokens by one index_select over the flattened rows, which
+    moves H * D contiguous elements per index (``gather`` with an expanded index reads an index per element)."""
+    batch, seq = index.shape
+    tokens = (index + torch.arange(0, batch * seq, seq, device=index.device)[:, None]).flatten()
+    return x.reshape(batch * seq, *x.shape[2:]).index_select(0, tokens).view(x.shape)
 
 
 class _PermuteRows(torch.autograd.Function):
