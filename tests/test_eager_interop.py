@@ -306,6 +306,33 @@ def test_an_injected_model_exports(strict):
     assert not _get_current_function_mode_stack()
 
 
+def test_an_injected_forward_in_another_thread_while_a_non_strict_export_runs_te():
+    """torch.export's flag is the process's: while another thread exports non-strictly, an injected model here still
+    runs TE (and is counted), exactly."""
+    plain, injected = _pair("llama_gqa")
+    ids = _ids(2, 8)
+    inside, done = threading.Event(), threading.Event()
+
+    class Waiting(torch.nn.Module):
+        def forward(self, x):
+            inside.set()
+            done.wait(timeout=60)
+            return x + 1
+
+    exporter = threading.Thread(target=lambda: torch.export.export(Waiting(), (torch.ones(2),), strict=False))
+    exporter.start()
+    try:
+        assert inside.wait(timeout=60)
+        with torch.no_grad():
+            out, expected = injected(ids).logits, plain(ids).logits
+        stats = te_fx.get_te_attention_stats()
+    finally:
+        done.set()
+        exporter.join()
+    torch.testing.assert_close(out, expected, atol=ATOL, rtol=RTOL)
+    assert stats == _stats(te_hits=injected.config.num_hidden_layers)
+
+
 def test_an_injected_forward_in_another_thread_while_dynamo_compiles_runs_te():
     """Deterministic: while Dynamo compiles in this thread (inside the backend), another thread runs an injected
     model; its attention calls must still run TE."""

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch._guards import detect_fake_mode
 
 from ..core import masks
 from . import params
@@ -38,9 +39,12 @@ _compile_warned = False
 
 def _stepping_aside() -> bool:
     """Whether injected modules leave their forward as it is: while Dynamo traces this thread's code
-    (torch.compile, strict torch.export) or torch.export runs (a flag of the process). Not
-    ``torch.compiler.is_compiling()``, which holds in every thread while any thread compiles."""
-    return torch.compiler.is_dynamo_compiling() or torch.compiler.is_exporting()
+    (torch.compile, strict torch.export) or non-strict torch.export traces it with fake tensors. Not
+    ``torch.compiler.is_compiling()`` nor ``is_exporting()`` alone, which hold in every thread while any thread
+    compiles or exports."""
+    if torch.compiler.is_dynamo_compiling():
+        return True
+    return torch.compiler.is_exporting() and detect_fake_mode() is not None
 
 
 @torch.compiler.assume_constant_result
@@ -154,7 +158,7 @@ def _enter_mask_scope(module: nn.Module, _args: tuple) -> None:
 
 
 def _leave_mask_scope(module: nn.Module, _args: tuple, _output: Any) -> None:
-    if torch.compiler.is_dynamo_compiling():  # elsewhere it drops only what its own enter pushed
+    if _stepping_aside():
         return
     masks.leave_forward(module)
 
