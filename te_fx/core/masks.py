@@ -309,7 +309,7 @@ class _ScopeOwner:
 
 def classify_mask(mask: torch.Tensor, batch: int, num_heads: int, q_len: int, kv_len: int) -> AttentionPlan | None:
     """The plan that reproduces ``mask`` exactly for queries (batch, num_heads, q_len) against kv_len keys, or None
-    when there is none (padding inside a row with a window, arbitrary patterns, malformed values).
+    when there is none (padding inside a row, arbitrary patterns, malformed values).
 
     Candidates are: all keys visible (``no_mask``), causal, and causal with the window the mask shows (the mask wins
     over what a layer's config says), aligned bottom-right as HF builds them for KV caches; and for square masks,

@@ -530,7 +530,7 @@ def explain(model: str, compile_path: bool = True) -> Explanation:
         )
     notes.append(
         "eager: masks are classified at run time, once per mask object and forward (one host sync); padding at "
-        "the ends of rows and packed documents run on TE, padding inside a row with a window on SDPA; tensors "
+        "the ends of rows and packed documents run on TE, padding inside a row on SDPA; tensors "
         "must be on CUDA (else fallback_device)"
     )
     if compile_path:
