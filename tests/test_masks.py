@@ -653,7 +653,7 @@ def test_detect_causal_single_token_mask(dtype):
 @pytest.fixture
 def classify_calls(monkeypatch):
     """Counts the real classifications (cache misses)."""
-    masks._CACHE.clear()
+    masks._thread_cache().clear()
     calls = []
     real = masks._classify
 
@@ -664,7 +664,7 @@ def classify_calls(monkeypatch):
     monkeypatch.setattr(masks, "_classify", counting)
     with masks.cached_decisions():  # as inside an injected model's forward
         yield calls
-    masks._CACHE.clear()
+    masks._thread_cache().clear()
 
 
 def test_cache_hit_for_the_same_mask_object(classify_calls):
@@ -736,13 +736,13 @@ def test_cache_sees_writes_through_another_view(classify_calls):
 
 
 def test_cache_entries_are_freed_with_the_mask(classify_calls):
-    before = len(masks._CACHE._entries)
+    before = len(masks._thread_cache()._entries)
     mask = hf_causal(4, 4).view(1, 1, 4, 4).clone()
     classify_mask(mask, 1, 1, 4, 4)
     classify_mask(mask, 2, 1, 4, 4)
-    assert len(masks._CACHE._entries) == before + 2
+    assert len(masks._thread_cache()._entries) == before + 2
     del mask
-    assert len(masks._CACHE._entries) == before
+    assert len(masks._thread_cache()._entries) == before
 
 
 def test_inference_mode_tensors(classify_calls):
@@ -809,7 +809,7 @@ def test_forwards_nested_in_their_parent_keep_decisions_and_others_start_afresh(
 
 
 def test_cache_is_consistent_across_threads():
-    masks._CACHE.clear()
+    masks._thread_cache().clear()
     shared = [hf_causal(8, 8, w).view(1, 1, 8, 8).clone() for w in (-1, 2, 5)]
     shared[1][..., :3] = False  # key padding
     shared[2][..., 4:, :4] = False  # two documents
@@ -836,4 +836,28 @@ def test_cache_is_consistent_across_threads():
     for t in threads:
         t.join()
     assert not errors
-    masks._CACHE.clear()
+    masks._thread_cache().clear()
+
+
+def test_another_threads_forward_neither_clears_nor_shares_decisions(classify_calls):
+    """Decisions belong to the thread's forward: another thread's outermost forward starting in the middle of it
+    does not drop them (one classification, one host sync, per mask and forward)."""
+    mask = hf_causal(8, 8).view(1, 1, 8, 8).expand(2, 1, 8, 8)
+    first_done, other_started = threading.Event(), threading.Event()
+
+    def other_forward():
+        first_done.wait(timeout=60)
+        with masks.cached_decisions():
+            other_started.set()
+            classify_mask(mask, 2, 4, 8, 8)  # its own decision
+
+    other = threading.Thread(target=other_forward)
+    other.start()
+    with masks.cached_decisions():
+        plans = [classify_mask(mask, 2, 4, 8, 8)]
+        first_done.set()
+        assert other_started.wait(timeout=60)
+        other.join()
+        plans.append(classify_mask(mask, 2, 4, 8, 8))
+    assert plans[0] == plans[1] == AttentionPlan("causal", (-1, 0))
+    assert len(classify_calls) == 2  # this forward once, the other thread's once

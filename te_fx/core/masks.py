@@ -255,16 +255,20 @@ class _MaskCache:
             self._entries.clear()
 
 
-_CACHE = _MaskCache()
-
-
-_SCOPE = threading.local()  # this thread's stack of running forwards that cache decisions (weak references)
+_SCOPE = threading.local()  # this thread's running forwards that cache decisions (weak references) and its cache
 
 
 def _scope_stack() -> list[weakref.ref]:
     if not hasattr(_SCOPE, "stack"):
         _SCOPE.stack = []
     return _SCOPE.stack
+
+
+def _thread_cache() -> _MaskCache:
+    """This thread's decisions: a forward in another thread neither sees them nor clears them."""
+    if not hasattr(_SCOPE, "cache"):
+        _SCOPE.cache = _MaskCache()
+    return _SCOPE.cache
 
 
 def enter_forward(owner: object, parent: object | None = None) -> None:
@@ -276,7 +280,7 @@ def enter_forward(owner: object, parent: object | None = None) -> None:
     stack = _scope_stack()
     if parent is None or not stack or stack[-1]() is not parent:
         stack.clear()
-        _CACHE.clear()
+        _thread_cache().clear()
     stack.append(weakref.ref(owner))
 
 
@@ -288,7 +292,7 @@ def leave_forward(owner: object) -> None:
         if stack[depth]() is owner:
             del stack[depth:]
             if not stack:
-                _CACHE.clear()
+                _thread_cache().clear()
             return
 
 
@@ -325,8 +329,8 @@ def classify_mask(mask: torch.Tensor, batch: int, num_heads: int, q_len: int, kv
     if mask.is_inference() or not _scope_stack():  # inference tensors have no version counter
         return _classify(mask, batch, q_len, kv_len)
     key = (tuple(mask.shape), mask.data_ptr(), batch, q_len, kv_len)
-    hit, decision = _CACHE.lookup(mask, key)
+    hit, decision = _thread_cache().lookup(mask, key)
     if not hit:
         decision = _classify(mask, batch, q_len, kv_len)
-        _CACHE.store(mask, key, decision)
+        _thread_cache().store(mask, key, decision)
     return decision
