@@ -16,7 +16,7 @@ from torch.library import opcheck
 
 from te_fx import ops
 from te_fx.core.plan import AttentionPlan
-from te_fx.executors import Executor, ExecutorModule, TEUnavailableError, get_executor
+from te_fx.executors import AttentionCall, Executor, ExecutorModule, TEUnavailableError, get_executor
 from te_fx.executors import reference as reference_module
 from te_fx.executors.reference import ReferenceDotProductAttention
 
@@ -285,7 +285,7 @@ def test_reference_fake_aux_shapes_match_its_forward():
         fake_stats, fake_rng = reference.fake_aux(q, "bshd", dropout_p, True)
         assert (stats.shape, rng.shape) == (fake_stats.shape, fake_rng.shape)
         assert (stats.dtype, rng.dtype) == (fake_stats.dtype, fake_rng.dtype)
-    assert reference.unsupported_reason(q, k, v, "padding", (-1, -1), "thd", 3) is None
+    assert reference.call_unsupported_reason(AttentionCall.of_bshd(q, k, v, "padding", (-1, -1), "thd", 3)) is None
 
 
 class _FakeTEModule(nn.Module):

@@ -46,7 +46,7 @@ def _causal_at(
 ) -> torch.Tensor:
     """:func:`causal_pattern` at the (broadcast) query indices ``rows`` and key indices ``cols``."""
     diagonal = torch.as_tensor(rows) + (kv_len - q_len)
-    return (cols <= diagonal) & ((cols >= diagonal - window_left) | (window_left < 0))
+    return in_window(diagonal, torch.as_tensor(cols, device=diagonal.device), "causal", (window_left, 0))
 
 
 def _reach(attend: torch.Tensor, q_len: int, kv_len: int) -> torch.Tensor:
@@ -67,18 +67,16 @@ def _causal_edges(q_len: int, kv_len: int, window_left: int | torch.Tensor, devi
     return torch.cat([first_row, first_column])
 
 
-def in_window(diagonal: torch.Tensor, cols: torch.Tensor, mask_type: str, window_size: tuple[int, int]) -> torch.Tensor:
+def in_window(
+    diagonal: torch.Tensor, cols: torch.Tensor, mask_type: str, window_size: tuple[int | torch.Tensor, int]
+) -> torch.Tensor:
     """Bool, broadcast over ``diagonal`` and ``cols``: key position ``cols`` lies in TE's window (left, right) around a
-    query's ``diagonal`` position; causal types force right = 0."""
+    query's ``diagonal`` position (negative: no limit; causal types force right = 0). ``left`` may be a 0-dim tensor
+    (a window read off a mask's values): no branch reads it."""
     left, right = window_size
     if "causal" in mask_type:
         right = 0
-    visible = torch.ones(torch.broadcast_shapes(diagonal.shape, cols.shape), dtype=torch.bool, device=cols.device)
-    if right >= 0:
-        visible = visible & (cols <= diagonal + right)
-    if left >= 0:
-        visible = visible & (cols >= diagonal - left)
-    return visible
+    return ((cols <= diagonal + right) | (right < 0)) & ((cols >= diagonal - left) | (left < 0))
 
 
 def te_visible(

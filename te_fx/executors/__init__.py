@@ -204,26 +204,6 @@ class Executor(abc.ABC):
     def call_unsupported_reason(self, call: AttentionCall) -> str | None:
         """Why this executor cannot run ``call`` (a te_fx stats key, :data:`te_fx.core.reasons.REASONS`), or None."""
 
-    def unsupported_reason(
-        self,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        mask_type: str,
-        window_size: tuple[int, int],
-        qkv_format: str = "bshd",
-        num_sequences: int | None = None,
-        dropout_p: float = 0.0,
-        training: bool = False,
-    ) -> str | None:
-        """Why this executor cannot run the call (a te_fx stats key), or None; from metadata only. For "thd",
-        ``num_sequences`` is the number of documents and q/k/v are bshd rows bounding each document's length."""
-        reason = qkv_mismatch_reason(q, k, v)
-        if reason is not None:
-            return reason
-        call = AttentionCall.of_bshd(q, k, v, mask_type, window_size, qkv_format, num_sequences, dropout_p, training)
-        return self.call_unsupported_reason(call)
-
 
 @functools.cache
 def get_executor(name: str) -> Executor:
