@@ -44,9 +44,11 @@ def causal_pattern(
 def _causal_at(
     rows: torch.Tensor | int, cols: torch.Tensor | int, q_len: int, kv_len: int, window_left: int | torch.Tensor
 ) -> torch.Tensor:
-    """:func:`causal_pattern` at the (broadcast) query indices ``rows`` and key indices ``cols``."""
-    diagonal = torch.as_tensor(rows) + (kv_len - q_len)
-    return in_window(diagonal, torch.as_tensor(cols, device=diagonal.device), "causal", (window_left, 0))
+    """:func:`causal_pattern` at the (broadcast) query indices ``rows`` and key indices ``cols``, on the device of
+    whichever is a tensor."""
+    device = next((t.device for t in (rows, cols) if isinstance(t, torch.Tensor)), None)
+    diagonal = torch.as_tensor(rows, device=device) + (kv_len - q_len)
+    return in_window(diagonal, torch.as_tensor(cols, device=device), "causal", (window_left, 0))
 
 
 def _reach(attend: torch.Tensor, q_len: int, kv_len: int) -> torch.Tensor:

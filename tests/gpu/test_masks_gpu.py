@@ -1,0 +1,55 @@
+"""The eager matcher on CUDA masks: every kind of plan found on the device, and reproducing the mask exactly
+(``oracles.plan_pattern``, loops on the host, is the oracle). The CPU suite covers the matcher's logic; this covers
+its tensors meeting on one device."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from oracles import attend_of, hf_causal, plan_pattern
+
+from te_fx.core.masks import classify_mask
+
+DEV = torch.device("cuda")
+S = 12
+
+
+def _padded(window_left: int, keep: torch.Tensor) -> torch.Tensor:
+    return hf_causal(S, S, window_left)[None, None] & keep[:, None, None, :].bool()
+
+
+def _packed(window_left: int, documents: list[list[int]]) -> torch.Tensor:
+    ids = torch.tensor([[d for d, n in enumerate(row) for _ in range(n)] for row in documents])
+    same = ids[:, :, None] == ids[:, None, :]
+    return (hf_causal(S, S, window_left)[None] & same)[:, None]
+
+
+KEEP = torch.tensor([[1] * S, [1] * 9 + [0] * 3, [0] * 4 + [1] * 8, [0] * 2 + [1] * 7 + [0] * 3])
+MASKS = {
+    "no_mask": (torch.ones(1, 1, 5, S, dtype=torch.bool), "no_mask"),
+    "causal": (hf_causal(S, S)[None, None], "causal"),
+    "bottom_right": (hf_causal(5, S)[None, None], "causal_bottom_right"),
+    "window": (hf_causal(S, S, 3)[None, None], "causal"),
+    "padded": (_padded(-1, KEEP), "padding_causal"),
+    "padded_window": (_padded(3, KEEP), "padding_causal"),
+    "packed": (_packed(-1, [[5, 4, 3], [12]]), "thd"),
+    "packed_window": (_packed(2, [[5, 4, 3], [2, 10]]), "thd"),
+}
+
+
+@pytest.mark.parametrize("name", list(MASKS))
+@pytest.mark.parametrize("float_mask", [False, True])
+def test_matcher_finds_exact_plans_on_cuda(name, float_mask):
+    mask, kind = MASKS[name]
+    batch, q_len = max(mask.shape[0], 2), mask.shape[-2]
+    mask = mask.expand(batch, -1, -1, -1).to(DEV)
+    if float_mask:
+        mask = torch.zeros(mask.shape, dtype=torch.bfloat16, device=DEV).masked_fill(~mask, -float("inf"))
+    plan = classify_mask(mask, batch, 4, q_len, S)
+    assert plan is not None and plan.kind == kind
+    host_plan = dataclasses.replace(
+        plan, **{f: getattr(plan, f).cpu() for f in ("key_padding", "cu_seqlens") if getattr(plan, f) is not None}
+    )
+    assert torch.equal(plan_pattern(host_plan, batch, q_len, S), attend_of(mask.cpu())[:, 0])
