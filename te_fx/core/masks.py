@@ -44,11 +44,9 @@ def causal_pattern(
 def _causal_at(
     rows: torch.Tensor | int, cols: torch.Tensor | int, q_len: int, kv_len: int, window_left: int | torch.Tensor
 ) -> torch.Tensor:
-    """:func:`causal_pattern` at the (broadcast) query indices ``rows`` and key indices ``cols``, on the device of
-    whichever is a tensor."""
-    device = next((t.device for t in (rows, cols) if isinstance(t, torch.Tensor)), None)
-    diagonal = torch.as_tensor(rows, device=device) + (kv_len - q_len)
-    return in_window(diagonal, torch.as_tensor(cols, device=device), "causal", (window_left, 0))
+    """:func:`causal_pattern` at the (broadcast) query indices ``rows`` and key indices ``cols`` (one of them a
+    tensor; a Python int stays one, since a tensor made from it on a GPU costs a host sync)."""
+    return in_window(rows + (kv_len - q_len), cols, "causal", (window_left, 0))
 
 
 def _reach(attend: torch.Tensor, q_len: int, kv_len: int) -> torch.Tensor:
@@ -70,7 +68,7 @@ def _causal_edges(q_len: int, kv_len: int, window_left: int | torch.Tensor, devi
 
 
 def in_window(
-    diagonal: torch.Tensor, cols: torch.Tensor, mask_type: str, window_size: tuple[int | torch.Tensor, int]
+    diagonal: torch.Tensor | int, cols: torch.Tensor | int, mask_type: str, window_size: tuple[int | torch.Tensor, int]
 ) -> torch.Tensor:
     """Bool, broadcast over ``diagonal`` and ``cols``: key position ``cols`` lies in TE's window (left, right) around a
     query's ``diagonal`` position (negative: no limit; causal types force right = 0). ``left`` may be a 0-dim tensor
@@ -187,7 +185,7 @@ def _document_boundaries(starts: torch.Tensor, count: int) -> torch.Tensor:
     """(count + 1,) int32 document boundaries over the flattened (B, S) tokens, from the start flags."""
     flat = starts.flatten()
     indices = torch.nonzero_static(flat, size=count).flatten()
-    end = torch.tensor([flat.numel()], device=flat.device)
+    end = torch.full((1,), flat.numel(), device=flat.device)  # torch.tensor would copy from the host: a sync
     return torch.cat([indices, end]).to(torch.int32)
 
 
@@ -196,7 +194,7 @@ def _classify(mask: torch.Tensor, batch: int, q_len: int, kv_len: int) -> Attent
     attend = attend.reshape((1,) * (4 - attend.dim()) + tuple(attend.shape)).expand(-1, -1, q_len, kv_len)
     # with more queries than keys some rows see nothing: SDPA and TE disagree there
     causal = 0 < q_len <= kv_len
-    reach = _reach(attend, q_len, kv_len) if causal else torch.tensor(-1)
+    reach = _reach(attend, q_len, kv_len) if causal else torch.full((), -1, device=attend.device)
     windows = [-1, reach] if causal else []
     checks = [*_uniform_checks(attend, well_formed, windows), reach]
     square = q_len == kv_len > 1

@@ -5,11 +5,13 @@ its tensors meeting on one device."""
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import pytest
 import torch
 from oracles import attend_of, hf_causal, plan_pattern
 
+from te_fx import ops
 from te_fx.core.masks import classify_mask
 
 DEV = torch.device("cuda")
@@ -53,3 +55,38 @@ def test_matcher_finds_exact_plans_on_cuda(name, float_mask):
         plan, **{f: getattr(plan, f).cpu() for f in ("key_padding", "cu_seqlens") if getattr(plan, f) is not None}
     )
     assert torch.equal(plan_pattern(host_plan, batch, q_len, S), attend_of(mask.cpu())[:, 0])
+
+
+def _te_fx_syncs(fn) -> int:
+    """How many synchronizing CUDA operations ``fn`` runs from te_fx's own code."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    return sum("synchroniz" in str(w.message) and "te_fx" in w.filename for w in caught)
+
+
+@pytest.mark.parametrize("name", list(MASKS))
+def test_matcher_syncs_once_per_mask(name):
+    mask, _ = MASKS[name]
+    batch = max(mask.shape[0], 2)
+    mask = mask.expand(batch, -1, -1, -1).to(DEV)
+    assert _te_fx_syncs(lambda: classify_mask(mask, batch, 4, mask.shape[-2], S)) == 1
+
+
+@pytest.mark.parametrize("refinement", ["key_padding_mask", "cu_seqlens"])
+def test_op_runs_per_row_plans_without_a_sync(refinement):
+    q, k, v = (
+        torch.randn(2, S, heads, 64, device=DEV, dtype=torch.bfloat16, requires_grad=True) for heads in (4, 2, 2)
+    )
+    plan = classify_mask(MASKS["padded" if refinement == "key_padding_mask" else "packed"][0].to(DEV), 2, 4, S, S)
+    given = {refinement: plan.key_padding if refinement == "key_padding_mask" else plan.cu_seqlens}
+
+    def fwd_bwd():
+        ops.attention(q, k, v, mask_type="causal", window_size=(-1, 0), softmax_scale=0.125, **given).sum().backward()
+
+    fwd_bwd()  # TE's first call per shape may query the device
+    assert _te_fx_syncs(fwd_bwd) == 0
