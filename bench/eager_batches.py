@@ -1,8 +1,9 @@
 """Eager training steps on the batches real training feeds: plain HF SDPA against ``inject_te_attention``, one GPU.
 
 Forward + backward of the LM loss (labels = input_ids, -100 at padded positions), median ms of timed steps after
-warm-ups (bench.timing.median_ms), for a plain model and a deep copy injected with te_fx; te_fx's dispatch
-counters of one step show how many attention calls ran TE and why the others fell back. Cases:
+warm-ups (bench.timing.median_ms), for a plain model, a deep copy injected with te_fx and one more running
+``attn_implementation="te"`` (reported beside, no target); te_fx's dispatch counters of one step show how many
+attention calls ran TE and why the others fell back. Cases:
   1. right-padded B4 S4096, 1B-shaped Llama (16 layers), bf16          target te_fx >= 1.3x plain
   2. the same under bf16 autocast with fp32 weights (HF Trainer bf16)  target >= 1.3x
   3. bf16 autocast, fp32 weights, mask of ones, B2 S4096, 4 layers     target >= 0.97x, every call on TE
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 
 import te_fx
 from te_fx import ops
+from te_fx.executors import executor_env
 
 from .report import finish
 from .timing import median_ms
@@ -37,8 +39,15 @@ LLAMA_1B = {"hidden_size": 2048, "num_attention_heads": 32, "num_key_value_heads
             "intermediate_size": 8192, "vocab_size": 32000}  # fmt: skip
 LLAMA3_8B = {"hidden_size": 4096, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
              "intermediate_size": 14336, "vocab_size": 32000}  # fmt: skip
-SMALL = {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
-         "intermediate_size": 128, "vocab_size": 128, "initializer_range": 0.2}  # larger weights: sharper attention
+SMALL = {
+    "hidden_size": 64,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "intermediate_size": 128,
+    "vocab_size": 128,
+    "initializer_range": 0.2,
+}  # larger weights: sharper attention
 PADDED = (4096, 3584, 2560, 1096)
 DOCUMENTS = (2048, 1536, 1280, 1024, 896, 640, 512, 256)  # sum 8192
 
@@ -103,19 +112,21 @@ def _model(case: Case, device: torch.device) -> torch.nn.Module:
 
 
 def model_case(case: Case, device: torch.device, executor: str, warmup: int, steps: int) -> dict:
-    """Step ms, the first step's loss and layer 0's q_proj gradient norm, and one step's dispatch counters (te_fx)
-    for plain and te_fx."""
+    """Step ms, the first step's loss and layer 0's q_proj gradient norm, and one step's dispatch counters (te_fx's
+    two ways in) for plain SDPA, the eager injection ("te_fx") and ``attn_implementation="te"`` ("te_backend")."""
     plain = _model(case, device)
     injected = copy.deepcopy(plain)
     te_fx.inject_te_attention(injected, executor=executor)
+    backend = copy.deepcopy(plain)
+    backend.set_attn_implementation("te")
     batch = make_batch(case, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if case.autocast else contextlib.nullcontext()
     results = {}
-    for name, model in (("plain", plain), ("te_fx", injected)):
+    for name, model in (("plain", plain), ("te_fx", injected), ("te_backend", backend)):
 
         def step(model: torch.nn.Module = model) -> torch.Tensor:
             model.zero_grad(set_to_none=True)
-            with autocast:
+            with autocast, executor_env(executor):
                 loss = model(**batch).loss
             loss.backward()
             return loss
@@ -129,7 +140,7 @@ def model_case(case: Case, device: torch.device, executor: str, warmup: int, ste
         results[name] = {"ms": median_ms(step, device, warmup=warmup, reps=steps), "loss": loss, "q_grad_norm": q_grad}
         if device.type == "cuda":
             results[name]["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-        if name == "te_fx":
+        if name != "plain":
             results[name]["counters"] = counters
         model.zero_grad(set_to_none=True)
     return results
@@ -184,6 +195,8 @@ def measure(device: torch.device, small: bool = False, warmup: int = 3, steps: i
         r = run(case, device, executor, warmup, steps)
         if "plain" in r:
             r["speedup"] = r["plain"]["ms"] / r["te_fx"]["ms"]
+        if "te_backend" in r:
+            r["speedup_te_backend"] = r["plain"]["ms"] / r["te_backend"]["ms"]
         results["cases"][case.name] = {"target": case.target, **r}
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -230,11 +243,15 @@ def main(argv: list[str] | None = None) -> None:
             goal = {True: "PASS", False: "FAIL", None: "----"}[ok]
             print(f"{name:<56} plain {r['plain']['ms']:8.2f} ms  te_fx {r['te_fx']['ms']:8.2f} ms"
                   f"  {r['speedup']:5.2f}x  {goal}  {r['te_fx'].get('counters', '')}")  # fmt: skip
+            if "te_backend" in r:
+                print(f"{'':<56} attn_implementation='te' {r['te_backend']['ms']:8.2f} ms"
+                      f"  {r['speedup_te_backend']:5.2f}x  {r['te_backend']['counters']}")  # fmt: skip
         else:
             print(f"{name:<56} {detail}")
         if ok is not None:
             rows.append((name, ok, detail))
     finish(results, rows, args.json)
+
 
 if __name__ == "__main__":
     main()

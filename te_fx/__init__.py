@@ -1,4 +1,5 @@
-"""te_fx: TransformerEngine fused attention for HuggingFace causal LMs, eager (``inject_te_attention``) and under
+"""te_fx: TransformerEngine fused attention for HuggingFace causal LMs: as a transformers attention backend
+(``attn_implementation="te"``), injected into a model (``inject_te_attention``), and under
 ``torch.compile(model, backend="te_attn")``."""
 
 from __future__ import annotations
@@ -7,6 +8,7 @@ import logging
 
 from .compile.backend import compile_report, register, reset_compile_report
 from .executors import TEUnavailableError
+from .hf_interface import register as register_attention_backend
 from .te_attention import (
     get_te_attention_stats,
     inject_te_attention,
@@ -29,3 +31,4 @@ __all__ = [
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 register()
+register_attention_backend()

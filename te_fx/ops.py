@@ -144,6 +144,16 @@ def _compact_valid_first(
     return order, restore, cu_seqlens_q, cu_seqlens_kv, kept_before > kept_before_window
 
 
+def _kept_first_lengths(key_padding_mask: Tensor, window_left: int) -> tuple[Tensor | None, Tensor]:
+    """(cu_seqlens_q, cu_seqlens_kv) of rows whose kept keys come first: each query sees the row's kept keys up to
+    itself, so the queries are the whole row, except that with a window those that see no key (past the kept ones
+    by more than the window) stay out of the kernel and come back zero."""
+    lengths = (key_padding_mask != 0).sum(dim=1)
+    seq = key_padding_mask.shape[1]
+    cu_q = None if window_left < 0 else _cumulative((lengths + window_left).clamp(max=seq))
+    return cu_q, _cumulative(lengths)
+
+
 def _cumulative(lengths: Tensor) -> Tensor:
     """(B + 1,) int32 boundaries of (B,) lengths, as TE takes them."""
     return torch.nn.functional.pad(lengths.cumsum(0).to(torch.int32), (1, 0))
@@ -252,6 +262,7 @@ def attention(
     key_padding_mask: Tensor | None = None,
     cu_seqlens: Tensor | None = None,
     executor: str = "te",
+    key_padding_kept_first: bool = False,
 ) -> Tensor:
     """Differentiable attention over bshd tensors with native GQA (Hkv divides H), TE mask semantics.
 
@@ -262,7 +273,9 @@ def attention(
       Rows with no such key are zero, as in SDPA, with zero gradients. Exact at every kept position for padding
       anywhere with full causal attention, and at every position when each row's padding lies before its first or
       after its last kept token. With a window the caller guarantees the latter (the op cannot check it without a
-      host sync): inside a row, rank and position distances differ.
+      host sync): inside a row, rank and position distances differ. ``key_padding_kept_first=True`` says more (again
+      unchecked): every row keeps its first keys and at least one (right padding), so the rows run as they are,
+      with no partition.
     * ``cu_seqlens`` (N + 1,) int32: boundaries of documents packed over the B * S flattened tokens, from 0 to B * S,
       every multiple of S among them (no document crosses a row; not checked, for the same reason). Each document
       is causal (and windowed) on its own with ``mask_type="causal"``, or sees all of itself with "no_mask". Runs
@@ -274,6 +287,13 @@ def attention(
     _check_arguments(q, k, v, mask_type, window_size, dropout_p, key_padding_mask, cu_seqlens, executor)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     training = needs_grad or dropout_p > 0
+    if key_padding_mask is not None and key_padding_kept_first:
+        cu_q, cu_kv = _kept_first_lengths(key_padding_mask, window_size[0])
+        out, _, _ = torch.ops.te_fx.attention_fwd(
+            q, k, v, cu_q, cu_kv, "padding_causal", window_size[0], window_size[1], softmax_scale, dropout_p,
+            training, executor, "bshd",
+        )  # fmt: skip
+        return out
     if key_padding_mask is not None:
         return _padded_attention(q, k, v, window_size, softmax_scale, dropout_p, training, key_padding_mask, executor)
     cu_q = cu_kv = None

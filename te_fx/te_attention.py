@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .core import masks
+from .core import masks, stats
 from .core.plan import AttentionPlan
-from .eager import inject, params, stats
+from .eager import inject, params
 from .eager.replacement import TESdpa
 from .executors import load_te_executor, resolve_executor
 from .executors.reference import ReferenceDotProductAttention

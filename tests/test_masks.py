@@ -77,9 +77,14 @@ def check_plan_form(plan: AttentionPlan, batch: int, q_len: int, kv_len: int) ->
     assert plan.window_size[0] < kv_len - 1, f"{plan.window_size}: a window that reaches every key is full causal"
     assert (plan.mask_type == "causal") == (q_len == kv_len), "HF's causal masks are aligned bottom-right"
     assert plan.key_padding is None or plan.cu_seqlens is None
+    assert not plan.kept_first or plan.key_padding is not None
     if plan.key_padding is not None:
         assert plan.key_padding.shape == (batch, kv_len) and plan.key_padding.dtype == torch.bool
         assert q_len == kv_len > 1 and plan.kind == "padding_causal"
+        # kept_first exactly when every row keeps its first keys and at least one (right padding)
+        kept = plan.key_padding.sum(-1)
+        right_padded = all(row[:n].all() and not row[n:].any() for row, n in zip(plan.key_padding, kept.tolist()))
+        assert plan.kept_first == (right_padded and bool((kept > 0).all()))
     if plan.cu_seqlens is not None:
         bounds = plan.cu_seqlens
         assert q_len == kv_len > 1 and plan.kind == "thd"
@@ -598,6 +603,7 @@ def test_a_padding_mask_broadcast_over_the_batch_gets_one_keep_row_per_batch_ite
 def test_per_row_plan_boundaries():
     """Padding outside one run of kept tokens, with or without a window, rows that keep nothing, documents of one
     token, a window of 0 (the diagonal: one mask type), padding inside a row (no plan)."""
+
     def plan_of(pattern, supported=None):
         batch, seq = pattern.shape[0], pattern.shape[-1]
         return check_classify(pattern.view(batch, 1, seq, seq), batch, 2, seq, seq, supported=supported)
@@ -861,3 +867,27 @@ def test_another_threads_forward_neither_clears_nor_shares_decisions(classify_ca
         plans.append(classify_mask(mask, 2, 4, 8, 8))
     assert plans[0] == plans[1] == AttentionPlan("causal", (-1, 0))
     assert len(classify_calls) == 2  # this forward once, the other thread's once
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# plan_mask: a plan back to its SDPA mask (for calls a way in hands back to SDPA)
+# ----------------------------------------------------------------------------------------------------------------
+
+PLANS_TO_MASKS = [
+    (NO_MASK, 2, 5, 7),
+    (CAUSAL, 2, 6, 6),
+    (causal(2), 2, 6, 6),
+    (causal(-1, "causal_bottom_right"), 2, 3, 7),
+    (causal(1, "causal_bottom_right"), 1, 1, 7),
+    (AttentionPlan("causal", (-1, 0), key_padding=torch.tensor([[1, 1, 1, 0, 0, 0], [0, 1, 0, 1, 1, 1]])), 2, 6, 6),
+    (AttentionPlan("causal", (1, 0), key_padding=torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0]])), 2, 6, 6),
+    (AttentionPlan("causal", (-1, 0), cu_seqlens=torch.tensor([0, 2, 6, 7, 12], dtype=torch.int32)), 2, 6, 6),
+    (AttentionPlan("causal", (1, 0), cu_seqlens=torch.tensor([0, 4, 6, 12], dtype=torch.int32)), 2, 6, 6),
+]
+
+
+@pytest.mark.parametrize("plan, batch, q_len, kv_len", PLANS_TO_MASKS)
+def test_plan_mask_is_the_plans_pattern(plan, batch, q_len, kv_len):
+    mask = masks.plan_mask(plan, batch, q_len, kv_len, torch.device("cpu"))
+    assert mask.shape == (batch, 1, q_len, kv_len) and mask.dtype == torch.bool
+    assert torch.equal(mask[:, 0], plan_pattern(plan, batch, q_len, kv_len))

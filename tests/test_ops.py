@@ -218,6 +218,39 @@ def test_key_padding_mask_matches_sdpa_and_gradcheck(padding, dtype):
     assert torch.autograd.gradcheck(attention, (q, k, v))
 
 
+KEPT_FIRST = {
+    "ones": [[1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1]],
+    "right": [[1, 1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1, 0]],
+    "one_key": [[1, 0, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1, 1]],
+}
+
+
+@pytest.mark.parametrize("window", [(-1, 0), (1, 0), (0, 0)])
+@pytest.mark.parametrize("padding", list(KEPT_FIRST))
+def test_kept_first_key_padding_runs_rows_as_they_are_and_matches_sdpa(padding, window):
+    """``key_padding_kept_first``: right padding runs without the row partition, exact at every position (the
+    padding queries after the kept keys see them, within the window, as in SDPA; past the window they see none and
+    are zero)."""
+    key_padding = torch.tensor(KEPT_FIRST[padding])
+    q, k, v = _qkv(q_len=7, kv_len=7)
+
+    def attention(q, k, v):
+        return ops.attention(
+            q, k, v, mask_type="causal", window_size=window, softmax_scale=0.5, key_padding_mask=key_padding,
+            key_padding_kept_first=True, executor="reference",
+        )  # fmt: skip
+
+    out = attention(q, k, v)
+    ref = _sdpa_reference(q, k, v, _sdpa_mask("causal", window, 7, 7, key_padding), 0.5)
+    torch.testing.assert_close(out, ref)
+    weight = torch.randn_like(out)
+    grads = torch.autograd.grad((out * weight).sum(), (q, k, v))
+    ref_grads = torch.autograd.grad((ref * weight).sum(), (q, k, v))
+    for grad, ref_grad in zip(grads, ref_grads):
+        torch.testing.assert_close(grad, ref_grad)
+    assert torch.autograd.gradcheck(attention, (q, k, v))
+
+
 def test_a_fully_padded_row_reaches_the_kernel_as_one_key_and_comes_back_zero(monkeypatch):
     """No executor sees an empty sequence (TE's bshd kernels may leave such rows unwritten, and garbage times zero
     can be NaN): the row gets one padding key, and its output and gradients are exactly zero."""

@@ -21,7 +21,7 @@ from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from .. import ops
 from ..core.guards import Refusal, is_causal_plan, sdpa_call_refusal
 from ..core.plan import AttentionPlan
-from ..executors import AttentionCall, unsupported_call_reason
+from ..executors import AttentionCall, te_terms, unsupported_call_reason
 from .fx_aliasing import written_in_place
 from .mask_subgraph import classify_mask_node, node_value, same_size
 
@@ -157,7 +157,8 @@ def _executor_refusal(
     and for training (the graph may be differentiated)."""
     shape = tuple(int(_hint(size)) for size in (q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2],
                                                  q.shape[3], v.shape[3]))  # fmt: skip
-    call = AttentionCall(q.dtype, q.device, shape, plan.kind, tuple(plan.window_size),
+    mask_type, qkv_format = te_terms(plan)
+    call = AttentionCall(q.dtype, q.device, shape, mask_type, tuple(plan.window_size), qkv_format,
                          dropout_p=float(_hint(dropout_p)), training=True)  # fmt: skip
     reason = unsupported_call_reason(executor, call)
     if reason is None:

@@ -22,6 +22,8 @@ __all__ = [
     "causal_pattern",
     "in_window",
     "te_visible",
+    "plan_mask",
+    "padding_layout",
     "classify_mask",
     "attend_pattern",
     "cached_decisions",
@@ -95,8 +97,8 @@ def te_visible(
         sq = seqlens_q.to(device=device, dtype=torch.long).view(-1, 1, 1, 1)
         skv = seqlens_kv.to(device=device, dtype=torch.long).view(-1, 1, 1, 1)
     else:
-        sq = torch.tensor(q_len, device=device).view(1, 1, 1, 1)
-        skv = torch.tensor(kv_len, device=device).view(1, 1, 1, 1)
+        sq = torch.full((1, 1, 1, 1), q_len, device=device)
+        skv = torch.full((1, 1, 1, 1), kv_len, device=device)
     rows = torch.arange(q_len, device=device).view(1, 1, -1, 1)
     cols = torch.arange(kv_len, device=device).view(1, 1, 1, -1)
     bottom_right = mask_type.endswith("bottom_right")
@@ -104,6 +106,19 @@ def te_visible(
     visible = in_window(diag, cols, mask_type, window_size)
     if padded:
         visible = visible & (rows < sq) & (cols < skv)
+    return visible
+
+
+def plan_mask(plan: AttentionPlan, batch: int, q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
+    """Bool (B, 1, q_len, kv_len), True = attend: the SDPA mask of what ``plan`` computes (the inverse of
+    :func:`classify_mask`), for a call that a way in decided from a plan and then hands back to SDPA."""
+    visible = te_visible(plan.mask_type, plan.window_size, q_len, kv_len, device=device).expand(batch, 1, -1, -1)
+    if plan.key_padding is not None:
+        return visible & (plan.key_padding != 0)[:, None, None, :]
+    if plan.cu_seqlens is not None:
+        tokens = torch.arange(batch * q_len, device=device)
+        document = (torch.searchsorted(plan.cu_seqlens.long(), tokens, right=True) - 1).view(batch, q_len)
+        return visible & (document[:, :, None] == document[:, None, :])[:, None]
     return visible
 
 
@@ -150,25 +165,35 @@ def _uniform_checks(attend: torch.Tensor, well_formed: torch.Tensor, windows: li
     return checks
 
 
+def padding_layout(keep: torch.Tensor) -> torch.Tensor:
+    """(every key kept, padding only before each row's first or after its last kept token, every row's kept keys
+    first and at least one of them) of a (B, S) bool keep mask, as a (3,) bool tensor on its device (no sync)."""
+    seq = keep.shape[-1]
+    positions = torch.arange(seq, device=keep.device)
+    kept = keep.sum(-1)
+    first = torch.where(keep, positions, seq).amin(-1)
+    last = torch.where(keep, positions, -1).amax(-1)
+    outer = ((kept == 0) | (last - first + 1 == kept)).all()
+    kept_first = ((first == 0) & (last + 1 == kept)).all()
+    return torch.stack([keep.all(), outer, kept_first])
+
+
 def _row_checks(
     attend: torch.Tensor, well_formed: torch.Tensor, windows: list
-) -> tuple[list, list, torch.Tensor, torch.Tensor]:
+) -> tuple[list, list, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Checks for the per-row plans of a square mask (B, H, S, S), per left window in ``windows``: key padding
     (``causal & keep[b, kv]``, padding only before the first or after the last kept token of a row) and packed
     documents (causal within runs of tokens that a query does not see across). Returns (padding checks, document
-    checks, keep (B, S), document starts (B, S)): the patterns are read off the diagonal (a kept key is visible to
-    its own query) and the sub-diagonal (query i sees key i - 1 unless a document starts at i)."""
+    checks, keep (B, S), whether every row keeps its first keys (:func:`padding_layout`), document starts (B, S)):
+    the patterns are read off the diagonal (a kept key is visible to its own query) and the sub-diagonal (query i
+    sees key i - 1 unless a document starts at i)."""
     seq = attend.shape[-1]
     heads_agree = (attend == attend[:, :1]).all()
     rows = attend[:, 0]
     keep = rows.diagonal(dim1=-2, dim2=-1)
     starts = torch.ones_like(keep)
     starts[:, 1:] = ~rows.diagonal(offset=-1, dim1=-2, dim2=-1)
-    positions = torch.arange(seq, device=attend.device)
-    kept = keep.sum(-1)
-    first = torch.where(keep, positions, seq).amin(-1)
-    last = torch.where(keep, positions, -1).amax(-1)
-    outer = ((kept == 0) | (last - first + 1 == kept)).all()
+    _, outer, kept_first = padding_layout(keep)
     document = starts.cumsum(-1)
     same_document = document[:, :, None] == document[:, None, :]
     base = well_formed & heads_agree
@@ -178,7 +203,7 @@ def _row_checks(
         padding.append(base & outer & (rows == (pattern & keep[:, None, :])).all())
         # a window of 0 hides the sub-diagonal everywhere: no document boundary can be read off it
         documents.append(base & (window != 0) & (rows == (pattern & same_document)).all())
-    return padding, documents, keep, starts
+    return padding, documents, keep, kept_first, starts
 
 
 def _document_boundaries(starts: torch.Tensor, count: int) -> torch.Tensor:
@@ -199,8 +224,8 @@ def _classify(mask: torch.Tensor, batch: int, q_len: int, kv_len: int) -> Attent
     checks = [*_uniform_checks(attend, well_formed, windows), reach]
     square = q_len == kv_len > 1
     if square:
-        padding, documents, keep, starts = _row_checks(attend, well_formed, windows)
-        checks += [*padding, *documents, starts.sum()]
+        padding, documents, keep, kept_first, starts = _row_checks(attend, well_formed, windows)
+        checks += [*padding, *documents, kept_first, starts.sum()]
     results = torch.stack([torch.as_tensor(c, device=mask.device).long() for c in checks]).tolist()  # the one sync
     found_window = results[len(windows) + 1]
     lefts = [-1, found_window]
@@ -212,10 +237,11 @@ def _classify(mask: torch.Tensor, batch: int, q_len: int, kv_len: int) -> Attent
             return AttentionPlan(causal_type, (left, 0))
     if not square:
         return None
-    padding_results, document_results = results[len(windows) + 2 : -1][:2], results[len(windows) + 2 : -1][2:]
+    row_results = results[len(windows) + 2 : -2]
+    padding_results, document_results = row_results[:2], row_results[2:]
     for left, matched in zip(lefts, padding_results):
         if matched:
-            return AttentionPlan("causal", (left, 0), key_padding=keep.expand(batch, -1))
+            return AttentionPlan("causal", (left, 0), key_padding=keep.expand(batch, -1), kept_first=bool(results[-2]))
     for left, matched in zip(lefts, document_results):
         if matched:
             count = results[-1] * (batch if starts.shape[0] == 1 else 1)  # a mask broadcast over the batch

@@ -20,7 +20,8 @@ class AttentionPlan:
     * ``key_padding``: a (B, S_kv) keep mask (nonzero = keep) ANDed into a causal pattern (q_len == kv_len). Padding
       may sit anywhere in a row for full causal attention; with a window only before the first or after the last
       kept token (rank and position distances differ across inner padding). TE runs it as ``padding_causal`` after a
-      stable partition of each row.
+      stable partition of each row; with ``kept_first`` (every row keeps its first keys and at least one: right
+      padding, which the eager ways in check once per mask) on the rows as they are.
     * ``cu_seqlens``: (N + 1,) int32 document boundaries over the B * S flattened tokens (every row boundary is one):
       packed documents, each causal (and windowed) on its own. TE runs it in the ``thd`` format.
 
@@ -33,6 +34,7 @@ class AttentionPlan:
     key_padding: Any = None
     cu_seqlens: Any = None
     softmax_scale: float | None = None
+    kept_first: bool = False
 
     @property
     def kind(self) -> str:

@@ -15,12 +15,11 @@ from typing import Any
 
 import torch
 
-from ..core import masks
+from ..core import masks, stats
 from ..core.autocast import autocast_dtype, cast_like_sdpa
 from ..core.guards import is_causal_plan, scales_match, sdpa_call_refusal
 from ..core.plan import NO_MASK, AttentionPlan
 from ..executors import ExecutorModule
-from . import stats
 
 __all__ = ["TESdpa", "ModuleRunner", "runner_for"]
 
@@ -163,4 +162,3 @@ class TESdpa:
         if packed:
             out = out.reshape(query.shape[0], query.shape[1], query.shape[2], -1)
         return "te_hits", out
-

@@ -9,9 +9,10 @@ Neither needs TransformerEngine: :func:`get_executor` imports it only for "te".
 from __future__ import annotations
 
 import abc
+import contextlib
 import functools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING
@@ -29,12 +30,14 @@ __all__ = [
     "Executor",
     "ExecutorModule",
     "TEUnavailableError",
+    "executor_env",
     "get_executor",
     "load_te_executor",
     "qkv_mismatch_reason",
     "resolve_executor",
     "te_head_dims_supported",
     "te_limits_reason",
+    "te_terms",
     "thd_mask_type",
     "unsupported_call_reason",
 ]
@@ -62,7 +65,7 @@ def te_limits_reason(dtype: torch.dtype, device_type: str, head_dim_qk: int, hea
 
 
 def qkv_mismatch_reason(q: Tensor, k: Tensor, v: Tensor) -> str | None:
-    """"fallback_device" or "fallback_dtype" where k or v differ from q in device or dtype (no executor runs such a
+    """ "fallback_device" or "fallback_dtype" where k or v differ from q in device or dtype (no executor runs such a
     call), else None."""
     if k.device != q.device or v.device != q.device:
         return "fallback_device"
@@ -78,6 +81,16 @@ def thd_mask_type(mask_type: str) -> str:
     return "padding" if mask_type == "no_mask" else f"padding_{mask_type}"
 
 
+def te_terms(plan: AttentionPlan) -> tuple[str, str]:
+    """(TE mask type, qkv format) that te_fx's op runs ``plan`` with: key padding as ``padding_causal`` in bshd
+    (after its row partition), packed documents in thd, anything else as the plan's mask type in bshd."""
+    if plan.key_padding is not None:
+        return "padding_causal", "bshd"
+    if plan.cu_seqlens is not None:
+        return thd_mask_type(plan.mask_type), "thd"
+    return plan.mask_type, "bshd"
+
+
 class TEUnavailableError(ImportError):
     """TransformerEngine cannot be imported; the message says what to install instead."""
 
@@ -88,6 +101,21 @@ def resolve_executor(executor: str | None) -> str:
     if name not in EXECUTORS:
         raise ValueError(f"unknown te_fx executor {name!r}; choose one of {EXECUTORS}")
     return name
+
+
+@contextlib.contextmanager
+def executor_env(name: str) -> Iterator[None]:
+    """``$TE_FX_EXECUTOR`` set to ``name`` inside the block (how the "te" attention backend, which takes no options,
+    is told), restored afterwards. For tools and scripts: the variable is the process's."""
+    before = os.environ.get(ENV_EXECUTOR)
+    os.environ[ENV_EXECUTOR] = resolve_executor(name)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(ENV_EXECUTOR, None)
+        else:
+            os.environ[ENV_EXECUTOR] = before
 
 
 def load_te_executor() -> ModuleType:
@@ -145,6 +173,15 @@ class AttentionCall:
             q.dtype, q.device, tuple(int(size) for size in shape), mask_type, tuple(window_size), qkv_format,
             q.shape[0] * q.shape[1] if thd else None, float(dropout_p), bool(training),
         )  # fmt: skip
+
+    @classmethod
+    def of_plan(
+        cls, q: Tensor, k: Tensor, v: Tensor, plan: AttentionPlan, dropout_p: float = 0.0, training: bool = False
+    ) -> AttentionCall:
+        """The call te_fx's op makes to run ``plan`` on bshd q, k, v (:func:`te_terms`)."""
+        mask_type, qkv_format = te_terms(plan)
+        documents = plan.cu_seqlens.shape[0] - 1 if plan.cu_seqlens is not None else None
+        return cls.of_bshd(q, k, v, mask_type, plan.window_size, qkv_format, documents, dropout_p, training)
 
 
 class Executor(abc.ABC):
@@ -274,5 +311,5 @@ class ExecutorModule(nn.Module):
         return attention(
             q, k, v, mask_type=plan.mask_type, window_size=plan.window_size, softmax_scale=scale,
             dropout_p=self._dropout_p(), key_padding_mask=plan.key_padding, cu_seqlens=plan.cu_seqlens,
-            executor=executor,
+            executor=executor, key_padding_kept_first=plan.kept_first,
         )  # fmt: skip

@@ -33,7 +33,6 @@ from . import (
     ExecutorModule,
     qkv_mismatch_reason,
     te_limits_reason,
-    thd_mask_type,
 )
 
 __all__ = [
@@ -45,7 +44,6 @@ __all__ = [
     "fused_forward",
     "selected_backend",
     "shape_unsupported_reason",
-    "unsupported_reason",
 ]
 
 _F16 = FusedAttnBackend.F16_arbitrary_seqlen
@@ -225,27 +223,6 @@ def call_unsupported_reason(call: AttentionCall, fp8_recipe: Any = None) -> str 
         call.dtype, call.shape, call.mask_type, call.window_size, call.dropout_p, call.training,
         call.device.index or 0, fp8_recipe, call.qkv_format, call.num_tokens,
     )  # fmt: skip
-
-
-def unsupported_reason(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    mask_type: str,
-    window_size: tuple[int, int],
-    dropout_p: float = 0.0,
-    training: bool = False,
-    fp8_recipe: Any = None,
-    qkv_format: str = "bshd",
-    num_sequences: int | None = None,
-) -> str | None:
-    """Why TE's fused attention cannot run these bshd tensors (a stats key), or None if it can; in "thd",
-    ``num_sequences`` documents packed over their rows."""
-    reason = qkv_mismatch_reason(q, k, v)
-    if reason is not None:
-        return reason
-    call = AttentionCall.of_bshd(q, k, v, mask_type, window_size, qkv_format, num_sequences, dropout_p, training)
-    return call_unsupported_reason(call, fp8_recipe)
 
 
 def _tokens(x: torch.Tensor) -> torch.Tensor:
@@ -468,15 +445,6 @@ def fused_attention(
     return fused_forward(q, k, v, mask_type, window_size, softmax_scale, dropout_p, dropout_p > 0)[0]
 
 
-def _plan_in_te_terms(plan: AttentionPlan) -> tuple[str, str, int | None]:
-    """(TE mask type, qkv format, number of sequences) that te_fx's op runs ``plan`` with."""
-    if plan.key_padding is not None:
-        return "padding_causal", "bshd", None
-    if plan.cu_seqlens is not None:
-        return thd_mask_type(plan.mask_type), "thd", plan.cu_seqlens.shape[0] - 1
-    return plan.mask_type, "bshd", None
-
-
 class TEDotProductAttention(ExecutorModule, te.DotProductAttention):
     """TE's ``DotProductAttention`` with a fast path for plain bshd calls, and te_fx's plans.
 
@@ -486,9 +454,7 @@ class TEDotProductAttention(ExecutorModule, te.DotProductAttention):
     key-padding and packed-document plans too, through te_fx's op.
     """
 
-    def unsupported_reason(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan
-    ) -> str | None:
+    def unsupported_reason(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan) -> str | None:
         """Why this module cannot run ``plan`` on these bshd tensors (a te_fx stats key), or None; with the mask
         type and format TE will run (padding_causal for key padding, thd for packed documents)."""
         dropout_p = self._dropout_p()
@@ -501,10 +467,10 @@ class TEDotProductAttention(ExecutorModule, te.DotProductAttention):
             training = self.training
         else:
             training = dropout_p > 0 or (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
-        mask_type, qkv_format, num_sequences = _plan_in_te_terms(plan)
-        return unsupported_reason(
-            q, k, v, mask_type, plan.window_size, dropout_p, training, fp8_recipe, qkv_format, num_sequences
-        )
+        reason = qkv_mismatch_reason(q, k, v)
+        if reason is not None:
+            return reason
+        return call_unsupported_reason(AttentionCall.of_plan(q, k, v, plan, dropout_p, training), fp8_recipe)
 
     def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
         """bshd in, bshd (B, Sq, H, Dv) out, for callers that have already asked :meth:`unsupported_reason` (te_fx's

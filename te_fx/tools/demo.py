@@ -1,8 +1,9 @@
-"""The demo: tiny HF models built from configs, injected with te_fx, compared with the plain model.
+"""The demo: tiny HF models built from configs, run through te_fx's attention backend (``attn_implementation="te"``)
+and its eager injection, compared with the plain SDPA model.
 
-It prints, per attention layer, whether te_fx runs it on TE (and with which mask type) or leaves it to SDPA and why,
-for a batch without padding and a right-padded one. With no CUDA GPU or no TransformerEngine it uses the reference
-executor (the same call contract in plain PyTorch) and says so.
+It prints, per attention layer, whether te_fx runs it on TE or leaves it to SDPA and why, for a batch without
+padding and a right-padded one. With no CUDA GPU or no TransformerEngine it uses the reference executor (the same
+call contract in plain PyTorch) and says so.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import torch
 from torch import nn
 
 from .. import te_attention
-from ..executors import TEUnavailableError, load_te_executor
+from ..executors import TEUnavailableError, executor_env, load_te_executor
+from ..hf_interface import NAME
 from .tiny_models import FAMILIES, tiny_model
 
 __all__ = ["run_demo", "DEMO_FAMILIES"]
@@ -69,31 +71,36 @@ def _describe(calls: dict[str, int]) -> str:
 
 
 def run_demo(families: tuple[str, ...] = DEMO_FAMILIES, seq_len: int = 24) -> bool:
-    """Run the demo and print its report; returns True when every injected model matched the plain one."""
+    """Run the demo and print its report; returns True when every te_fx model matched the plain one."""
     executor, why, device, dtype = pick_executor()
     print(f"te_fx demo: executor {executor!r} ({why}), {device}, {dtype}")
     all_match = True
     for family in families:
         torch.manual_seed(0)
         plain = tiny_model(family, dtype=dtype).to(device).eval()
-        model = copy.deepcopy(plain)
-        te_attention.inject_te_attention(model, executor=executor)
+        backend = copy.deepcopy(plain)
+        backend.set_attn_implementation(NAME)
+        injected = copy.deepcopy(plain)
+        te_attention.inject_te_attention(injected, executor=executor)
         ids = torch.randint(3, plain.config.vocab_size, (2, seq_len), device=device)
         padded = torch.ones_like(ids)
         padded[1, seq_len // 2 :] = 0
         print(f"\n{family}: {FAMILIES[family].skip_reason or 'separate q/k/v projections'}")
-        for label, mask in (("no padding", None), ("right padding", padded)):
-            with torch.no_grad(), _per_layer_dispatch(model) as per_layer:
-                out = model(ids, attention_mask=mask).logits
-                ref = plain(ids, attention_mask=mask).logits
-            valid = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
-            error = (out - ref)[valid].abs().max().item()
-            tolerance = 1e-4 if dtype == torch.float32 else 5e-2
-            all_match &= error <= tolerance
-            print(f"  {label}: max |logits - plain SDPA| = {error:.2e} ({'ok' if error <= tolerance else 'MISMATCH'})")
-            for name, module in model.named_modules():
-                if name.rsplit(".", 1)[-1] == "self_attn":
-                    injected = hasattr(module, "attn_module")
-                    status = _describe(per_layer.get(name, {})) if injected else "not injected: SDPA unchanged"
-                    print(f"    {name}: {status}")
+        for way, model in ((f'attn_implementation="{NAME}"', backend), ("inject_te_attention", injected)):
+            print(f"  {way}")
+            for label, mask in (("no padding", None), ("right padding", padded)):
+                with torch.no_grad(), executor_env(executor), _per_layer_dispatch(model) as per_layer:
+                    out = model(ids, attention_mask=mask).logits
+                    ref = plain(ids, attention_mask=mask).logits
+                valid = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+                error = (out - ref)[valid].abs().max().item()
+                tolerance = 1e-4 if dtype == torch.float32 else 5e-2
+                all_match &= error <= tolerance
+                verdict = "ok" if error <= tolerance else "MISMATCH"
+                print(f"    {label}: max |logits - plain SDPA| = {error:.2e} ({verdict})")
+                for name, module in model.named_modules():
+                    if name.rsplit(".", 1)[-1] == "self_attn":
+                        runs_te_fx = model is backend or hasattr(module, "attn_module")
+                        status = _describe(per_layer.get(name, {})) if runs_te_fx else "not injected: SDPA unchanged"
+                        print(f"      {name}: {status}")
     return all_match

@@ -79,11 +79,12 @@ def test_matcher_syncs_once_per_mask(name):
 
 @pytest.mark.parametrize("refinement", ["key_padding_mask", "cu_seqlens"])
 def test_op_runs_per_row_plans_without_a_sync(refinement):
-    q, k, v = (
-        torch.randn(2, S, heads, 64, device=DEV, dtype=torch.bfloat16, requires_grad=True) for heads in (4, 2, 2)
-    )
-    plan = classify_mask(MASKS["padded" if refinement == "key_padding_mask" else "packed"][0].to(DEV), 2, 4, S, S)
-    given = {refinement: plan.key_padding if refinement == "key_padding_mask" else plan.cu_seqlens}
+    batch = KEEP.shape[0]
+    if refinement == "key_padding_mask":
+        given = {"key_padding_mask": KEEP.to(DEV).bool()}
+    else:
+        given = {"cu_seqlens": torch.tensor([0, 5, 9, 12, 24, 30, 36, 48], dtype=torch.int32, device=DEV)}
+    q, k, v = (torch.randn(batch, S, h, 64, device=DEV, dtype=torch.bfloat16, requires_grad=True) for h in (4, 2, 2))
 
     def fwd_bwd():
         ops.attention(q, k, v, mask_type="causal", window_size=(-1, 0), softmax_scale=0.125, **given).sum().backward()

@@ -1,4 +1,5 @@
-"""The eager dispatch counters: ``te_hits`` and one ``fallback_*`` count per reason (:mod:`te_fx.core.reasons`)."""
+"""The dispatch counters of the eager injection and the "te" attention backend: ``te_hits`` and one ``fallback_*``
+count per reason (:mod:`te_fx.core.reasons`)."""
 
 from __future__ import annotations
 

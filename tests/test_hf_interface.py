@@ -1,0 +1,251 @@
+"""``attn_implementation="te"`` on tiny models of every family (CPU, fp32, reference executor): each test compares a
+model running "te" with the same weights running HF's "sdpa" (or "eager", for what SDPA cannot express): logits,
+gradients, greedy generation, compiled graphs. Counters are checked too, but never instead of outputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, DataCollatorWithFlattening
+from transformers import masking_utils as hf_masks
+
+import te_fx
+from te_fx.hf_interface import te_mask
+from te_fx.tools import tiny_models
+from te_fx.tools.tiny_models import tiny_model
+
+FAMILIES = [name for name in tiny_models.FAMILIES if name != "falcon"]  # Falcon does not use AttentionInterface
+SLIDING = ["mistral", "qwen2", "gemma3"]
+ATOL = RTOL = 1e-5
+NEW_TOKENS = 6
+ZERO_STATS = dict.fromkeys(te_fx.get_te_attention_stats(), 0)
+
+
+@pytest.fixture(autouse=True)
+def _reference_executor(monkeypatch):
+    monkeypatch.setenv("TE_FX_EXECUTOR", "reference")
+
+
+def _pair(family: str, reference: str = "sdpa", **overrides) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(HF's ``reference`` implementation, "te"): one randomly initialised tiny model, twice."""
+    torch.manual_seed(0)
+    plain = tiny_model(family, **overrides)
+    te = tiny_model(family, **overrides)
+    te.load_state_dict(plain.state_dict())
+    plain.set_attn_implementation(reference)
+    te.set_attn_implementation("te")
+    return plain, te
+
+
+def _ids(batch: int, seq_len: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(3, 128, (batch, seq_len), generator=torch.Generator().manual_seed(seed))
+
+
+def _expect_stats(**counts: int) -> None:
+    assert te_fx.get_te_attention_stats() == {**ZERO_STATS, **counts}
+
+
+def _step(model: torch.nn.Module, ids: torch.Tensor, **kwargs) -> torch.Tensor:
+    """Logits of a training forward (labels -100 where the attention mask is 0), after its backward."""
+    mask = kwargs.get("attention_mask")
+    labels = ids if mask is None else ids.masked_fill(mask == 0, -100)
+    out = model(ids, labels=labels, use_cache=False, **kwargs)
+    out.loss.backward()
+    return out.logits.detach()
+
+
+def _assert_same_training_step(plain, te, ids, **kwargs) -> None:
+    ref = _step(plain, ids, **kwargs)
+    te_fx.reset_te_attention_stats()
+    out = _step(te, ids, **kwargs)
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=RTOL)
+    grads = dict(plain.named_parameters())
+    for name, param in te.named_parameters():
+        assert (param.grad is None) == (grads[name].grad is None), name
+        if param.grad is not None:
+            torch.testing.assert_close(param.grad, grads[name].grad, atol=ATOL, rtol=1e-4, msg=name)
+
+
+def test_the_name_builds_models():
+    config = AutoConfig.for_model("llama", vocab_size=64, hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="te")
+    assert model.config._attn_implementation == "te"
+    model(_ids(1, 8) % 64)
+    _expect_stats(te_hits=1)
+
+
+@pytest.mark.parametrize("padding", ["none", "left", "right", "both", "inner", "ones"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_training_step_matches_sdpa(family, padding):
+    """Key padding at the ends of rows runs TE (sliding layers' windows too); padding inside a row, which HF's
+    SDPA mask builds with positions TE's key padding cannot keep under a window, runs HF's SDPA on HF's mask.
+    Logits at every position and gradients equal "sdpa"'s."""
+    plain, te = _pair(family)
+    ids = _ids(3, 12)
+    mask = torch.ones_like(ids)
+    if padding in ("left", "both"):
+        mask[1, :4] = 0
+    if padding in ("right", "both"):
+        mask[2, 9:] = 0
+    if padding == "inner":
+        mask[1, 3:5] = 0
+    kwargs = {} if padding == "none" else {"attention_mask": mask}
+    _assert_same_training_step(plain, te, ids.masked_fill(mask == 0, 0), **kwargs)
+    layers = te.config.num_hidden_layers
+    _expect_stats(fallback_mask=layers) if padding == "inner" else _expect_stats(te_hits=layers)
+
+
+PACKED_POSITIONS = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1, 2]])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_packed_position_ids_run_documents(family):
+    """position_ids restarting at 0 (no mask): HF's SDPA builds a block-diagonal mask; "te" runs the documents in
+    TE's thd format. Same logits and gradients; the documents really are separate."""
+    plain, te = _pair(family)
+    ids = _ids(1, PACKED_POSITIONS.shape[1])
+    _assert_same_training_step(plain, te, ids, position_ids=PACKED_POSITIONS)
+    _expect_stats(te_hits=te.config.num_hidden_layers)
+    with torch.no_grad():
+        alone = plain(ids[:, 5:15], use_cache=False).logits
+    torch.testing.assert_close(
+        te(ids, position_ids=PACKED_POSITIONS, use_cache=False).logits[:, 5:15], alone, atol=ATOL, rtol=RTOL
+    )
+
+
+def _collated(lengths=(3, 11, 1, 6)) -> dict:
+    generator = torch.Generator().manual_seed(3)
+    examples = [{"input_ids": torch.randint(3, 128, (n,), generator=generator).tolist()} for n in lengths]
+    return DataCollatorWithFlattening(return_flash_attn_kwargs=True)(examples)
+
+
+@pytest.mark.parametrize("family", ["llama_gqa", "mistral", "gemma3"])
+def test_collator_packed_batches(family):
+    batch = _collated()
+    assert batch["cu_seq_lens_q"].dtype == torch.int32
+    plain, te = _pair(family)
+    outputs = []
+    for model in (plain, te):
+        te_fx.reset_te_attention_stats()
+        out = model(**batch, use_cache=False)
+        out.loss.backward()
+        outputs.append(out.logits.detach())
+    _expect_stats(te_hits=te.config.num_hidden_layers)
+    torch.testing.assert_close(outputs[1], outputs[0], atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left_padded"])
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_generate_matches_sdpa(family, cache, padded):
+    plain, te = _pair(family)
+    ids = _ids(2, 10)
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, :3] = 0
+        ids = ids.masked_fill(mask == 0, 0)
+    kwargs = {"attention_mask": mask, "max_new_tokens": NEW_TOKENS, "do_sample": False, "eos_token_id": None,
+              "pad_token_id": 0, "output_scores": True, "return_dict_in_generate": True}  # fmt: skip
+    if cache == "static":
+        kwargs["cache_implementation"] = "static"
+    ref = plain.generate(ids, **kwargs)
+    te_fx.reset_te_attention_stats()
+    out = te.generate(ids, **kwargs)
+    assert torch.equal(out.sequences, ref.sequences)
+    for step_out, step_ref in zip(out.scores, ref.scores, strict=True):
+        torch.testing.assert_close(step_out, step_ref, atol=ATOL, rtol=RTOL)
+    stats = te_fx.get_te_attention_stats()
+    assert sum(stats.values()) == te.config.num_hidden_layers * NEW_TOKENS
+    if cache == "dynamic" and not padded:
+        assert stats == {**ZERO_STATS, "te_hits": te.config.num_hidden_layers * NEW_TOKENS}
+
+
+def test_softcapping_runs_the_models_eager_attention():
+    """Gemma2 caps its attention logits: SDPA cannot, so "te" runs Gemma2's eager attention (fallback_softmax)."""
+    config = AutoConfig.for_model(
+        "gemma2", vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, sliding_window=4, attn_logit_softcapping=5.0, initializer_range=0.2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    plain = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    te = AutoModelForCausalLM.from_config(config, attn_implementation="te")
+    te.load_state_dict(plain.state_dict())
+    ids = _ids(2, 10)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    _assert_same_training_step(plain, te, ids.masked_fill(mask == 0, 0), attention_mask=mask)
+    _expect_stats(fallback_softmax=2)
+
+
+def test_custom_mask_function_is_built_by_hf():
+    """An overlay te_fx cannot name (here an and_mask_function) gets HF's own SDPA mask, exactly."""
+
+    def hide_key_2(batch_idx, head_idx, q_idx, kv_idx):
+        return kv_idx != 2
+
+    fn = hf_masks.and_masks(hf_masks.causal_mask_function, hide_key_2)
+    kwargs = dict(batch_size=2, q_length=6, kv_length=6, mask_function=fn, attention_mask=None)
+    expected = hf_masks.sdpa_mask(**kwargs, allow_is_causal_skip=False)
+    assert torch.equal(te_mask(**kwargs, allow_is_causal_skip=False), expected)
+    assert te_mask(**{**kwargs, "mask_function": hf_masks.causal_mask_function}) is None
+
+
+@pytest.mark.parametrize("family", ["llama_gqa", "gemma3"])
+def test_autocast_bf16_runs_te_as_sdpa_does(family):
+    """fp32 weights under bf16 autocast: every call on TE, within twice the plain model's own bf16 noise."""
+    plain, te = _pair(family)
+    ids = _ids(2, 12)
+    fp32 = _step(plain, ids)
+    plain.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = _step(plain, ids).float()
+        te_fx.reset_te_attention_stats()
+        out = _step(te, ids).float()
+    _expect_stats(te_hits=te.config.num_hidden_layers)
+    assert 0 < (bf16 - fp32).abs().max() < 1.0
+    assert (out - bf16).abs().max() <= 2 * (bf16 - fp32).abs().max()
+
+
+def test_te_executor_without_cuda_falls_back_counted(monkeypatch):
+    monkeypatch.setenv("TE_FX_EXECUTOR", "te")
+    plain, te = _pair("llama_gqa")
+    _assert_same_training_step(plain, te, _ids(2, 8))
+    _expect_stats(fallback_device=te.config.num_hidden_layers)
+
+
+def _graph_breaks() -> int:
+    from torch._dynamo.utils import counters
+
+    return sum(counters["graph_break"].values())
+
+
+@pytest.mark.parametrize("batch", ["right_padded", "no_mask", "collator"])
+@pytest.mark.parametrize("family", ["llama_gqa", "gemma3"])
+def test_compiles_fullgraph_without_recompiling_per_length(family, batch):
+    """``torch.compile(fullgraph=True, dynamic=True)``: no graph break; two sequence lengths, one graph; logits
+    equal eager "sdpa"'s. (Packed documents run HF's SDPA under compile: their mask function's closure, which says
+    they are packed, is not readable in a graph.)"""
+    torch._dynamo.reset()
+    plain, te = _pair(family)
+    compiled = torch.compile(te, fullgraph=True, dynamic=True, backend="aot_eager")
+    frames = []
+    for length in (10, 14):
+        if batch == "collator":
+            kwargs = _collated((3, length - 3))
+        elif batch == "no_mask":
+            kwargs = {"input_ids": _ids(2, length)}
+        else:
+            ids = _ids(2, length)
+            mask = torch.ones_like(ids)
+            mask[1, length - 3 :] = 0
+            kwargs = {"input_ids": ids.masked_fill(mask == 0, 0), "attention_mask": mask}
+        with torch.no_grad():
+            ref = plain(**kwargs, use_cache=False).logits
+            out = compiled(**kwargs, use_cache=False).logits
+        torch.testing.assert_close(out, ref, atol=ATOL, rtol=RTOL)
+        from torch._dynamo.utils import counters
+
+        frames.append(counters["stats"]["unique_graphs"])
+    assert _graph_breaks() == 0
+    assert frames[0] == frames[1]
