@@ -294,6 +294,12 @@ def test_explain_family_matches_what_runs(capsys, family):
     eager = _oracle_eager(family)
     for i, layer in enumerate(layers):
         where = f"{family} layer {i}: {layer}"
+        # attn_implementation="te" takes every layer of a model whose attention uses transformers' interface, all
+        # four batches included (right padding keeps its rows; a decode step is bottom-right causal); Falcon's does not
+        backend_runs = "sdpa" if family == "falcon" else "te"
+        assert {scenario: d["runs"] for scenario, d in layer["backend"].items()} == dict.fromkeys(
+            ("no_attention_mask", "no_padding", "padding", "decode"), backend_runs
+        ), where
         assert layer["injected"] == supported, where
         assert layer["num_heads"] == config.num_attention_heads, where
         window = SLIDING_WINDOW if _sliding(config, i) else None
@@ -346,6 +352,8 @@ def test_explain_text_report(capsys):
     assert code == 0, err
     assert "gemma3_text (Gemma3ForCausalLM), 4 layers" in out
     assert "injects 4 of 4 attention layers" in out
+    assert 'backend (attn_implementation="te"): every attention layer goes through te_fx' in out
+    assert "  backend  every call:                    TE\n" in out
     assert "layer 0 (sliding_attention, window 8):" in out
     assert "layer 1 (full_attention):" in out
     assert "TE causal window (7, 0)" in out and "TE padding_causal window (7, 0)" in out

@@ -1,4 +1,5 @@
-"""``te-fx explain MODEL``: per attention layer, what te_fx's eager path and its compile path do with a model, and why.
+"""``te-fx explain MODEL``: per attention layer, what te_fx's attention backend (``attn_implementation="te"``), its
+eager path and its compile path do with a model, and why.
 
 MODEL is a family of :mod:`te_fx.tools.tiny_models` (its tiny config), a local ``config.json`` or a local checkpoint
 folder holding one. Nothing is downloaded and no weights are read. The analysis runs te_fx's own code, never a copy of
@@ -10,8 +11,9 @@ its rules:
 * mask decisions depend on the masks HF builds, not on the model's widths, so they come from a *shrunk copy* of the
   config (same layer count, heads, KV heads, layer types and MLA head-dim ratios; head dim 8 and tiny MLP, vocabulary
   and expert counts; attention spans such as sliding windows longer than 8 shrunk to 4, so that they cut keys off at
-  the traced length of 16): the eager path runs it injected with the reference
-  executor on a batch without padding, a right-padded one and a decode step; the compile path runs te_attn's FX pass
+  the traced length of 16): the attention backend and the eager path run it (``attn_implementation="te"``, and
+  injected) with the reference executor on a batch without padding, a right-padded one and a decode step; the
+  compile path runs te_attn's FX pass
   on it (executor "reference", inner "eager") without an attention_mask and with one of ones, as a tokenizer passes
   it. Windows are reported at their real size;
 * TransformerEngine's own limits (head dims, dtype, and where CUDA and TE are there, its backend check at a typical
@@ -81,7 +83,7 @@ class Decision:
     def text(self) -> str:
         if self.runs == "te":
             window = f" window {tuple(self.window_size)}" if self.window_size and self.window_size[0] >= 0 else ""
-            return f"TE {self.mask_type}{window}"
+            return f"TE {self.mask_type}{window}" if self.mask_type else "TE"
         return f"SDPA ({self.reason})" if self.reason else "SDPA"
 
 
@@ -101,6 +103,7 @@ class LayerExplanation:
     v_head_dim: int | None
     softmax_scale: float | None
     te_limit: str | None  # why TE cannot run this layer's geometry at all (head dims), else None
+    backend: dict[str, Decision] = field(default_factory=dict)
     eager: dict[str, Decision] = field(default_factory=dict)
     compile: dict[str, Decision] = field(default_factory=dict)
 
@@ -257,6 +260,8 @@ def _eager_decision(entry: dict[str, Any] | None, map_window: Any) -> Decision:
         mixed = " (some calls ran TE)" if "te_hits" in counts else ""
         return Decision("sdpa", reason=reasons + mixed)
     kinds = sorted(set(entry["calls"]))
+    if not kinds:  # the attention backend: its plans are not recorded
+        return Decision("te")
     if len(kinds) != 1:
         return Decision("te", mask_type=" / ".join(k[0] for k in kinds), window_size=None)
     mask_type, window = kinds[0]
@@ -264,13 +269,19 @@ def _eager_decision(entry: dict[str, Any] | None, map_window: Any) -> Decision:
 
 
 def _run_eager(
-    small: nn.Module, paths: list[str], windows: dict[str, tuple[int, int]]
+    small: nn.Module, paths: list[str], windows: dict[str, tuple[int, int]], backend: bool = False
 ) -> dict[str, dict[str, Decision]]:
-    """Per module path: the eager decision of each scenario, from running the injected shrunk copy."""
+    """Per module path: the decision of each scenario, from running the shrunk copy injected (or, with ``backend``,
+    with ``attn_implementation="te"``) on the reference executor."""
     from .. import te_attention
+    from ..executors import executor_env
+    from ..hf_interface import NAME
 
     model = copy.deepcopy(small)
-    te_attention.inject_te_attention(model, executor="reference")
+    if backend:
+        model.set_attn_implementation(NAME)
+    else:
+        te_attention.inject_te_attention(model, executor="reference")
     vocab = model.config.get_text_config().vocab_size
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(3, vocab, (TRACE_BATCH, TRACE_SEQ), generator=generator)
@@ -287,7 +298,7 @@ def _run_eager(
         for path in paths:
             results[path][scenario] = _eager_decision(record.get(path), map_for(path))
 
-    with torch.no_grad():
+    with torch.no_grad(), executor_env("reference"):
         for scenario, mask in (("no_attention_mask", None), ("no_padding", ones), ("padding", padded)):
             with _record_eager(model, paths) as record:
                 model(input_ids=ids, attention_mask=mask, use_cache=False)
@@ -497,6 +508,14 @@ def explain(model: str, compile_path: bool = True) -> Explanation:
                 for layer, decisions in zip(layers, per_layer):
                     layer.compile = decisions
         try:
+            backend = _run_eager(small, [layer.module for layer in layers], windows, backend=True)
+        except Exception as error:  # noqa: BLE001
+            problem = first_line(error)
+            errors.append(f'attn_implementation="te" not analysed: running the shrunk copy failed ({problem})')
+        else:
+            for layer in layers:
+                layer.backend = backend[layer.module]
+        try:
             eager = _run_eager(small, [layer.module for layer in layers], windows)
         except Exception as error:  # noqa: BLE001
             errors.append(f"eager path not analysed: running the injected shrunk copy failed ({first_line(error)})")
@@ -615,6 +634,7 @@ def format_explanation(result: Explanation) -> str:
     if windows:
         count = sum(1 for layer in layers if layer.sliding_window)
         lines.append(f"sliding window: {_distinct(windows)} on {count} of {len(layers)} layers")
+    lines.append('backend (attn_implementation="te"): every attention layer goes through te_fx')
     lines.append(f"eager path (inject_te_attention): injects {len(injected)} of {len(layers)} attention layers")
     over = [str(layer.index) for layer in layers if layer.te_limit]
     limits = "ok (multiples of 8, <= 256)" if not over else f"over TE's limits on layers {', '.join(over)}"
@@ -625,6 +645,7 @@ def format_explanation(result: Explanation) -> str:
     groups: list[tuple[list[int], LayerExplanation, str]] = []
     for layer in layers:
         key = json.dumps([_layer_header(layer), layer.injected, layer.not_injected_reason, layer.te_limit,
+                          {k: v.text() for k, v in layer.backend.items()},
                           {k: v.text() for k, v in layer.eager.items()},
                           {k: v.text() for k, v in layer.compile.items()}])  # fmt: skip
         if groups and groups[-1][2] == key and groups[-1][0][-1] == layer.index - 1:
@@ -634,6 +655,8 @@ def format_explanation(result: Explanation) -> str:
     for indices, layer, _key in groups:
         label = f"layer {indices[0]}" if len(indices) == 1 else f"layers {indices[0]}-{indices[-1]}"
         lines.append(f"{label}{_layer_header(layer)}:")
+        if layer.backend:
+            lines += _scenario_lines("backend", layer.backend, EAGER_SCENARIOS)
         if layer.eager:
             lines += _scenario_lines("eager", layer.eager, EAGER_SCENARIOS)
         elif not layer.injected:
