@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.torch_version import TorchVersion
 
-from .executors import EXECUTORS, get_executor, thd_mask_type
+from .executors import EXECUTORS, get_executor, is_training, thd_mask_type
 
 __all__ = ["attention"]
 
@@ -285,8 +285,7 @@ def attention(
     Dropout draws fresh randomness per call; the backward reuses the forward's.
     """
     _check_arguments(q, k, v, mask_type, window_size, dropout_p, key_padding_mask, cu_seqlens, executor)
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    training = needs_grad or dropout_p > 0
+    training = is_training(dropout_p, q, k, v)
     if key_padding_mask is not None and key_padding_kept_first:
         cu_q, cu_kv = _kept_first_lengths(key_padding_mask, window_size[0])
         out, _, _ = torch.ops.te_fx.attention_fwd(

@@ -4,13 +4,16 @@ gradients, greedy generation, compiled graphs. Counters are checked too, but nev
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, DataCollatorWithFlattening
 from transformers import masking_utils as hf_masks
 
 import te_fx
-from te_fx.hf_interface import te_mask
+from te_fx.hf_interface import te_attention_forward, te_mask
+from te_fx.hf_interface.mask import MaskInfo, read_mask
 from te_fx.tools import tiny_models
 from te_fx.tools.tiny_models import tiny_model
 
@@ -161,21 +164,114 @@ def test_greedy_generate_matches_sdpa(family, cache, padded):
         assert stats == {**ZERO_STATS, "te_hits": te.config.num_hidden_layers * NEW_TOKENS}
 
 
-def test_softcapping_runs_the_models_eager_attention():
-    """Gemma2 caps its attention logits: SDPA cannot, so "te" runs Gemma2's eager attention (fallback_softmax)."""
-    config = AutoConfig.for_model(
-        "gemma2", vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, sliding_window=4, attn_logit_softcapping=5.0, initializer_range=0.2,
-    )  # fmt: skip
+SMALL = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=8, max_position_embeddings=128, initializer_range=0.2)  # fmt: skip
+
+
+def _config_pair(model_type: str, reference: str, **overrides) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(``reference``, "te") from one config of ``model_type``: each model gets its own copy (a model built from a
+    config writes its attention implementation into it)."""
+    config = AutoConfig.for_model(model_type, **{**SMALL, **overrides})
     torch.manual_seed(0)
-    plain = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
-    te = AutoModelForCausalLM.from_config(config, attn_implementation="te")
+    plain = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation=reference)
+    te = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="te")
     te.load_state_dict(plain.state_dict())
-    ids = _ids(2, 10)
-    mask = torch.ones_like(ids)
-    mask[0, :2] = 0
-    _assert_same_training_step(plain, te, ids.masked_fill(mask == 0, 0), attention_mask=mask)
-    _expect_stats(fallback_softmax=2)
+    assert plain.config._attn_implementation == reference and te.config._attn_implementation == "te"
+    return plain, te
+
+
+def _batches(batch: int = 2, seq_len: int = 12) -> dict[str, tuple[torch.Tensor, dict]]:
+    """(input ids, the other inputs) without padding and right-padded."""
+    ids = _ids(batch, seq_len)
+    right = torch.ones_like(ids)
+    right[0, seq_len - 3 :] = 0
+    return {"no_padding": (ids, {}), "right_padding": (ids.masked_fill(right == 0, 0), {"attention_mask": right})}
+
+
+@pytest.mark.parametrize("batch", ["no_padding", "right_padding"])
+@pytest.mark.parametrize(
+    "model_type, overrides",
+    [("gemma2", dict(sliding_window=4, attn_logit_softcapping=5.0)), ("gpt_oss", dict(sliding_window=4))],
+    ids=["gemma2_softcapping", "gpt_oss_sinks"],
+)
+def test_arguments_only_eager_attention_applies_run_it(model_type, overrides, batch):
+    """Softcapping (Gemma2) and attention sinks (GPT-OSS's s_aux): SDPA cannot apply them, so "te" runs the model's
+    eager attention (fallback_argument) on the mask built then, causal where nothing is padded."""
+    if model_type == "gpt_oss":
+        overrides.update(
+            num_local_experts=2, num_experts_per_tok=1, layer_types=["sliding_attention", "full_attention"] * 2
+        )
+    plain, te = _config_pair(model_type, "eager", **overrides)
+    ids, inputs = _batches()[batch]
+    _assert_same_training_step(plain, te, ids, **inputs)
+    _expect_stats(fallback_argument=te.config.num_hidden_layers)
+
+
+@pytest.mark.parametrize("model_type", ["phimoe", "olmoe"])
+def test_the_masks_window_wins_over_the_layers_argument(model_type):
+    """PhiMoE builds a sliding-window mask but passes no ``sliding_window`` to its attention; OLMoE passes one but
+    builds a full causal mask. HF's SDPA follows the mask, and so does "te" (on TE, no fallback)."""
+    extra = dict(num_local_experts=2, num_experts=2, num_experts_per_tok=1, sliding_window=4)
+    plain, te = _config_pair(model_type, "sdpa", **extra)
+    _assert_same_training_step(plain, te, _batches()["no_padding"][0])
+    _expect_stats(te_hits=te.config.num_hidden_layers)
+
+
+def _source_says(model_type: str, text: str) -> bool:
+    import importlib
+    import inspect
+
+    return text in inspect.getsource(importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}"))
+
+
+@pytest.mark.skipif(
+    not _source_says("doge", "allow_is_causal_skip=False"), reason="this transformers' Doge indexes any mask as 4D"
+)
+def test_a_mask_hf_must_materialize_is_hfs():
+    """Doge adds its own dynamic mask to the causal one, so it asks for the mask materialized
+    (``allow_is_causal_skip=False``): HF builds it and its SDPA runs."""
+    plain, te = _config_pair("doge", "sdpa", num_hidden_layers=2, num_key_value_heads=4, keep_window_size=2048)
+    for ids, inputs in _batches().values():
+        _assert_same_training_step(plain, te, ids, **inputs)
+        _expect_stats(fallback_mask=2)
+
+
+def test_position_bias_runs_the_models_eager_attention():
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    config = T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0)
+    torch.manual_seed(0)
+    plain = T5ForConditionalGeneration(copy.deepcopy(config)).eval()
+    plain.set_attn_implementation("sdpa")
+    te = T5ForConditionalGeneration(copy.deepcopy(config)).eval()
+    te.load_state_dict(plain.state_dict())
+    te.set_attn_implementation("te")
+    if te.encoder.config._attn_implementation != "te":
+        pytest.skip("this transformers' T5 does not pass an attention backend on to its stacks")
+    batch = {"input_ids": _ids(2, 8), "decoder_input_ids": _ids(2, 6, seed=2)}
+    with torch.no_grad():
+        torch.testing.assert_close(te(**batch).logits, plain(**batch).logits, atol=ATOL, rtol=RTOL)
+    assert te_fx.get_te_attention_stats()["fallback_argument"] == 6  # encoder, decoder self and cross attention
+
+
+def test_an_attention_argument_te_fx_does_not_know_is_an_error():
+    """DeepSeek-V3.2-style top-k ``indices`` (or anything else unknown) change what attention computes in ways te_fx
+    cannot follow: a clear error, not a guess."""
+    q = torch.randn(1, 4, 6, 8)
+    k = v = torch.randn(1, 2, 6, 8)
+    module = torch.nn.Module()
+    with pytest.raises(NotImplementedError, match=r"\['indices'\]"):
+        te_attention_forward(module, q, k, v, None, indices=torch.zeros(1, 6, 2, dtype=torch.int32))
+    out, _ = te_attention_forward(module, q, k, v, None, position_ids=torch.arange(6)[None], output_attentions=False)
+    assert out.shape == (1, 6, 4, 8)
+
+
+def test_a_non_causal_layer_given_a_causal_mask_follows_the_mask():
+    """Gemma with ``use_bidirectional_attention`` gets HF's causal mask function while its layers say they are not
+    causal: HF's eager attention (and SDPA wherever a mask is built) follows the mask, and so does "te"."""
+    plain, te = _config_pair("gemma", "eager", num_hidden_layers=2, use_bidirectional_attention=True)
+    for ids, inputs in _batches().values():
+        _assert_same_training_step(plain, te, ids, **inputs)
 
 
 def test_custom_mask_function_is_built_by_hf():
@@ -188,7 +284,8 @@ def test_custom_mask_function_is_built_by_hf():
     kwargs = dict(batch_size=2, q_length=6, kv_length=6, mask_function=fn, attention_mask=None)
     expected = hf_masks.sdpa_mask(**kwargs, allow_is_causal_skip=False)
     assert torch.equal(te_mask(**kwargs, allow_is_causal_skip=False), expected)
-    assert te_mask(**{**kwargs, "mask_function": hf_masks.causal_mask_function}) is None
+    plain = te_mask(**{**kwargs, "mask_function": hf_masks.causal_mask_function})
+    assert read_mask(plain) == MaskInfo(window_left=-1)
 
 
 @pytest.mark.parametrize("family", ["llama_gqa", "gemma3"])
@@ -249,3 +346,21 @@ def test_compiles_fullgraph_without_recompiling_per_length(family, batch):
         frames.append(counters["stats"]["unique_graphs"])
     assert _graph_breaks() == 0
     assert frames[0] == frames[1]
+
+
+def test_compiled_padding_inside_a_row_is_exact_at_every_kept_position():
+    """Under torch.compile te_mask cannot check where the padding sits: padding inside a row runs TE's key padding
+    on full-causal layers, exact at every kept position (the padding positions, which HF never reads, differ), as
+    ``backend="te_attn"`` does."""
+    torch._dynamo.reset()
+    plain, te = _pair("llama_gqa")
+    ids = _ids(2, 12)
+    mask = torch.ones_like(ids)
+    mask[1, 3:6] = 0
+    compiled = torch.compile(te, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        ref = plain(ids, attention_mask=mask, use_cache=False).logits
+        out = compiled(ids, attention_mask=mask, use_cache=False).logits
+    kept = mask.bool()
+    torch.testing.assert_close(out[kept], ref[kept], atol=ATOL, rtol=RTOL)
+    assert not torch.allclose(out[~kept], ref[~kept])  # guard: the documented difference is real

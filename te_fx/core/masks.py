@@ -24,6 +24,7 @@ __all__ = [
     "te_visible",
     "plan_mask",
     "padding_layout",
+    "document_boundaries",
     "classify_mask",
     "attend_pattern",
     "cached_decisions",
@@ -206,8 +207,9 @@ def _row_checks(
     return padding, documents, keep, kept_first, starts
 
 
-def _document_boundaries(starts: torch.Tensor, count: int) -> torch.Tensor:
-    """(count + 1,) int32 document boundaries over the flattened (B, S) tokens, from the start flags."""
+def document_boundaries(starts: torch.Tensor, count: int) -> torch.Tensor:
+    """(count + 1,) int32 document boundaries over the flattened (B, S) tokens, from the start flags (``count`` of
+    them are set: the caller's one host sync)."""
     flat = starts.flatten()
     indices = torch.nonzero_static(flat, size=count).flatten()
     end = torch.full((1,), flat.numel(), device=flat.device)  # torch.tensor would copy from the host: a sync
@@ -245,7 +247,7 @@ def _classify(mask: torch.Tensor, batch: int, q_len: int, kv_len: int) -> Attent
     for left, matched in zip(lefts, document_results):
         if matched:
             count = results[-1] * (batch if starts.shape[0] == 1 else 1)  # a mask broadcast over the batch
-            boundaries = _document_boundaries(starts.expand(batch, -1), count)
+            boundaries = document_boundaries(starts.expand(batch, -1), count)
             return AttentionPlan("causal", (left, 0), cu_seqlens=boundaries)
     return None
 

@@ -12,8 +12,8 @@ REASONS: dict[str, str] = {
     "fallback_mask": "a mask that is not exactly causal, sliding-window causal, all-visible, causal with key padding "
     "at the start or end of each row, or packed causal documents; a fully masked query row with a finite penalty in it "
     "(SDPA averages V there); or a mask that needs its gradient",
-    "fallback_softmax": "attention-interface path: softcapping or attention sinks, which the model's eager "
-    "attention runs",
+    "fallback_argument": "attention-backend path: an argument the model's eager attention applies and te_fx does "
+    "not (softcapping, attention sinks, a position bias)",
     "fallback_scale_mismatch": "the call's softmax scale differs from the attention module's, which cannot take the "
     "call's (a stand-in module, or TE's FP8 attention)",
     "fallback_dropout": "the call's dropout differs from the TE module's",

@@ -32,6 +32,7 @@ __all__ = [
     "TEUnavailableError",
     "executor_env",
     "get_executor",
+    "is_training",
     "load_te_executor",
     "qkv_mismatch_reason",
     "resolve_executor",
@@ -65,13 +66,18 @@ def te_limits_reason(dtype: torch.dtype, device_type: str, head_dim_qk: int, hea
 
 
 def qkv_mismatch_reason(q: Tensor, k: Tensor, v: Tensor) -> str | None:
-    """ "fallback_device" or "fallback_dtype" where k or v differ from q in device or dtype (no executor runs such a
-    call), else None."""
+    """The reason "fallback_device" or "fallback_dtype" where k or v differ from q in device or dtype (no executor
+    runs such a call), else None."""
     if k.device != q.device or v.device != q.device:
         return "fallback_device"
     if k.dtype != q.dtype or v.dtype != q.dtype:
         return "fallback_dtype"
     return None
+
+
+def is_training(dropout_p: float, *tensors: Tensor) -> bool:
+    """Whether a call must keep what its backward needs: it has dropout, or autograd will differentiate it."""
+    return dropout_p > 0 or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
 
 def thd_mask_type(mask_type: str) -> str:

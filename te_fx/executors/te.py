@@ -31,6 +31,7 @@ from . import (
     AttentionCall,
     Executor,
     ExecutorModule,
+    is_training,
     qkv_mismatch_reason,
     te_limits_reason,
 )
@@ -466,7 +467,7 @@ class TEDotProductAttention(ExecutorModule, te.DotProductAttention):
                 return "fallback_scale_mismatch"
             training = self.training
         else:
-            training = dropout_p > 0 or (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
+            training = is_training(dropout_p, q, k, v)
         reason = qkv_mismatch_reason(q, k, v)
         if reason is not None:
             return reason

@@ -1,22 +1,22 @@
 """The attention function of the "te" attention backend: HF's arguments in, a plan, te_fx's op out.
 
 transformers calls it per layer with q (B, H, Sq, D), K/V with their own KV heads (B, Hkv, Skv, D), the layer's
-``scaling``, ``dropout`` and ``sliding_window``, and the mask that :func:`te_fx.hf_interface.mask.te_mask`
-returned. The layer's pattern comes from its arguments, as in HF's flash-attention backends (``is_causal`` and
-``sliding_window``, aligned to the last key with a KV cache); the mask adds key padding or packed documents. What
-te_fx cannot run exactly (softcapping, attention sinks, a mask HF built, a call the executor refuses) runs HF's own
-SDPA, or the model's eager attention where SDPA cannot express it, on the mask built only then; each call is
-counted under ``te_hits`` or its reason in :func:`te_fx.get_te_attention_stats`.
+``scaling`` and ``dropout``, and the mask that :func:`te_fx.hf_interface.mask.te_mask` passed on, whose pattern
+(causal, its window, key padding or packed documents) decides, as HF's mask does in its SDPA; without a mask the
+layer's ``is_causal`` and ``sliding_window`` do. What te_fx cannot run exactly (a mask HF built, a call the executor
+refuses, an argument such as softcapping, attention sinks or a position bias) runs HF's SDPA, or the model's eager
+attention for such arguments, on the mask built only then; each call is counted under ``te_hits`` or its reason in
+:func:`te_fx.get_te_attention_stats`. An argument te_fx does not know at all is an error, not a guess.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from typing import Any
 
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.utils.generic import TransformersKwargs
 
 from .. import ops
 from ..core import stats
@@ -25,37 +25,55 @@ from ..core.masks import plan_mask
 from ..core.plan import AttentionPlan
 from ..executors import (
     AttentionCall,
+    is_training,
     qkv_mismatch_reason,
     resolve_executor,
     te_limits_reason,
     unsupported_call_reason,
 )
+from .mask import read_mask
 
 __all__ = ["te_attention_forward"]
 
+# what HF passes every attention function, which changes nothing it computes
+_PASSIVE = frozenset(TransformersKwargs.__annotations__) | {"cache_position", "use_cache", "past_key_values", "cache"}
+# what a model's eager attention applies and te_fx does not
+_EAGER_ONLY = ("softcap", "s_aux", "position_bias")
 
-def _plan(mask: torch.Tensor | None, causal: bool, window_left: int, q_len: int, kv_len: int) -> AttentionPlan | None:
-    """The plan of a call from the layer's pattern and what :func:`te_mask` returned, or None (a mask HF built, or
-    a pattern te_fx's op does not take)."""
-    mask_type = "no_mask" if not causal else "causal" if q_len == kv_len else "causal_bottom_right"
-    window = (window_left, 0) if causal else (-1, -1)
+
+def _plan(mask: Any, causal: bool, sliding_window: int | None, q_len: int, kv_len: int) -> AttentionPlan | None:
+    """What the call computes, in TE's terms: from the mask te_mask passed on, else from the layer's arguments;
+    None for HF's own mask or a pattern that is not one (more queries than keys, a window on a bidirectional
+    layer)."""
+    info = read_mask(mask)
+    if info is None and mask is not None:
+        return None
+    if info is not None:
+        causal, window_left = True, info.window_left
+    else:
+        window_left = sliding_window - 1 if sliding_window else -1
     if q_len > kv_len or (not causal and window_left >= 0):
         return None
-    if mask is None:
-        return AttentionPlan(mask_type, window)
-    if q_len != kv_len:
-        return None
-    if mask.dim() == 2 and mask.dtype == torch.uint8:  # te_mask found every row keeping its first keys
-        return AttentionPlan("causal", window, key_padding=mask, kept_first=True) if causal else None
-    if mask.dim() == 2 and mask.dtype == torch.bool:  # te_mask checked the padding's place outside torch.compile
-        tracing_window = torch.compiler.is_compiling() and window_left >= 0
-        return None if not causal or tracing_window else AttentionPlan("causal", window, key_padding=mask)
-    if mask.dim() == 1 and mask.dtype == torch.int32:
-        return AttentionPlan(mask_type, window, cu_seqlens=mask)
-    return None
+    if not causal:
+        return AttentionPlan("no_mask", (-1, -1))
+    mask_type = "causal" if q_len == kv_len else "causal_bottom_right"
+    if info is None:
+        return AttentionPlan(mask_type, (window_left, 0))
+    return AttentionPlan(
+        mask_type, (window_left, 0), key_padding=info.keep, cu_seqlens=info.cu_seqlens, kept_first=info.kept_first
+    )
 
 
-def _refusal(
+def _op_refusal(plan: AttentionPlan, mask: Any, q_len: int, kv_len: int) -> bool:
+    """Whether te_fx's op cannot take ``plan`` exactly: key padding with a KV cache (the op pads self-attention
+    only), or a padding mask with a window under torch.compile, where te_mask could not check that the padding
+    sits at the ends of the rows."""
+    padded = plan.key_padding is not None
+    unchecked = padded and mask.dtype == torch.bool and torch.compiler.is_compiling() and plan.window_size[0] >= 0
+    return ((padded or plan.cu_seqlens is not None) and q_len != kv_len) or unchecked
+
+
+def _executor_refusal(
     executor: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan, dropout: float
 ) -> str | None:
     """Why ``executor`` cannot run ``plan`` on bshd q, k, v. Under torch.compile only what the executor's limits
@@ -66,8 +84,8 @@ def _refusal(
         return reason
     if torch.compiler.is_compiling():
         return te_limits_reason(q.dtype, q.device.type, q.shape[-1], v.shape[-1]) if executor == "te" else None
-    training = dropout > 0 or (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
-    return unsupported_call_reason(executor, AttentionCall.of_plan(q, k, v, plan, dropout, training))
+    call = AttentionCall.of_plan(q, k, v, plan, dropout, is_training(dropout, q, k, v))
+    return unsupported_call_reason(executor, call)
 
 
 def _count(reason: str) -> None:
@@ -76,44 +94,32 @@ def _count(reason: str) -> None:
         stats.count(reason)
 
 
-def _fallback_mask(
-    mask: torch.Tensor | None, plan: AttentionPlan | None, causal: bool, window_left: int, q: torch.Tensor, kv_len: int
-) -> torch.Tensor | None:
-    """The bool SDPA mask of the call, built now that SDPA runs it (None: SDPA's own causal or no mask)."""
-    if mask is not None and mask.dim() == 4:
-        return mask
-    batch, q_len = q.shape[0], q.shape[2]
-    if plan is None:  # a pattern te_fx's op does not take (key padding with a KV cache, on a bidirectional layer, ...)
-        mask_type = "no_mask" if not causal else "causal" if q_len == kv_len else "causal_bottom_right"
-        plan = AttentionPlan(mask_type, (window_left, 0) if causal else (-1, -1))
-        if mask is not None:
-            plan = dataclasses.replace(plan, **{"key_padding" if mask.dim() == 2 else "cu_seqlens": mask})
-    if mask is None and plan.mask_type == "causal" and plan.window_size[0] < 0:
-        return None
-    return plan_mask(plan, batch, q_len, kv_len, q.device)
-
-
 def _hf_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    mask: torch.Tensor | None,
+    mask: Any,
+    plan: AttentionPlan | None,
+    eager: bool,
     dropout: float,
     scaling: float | None,
     kwargs: dict,
 ) -> tuple[torch.Tensor, Any]:
-    """HF's SDPA attention, or the model's eager attention for softcapping and attention sinks."""
-    if kwargs.get("softcap") is None and kwargs.get("s_aux") is None:
+    """HF's SDPA attention, or the model's eager attention (``eager``), on the mask of ``plan`` built now where te_mask
+    passed one on (HF's own mask, or none, as it came)."""
+    if plan is not None and mask is not None:
+        mask = plan_mask(plan, query.shape[0], query.shape[2], key.shape[2], query.device)
+    if not eager:
         return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
-    eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
-    if eager is None:
-        raise NotImplementedError(f"{type(module).__name__} uses softcapping or sinks without an eager attention")
+    attention = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if attention is None:
+        raise NotImplementedError(f"te_fx: {type(module).__name__} passes {_EAGER_ONLY} arguments te_fx does not "
+                                  "run, and its module has no eager_attention_forward to run them")  # fmt: skip
     if mask is not None and mask.dtype == torch.bool:
-        mask = torch.zeros(mask.shape, dtype=query.dtype, device=mask.device).masked_fill(
-            ~mask, torch.finfo(query.dtype).min
-        )
-    return eager(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
+        additive = torch.zeros(mask.shape, dtype=query.dtype, device=mask.device)
+        mask = additive.masked_fill(~mask, torch.finfo(query.dtype).min)
+    return attention(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
 
 
 def te_attention_forward(
@@ -129,20 +135,27 @@ def te_attention_forward(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention interface for "te": returns (attn_output (B, Sq, H, Dv), None)."""
+    unknown = sorted(k for k, v in kwargs.items() if v is not None and k not in _PASSIVE and k not in _EAGER_ONLY)
+    if unknown:
+        raise NotImplementedError(
+            f"te_fx's attention backend does not know the attention arguments {unknown} of {type(module).__name__}; "
+            "use attn_implementation='sdpa' (or 'eager') for this model"
+        )
     dtype = autocast_dtype(query.device.type)
     if dtype is not None:  # as SDPA under autocast computes
         query, key, value = cast_like_sdpa((query, key, value), dtype)
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    window_left = sliding_window - 1 if sliding_window else -1
     q_len, kv_len = query.shape[2], key.shape[2]
-    plan = _plan(attention_mask, causal, window_left, q_len, kv_len)
-    reason = "fallback_mask"
-    if plan is not None and (kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None):
-        reason = "fallback_softmax"
-    elif plan is not None:
+    plan = _plan(attention_mask, causal, sliding_window, q_len, kv_len)
+    eager = any(kwargs.get(name) is not None for name in _EAGER_ONLY)
+    if plan is None or _op_refusal(plan, attention_mask, q_len, kv_len):
+        reason = "fallback_mask"
+    elif eager:
+        reason = "fallback_argument"
+    else:
         executor = resolve_executor(None)
         q, k, v = (t.transpose(1, 2).contiguous() for t in (query, key, value))
-        reason = _refusal(executor, q, k, v, plan, dropout)
+        reason = _executor_refusal(executor, q, k, v, plan, dropout)
         if reason is None:
             _count("te_hits")
             out = ops.attention(
@@ -153,6 +166,5 @@ def te_attention_forward(
             )  # fmt: skip
             return out, None
     _count(reason)
-    mask = _fallback_mask(attention_mask, plan, causal, window_left, query, kv_len)
     kwargs["is_causal"] = causal
-    return _hf_attention(module, query, key, value, mask, dropout, scaling, kwargs)
+    return _hf_attention(module, query, key, value, attention_mask, plan, eager, dropout, scaling, kwargs)

@@ -2,38 +2,74 @@
 
 transformers calls a backend's mask function (``AttentionMaskInterface``) once per forward and mask type with a
 description of the mask: a mask function (causal, sliding window, packed documents, or a custom overlay), the 2D
-padding mask and where the queries and keys sit. Where TE can run the attention, :func:`te_mask` returns
+padding mask and where the queries and keys sit. Where TE can run the attention exactly, :func:`te_mask` passes on
+what the attention function needs in one small tensor, :func:`read_mask` reads it back, and the mask's pattern
+(causal, and its window) wins over the layer's own arguments, as it does in HF's SDPA:
 
-* None: no padding (the layer's causal or sliding pattern, as its attention function is told);
-* the (B, kv_len) keep mask: key padding. Outside torch.compile only padding before the first or after the last
-  kept token of each row (so that sliding windows stay exact), and as uint8 instead of bool when every row keeps
-  its first keys and at least one (right padding: TE runs the rows as they are);
-* (N + 1,) int32 document boundaries over the B * S tokens: packed documents (outside torch.compile: HF's packed
-  mask function is recognised by its closure, which a compiled graph cannot read);
+* (B or 1, W, kv_len), W = window_left + 2: the keep mask of each row's keys, repeated (a stride-0 view) W times
+  so that its size carries the window; int8 for no padding, uint8 when every row keeps its first keys and at least
+  one (right padding), bool for padding before the first or after the last kept token (outside torch.compile,
+  where it is checked) or anywhere (under it, where it is not);
+* (W, N + 1) int32: the boundaries of packed documents over the B * S tokens (outside torch.compile: HF's packed
+  mask function is recognised by its closure, which a compiled graph cannot read).
 
-and HF's own SDPA mask for anything else (a custom overlay, a chunked or bidirectional pattern, queries that do not
-end at the last key as in a static cache, packed documents under torch.compile), on which the attention function
-runs HF's SDPA. Outside torch.compile the values above cost one host sync per call; under it, none.
+Anything else gets HF's own SDPA mask (a custom overlay, a chunked or bidirectional pattern, queries that do not
+end at the last key as in a static cache, packed documents under torch.compile, and whatever a caller asks to see
+materialized). Outside torch.compile the values above cost one host sync per call; under it, none.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from transformers import masking_utils
 
-from ..core.masks import padding_layout
+from ..core.masks import document_boundaries, padding_layout
 
-__all__ = ["te_mask"]
+__all__ = ["MaskInfo", "read_mask", "te_mask"]
 
 _AND = masking_utils.and_masks(masking_utils.causal_mask_function).__code__
-_SLIDING = masking_utils.sliding_window_overlay(1).__code__
 _PACKED = masking_utils.packed_sequence_mask_function(None).__code__
 # transformers >= 5.2x remaps the base pattern to the packed positions first; older versions AND it as it is
 _REMAP = getattr(masking_utils, "remap_positions_for_packed_sequence", None)
 _REMAP = _REMAP(masking_utils.causal_mask_function, None).__code__ if _REMAP else None
+
+
+@dataclass(frozen=True)
+class MaskInfo:
+    """What :func:`te_mask` passed on: the mask's left window (-1: full causal) and at most one of key padding
+    (``keep``, with ``kept_first``) and packed documents (``cu_seqlens``)."""
+
+    window_left: int
+    keep: torch.Tensor | None = None
+    kept_first: bool = False
+    cu_seqlens: torch.Tensor | None = None
+
+
+def read_mask(mask: Any) -> MaskInfo | None:
+    """The :class:`MaskInfo` of a mask :func:`te_mask` passed on, else None (no mask, or HF's own)."""
+    if not isinstance(mask, torch.Tensor):
+        return None
+    if mask.dim() == 3 and mask.dtype in (torch.int8, torch.uint8, torch.bool):
+        keep = None if mask.dtype == torch.int8 else mask[:, 0]
+        return MaskInfo(mask.shape[1] - 2, keep, kept_first=mask.dtype == torch.uint8)
+    if mask.dim() == 2 and mask.dtype == torch.int32:
+        return MaskInfo(mask.shape[0] - 2, cu_seqlens=mask[0])
+    return None
+
+
+def _window(fn: Callable, local_size: Any) -> int | None:
+    """TE's left window of HF's causal (-1) or sliding-window causal (``local_size`` - 1) mask function, else None.
+    Read by HF's contract, not the closure (which a compiled graph cannot read): its mask creators pass
+    ``local_size`` with the sliding one, and put no overlay on either where they allow the causal skip or leave
+    ``use_vmap`` off (the caller checks which)."""
+    if fn is masking_utils.causal_mask_function:
+        return -1
+    sliding = getattr(fn, "__code__", None) is _AND and isinstance(local_size, int) and local_size > 0
+    return local_size - 1 if sliding else None
 
 
 def _closure(fn: Callable) -> dict[str, Any]:
@@ -43,48 +79,23 @@ def _closure(fn: Callable) -> dict[str, Any]:
     return dict(zip(code.co_freevars, (cell.cell_contents for cell in fn.__closure__)))
 
 
-def _is(fn: Callable, code: Any) -> bool:
-    return code is not None and getattr(fn, "__code__", None) is code
-
-
-def _is_plain(fn: Callable, allow_is_causal_skip: bool, local_size: Any, config: Any) -> bool:
-    """Whether ``fn`` is HF's causal or sliding-window causal mask function, by HF's own contract: its mask
-    creators allow the causal skip only for their base function, never with an overlay, packing or blocks on top,
-    and pass ``local_size`` with the sliding one (and with the chunked one, which ``attention_chunk_size`` tells
-    apart). Reads no closure, so torch.compile traces it."""
-    if fn is masking_utils.causal_mask_function:
-        return True
-    sliding = _is(fn, _AND) and isinstance(local_size, int)
-    return sliding and allow_is_causal_skip and getattr(config, "attention_chunk_size", None) is None
-
-
-def _is_plain_by_closure(fn: Callable) -> bool:
-    """Whether ``fn`` is HF's causal or sliding-window causal mask function, read off its closure (eager only)."""
-    if fn is masking_utils.causal_mask_function:
-        return True
-    parts = _closure(fn).get("mask_functions", ()) if _is(fn, _AND) else ()
-    return len(parts) == 2 and parts[1] is masking_utils.causal_mask_function and _is(parts[0], _SLIDING)
-
-
-def _packed_ids(fn: Callable) -> torch.Tensor | None:
-    """The document ids of HF's packed mask function over a causal or sliding base (eager only: reads closures)."""
-    parts = _closure(fn).get("mask_functions", ()) if _is(fn, _AND) else ()
-    if len(parts) != 2 or not _is(parts[1], _PACKED):
+def _packed(fn: Callable, local_size: Any) -> tuple[int, torch.Tensor] | None:
+    """(left window, document ids (B, S)) of HF's packed mask function over its causal or sliding base (eager
+    only: reads closures)."""
+    parts = _closure(fn).get("mask_functions", ()) if getattr(fn, "__code__", None) is _AND else ()
+    if len(parts) != 2 or getattr(parts[1], "__code__", None) is not _PACKED:
         return None
-    base = _closure(parts[0]).get("mask_function") if _is(parts[0], _REMAP) else parts[0]
+    base = _closure(parts[0]).get("mask_function") if getattr(parts[0], "__code__", None) is _REMAP else parts[0]
+    window = None if base is None else _window(base, local_size)
     ids = _closure(parts[1]).get("packed_sequence_mask")
-    plain = base is not None and _is_plain_by_closure(base)
-    return ids if plain and isinstance(ids, torch.Tensor) else None
+    return None if window is None or not isinstance(ids, torch.Tensor) else (window, ids)
 
 
 def _boundaries(ids: torch.Tensor) -> torch.Tensor:
-    """(N + 1,) int32 document boundaries over the flattened (B, S) tokens of document ids; one host sync."""
+    """Document boundaries over the flattened (B, S) tokens of document ids (one host sync)."""
     starts = torch.ones_like(ids, dtype=torch.bool)
     starts[:, 1:] = ids[:, 1:] != ids[:, :-1]
-    flat = starts.flatten()
-    indices = torch.nonzero_static(flat, size=int(flat.sum()))
-    end = torch.full((1,), flat.numel(), device=flat.device)
-    return torch.cat([indices.flatten(), end]).to(torch.int32)
+    return document_boundaries(starts, int(starts.sum()))
 
 
 def te_mask(
@@ -97,6 +108,7 @@ def te_mask(
     attention_mask: torch.Tensor | None = None,
     allow_is_causal_skip: bool = True,
     local_size: int | None = None,
+    use_vmap: bool = False,
     **kwargs: Any,
 ) -> torch.Tensor | None:
     """transformers' mask interface for "te" (see the module docstring for what it returns)."""
@@ -105,27 +117,34 @@ def te_mask(
         return masking_utils.sdpa_mask(
             batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset, kv_offset=kv_offset,
             mask_function=mask_function, attention_mask=attention_mask, local_size=local_size,
-            allow_is_causal_skip=False, **kwargs,
+            allow_is_causal_skip=False, use_vmap=use_vmap, **kwargs,
         )  # fmt: skip
 
+    if read_mask(attention_mask) is not None:  # passed on before, as generate() does for the steps it prepares
+        return attention_mask
     tracing = torch.compiler.is_compiling()
+    chunked = getattr(kwargs.get("config"), "attention_chunk_size", None) is not None
     # a static cache's queries sit before its end: its unwritten keys need the mask
     queries_end_at_last_key = isinstance(q_offset, int) and q_offset + q_length == kv_offset + kv_length
-    plain = _is_plain(mask_function, allow_is_causal_skip, local_size, kwargs.get("config"))
-    ids = None if plain or tracing or attention_mask is not None else _packed_ids(mask_function)
-    if not queries_end_at_last_key or not (plain or ids is not None):
+    if chunked or use_vmap or not queries_end_at_last_key:
         return hf_mask()
-    if ids is not None:
-        return _boundaries(ids.expand(batch_size, -1))
+    window = _window(mask_function, local_size) if allow_is_causal_skip else None
+    packed = None if window is not None or tracing or attention_mask is not None else _packed(mask_function, local_size)
+    if packed is not None:
+        return _boundaries(packed[1].expand(batch_size, -1))[None].expand(packed[0] + 2, -1)
+    if window is None:
+        return hf_mask()
+    width = window + 2
     keep = masking_utils.prepare_padding_mask(attention_mask, kv_length, kv_offset)
     if keep is None:
-        return None
+        return torch.ones((), dtype=torch.int8, device=kwargs.get("device")).expand(1, width, kv_length)
     keep = keep[:, kv_offset : kv_offset + kv_length]
-    if tracing:
-        return keep
-    all_kept, outer, kept_first = padding_layout(keep).tolist()
-    if all_kept:
-        return None
-    if kept_first:
-        return keep.to(torch.uint8)
-    return keep if outer else hf_mask()
+    if not tracing:
+        all_kept, outer, kept_first = padding_layout(keep).tolist()
+        if all_kept:
+            return torch.ones((), dtype=torch.int8, device=keep.device).expand(1, width, kv_length)
+        if not outer:
+            return hf_mask()
+        if kept_first:
+            keep = keep.to(torch.uint8)
+    return keep[:, None, :].expand(-1, width, -1)
