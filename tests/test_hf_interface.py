@@ -237,33 +237,44 @@ def test_a_mask_hf_must_materialize_is_hfs():
 
 
 def test_position_bias_runs_the_models_eager_attention():
-    from transformers import T5Config, T5ForConditionalGeneration
+    """T5's attention module with its relative position bias: te_attention_forward runs T5's eager attention."""
+    from transformers import T5Config
+    from transformers.models.t5 import modeling_t5
 
-    config = T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0)
-    torch.manual_seed(0)
-    plain = T5ForConditionalGeneration(copy.deepcopy(config)).eval()
-    plain.set_attn_implementation("sdpa")
-    te = T5ForConditionalGeneration(copy.deepcopy(config)).eval()
-    te.load_state_dict(plain.state_dict())
-    te.set_attn_implementation("te")
-    if te.encoder.config._attn_implementation != "te":
-        pytest.skip("this transformers' T5 does not pass an attention backend on to its stacks")
-    batch = {"input_ids": _ids(2, 8), "decoder_input_ids": _ids(2, 6, seed=2)}
+    if not hasattr(modeling_t5, "eager_attention_forward"):
+        pytest.skip("this transformers' T5 has no eager attention function")
+    config = T5Config(d_model=32, d_kv=8, num_heads=4)
+    module = modeling_t5.T5Attention(config, has_relative_attention_bias=True)
+    q, k, v = (torch.randn(2, 4, 6, 8) for _ in range(3))
+    bias = torch.randn(1, 4, 6, 6)
+    ref, _ = modeling_t5.eager_attention_forward(module, q, k, v, None, scaling=1.0, position_bias=bias)
+    out, _ = te_attention_forward(module, q, k, v, None, scaling=1.0, position_bias=bias)
+    torch.testing.assert_close(out, ref)
+    _expect_stats(fallback_argument=1)
+
+
+def test_arguments_pass_by_as_in_sdpa_except_a_models_own_kernel_indices():
+    """Models hand their attention whatever the caller gave (a tokenizer's ``token_type_ids``): it passes by, as in
+    HF's SDPA. DeepSeek-V3.2-style top-k ``indices``, meant for a kernel of the model's own, are an error."""
+    plain, te = _pair("llama_gqa")
+    ids = _ids(2, 8)
     with torch.no_grad():
-        torch.testing.assert_close(te(**batch).logits, plain(**batch).logits, atol=ATOL, rtol=RTOL)
-    assert te_fx.get_te_attention_stats()["fallback_argument"] == 6  # encoder, decoder self and cross attention
-
-
-def test_an_attention_argument_te_fx_does_not_know_is_an_error():
-    """DeepSeek-V3.2-style top-k ``indices`` (or anything else unknown) change what attention computes in ways te_fx
-    cannot follow: a clear error, not a guess."""
+        ref = plain(ids, token_type_ids=torch.zeros_like(ids)).logits
+        out = te(ids, token_type_ids=torch.zeros_like(ids)).logits
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=RTOL)
     q = torch.randn(1, 4, 6, 8)
     k = v = torch.randn(1, 2, 6, 8)
-    module = torch.nn.Module()
     with pytest.raises(NotImplementedError, match=r"\['indices'\]"):
-        te_attention_forward(module, q, k, v, None, indices=torch.zeros(1, 6, 2, dtype=torch.int32))
-    out, _ = te_attention_forward(module, q, k, v, None, position_ids=torch.arange(6)[None], output_attentions=False)
-    assert out.shape == (1, 6, 4, 8)
+        te_attention_forward(torch.nn.Module(), q, k, v, None, indices=torch.zeros(1, 6, 2, dtype=torch.int32))
+
+
+def test_a_model_outside_the_attention_interface_is_refused():
+    """Bloom accepts the name but runs its own attention code, which would read te_mask's values as a mask: a clear
+    error instead (its counters would otherwise stay at zero while it computes something else)."""
+    config = AutoConfig.for_model("bloom", vocab_size=128, hidden_size=32, n_layer=1, n_head=4)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="te")
+    with pytest.raises(ValueError, match="BloomForCausalLM runs its own attention code"):
+        model(_ids(1, 6))
 
 
 def test_a_non_causal_layer_given_a_causal_mask_follows_the_mask():

@@ -6,7 +6,9 @@ transformers calls it per layer with q (B, H, Sq, D), K/V with their own KV head
 layer's ``is_causal`` and ``sliding_window`` do. What te_fx cannot run exactly (a mask HF built, a call the executor
 refuses, an argument such as softcapping, attention sinks or a position bias) runs HF's SDPA, or the model's eager
 attention for such arguments, on the mask built only then; each call is counted under ``te_hits`` or its reason in
-:func:`te_fx.get_te_attention_stats`. An argument te_fx does not know at all is an error, not a guess.
+:func:`te_fx.get_te_attention_stats`. Other arguments pass by, as they do HF's SDPA (models hand their attention
+whatever the caller gave, ``token_type_ids`` included), except top-k ``indices`` meant for a kernel of the model's
+own, which are an error.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from typing import Any
 
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.utils.generic import TransformersKwargs
 
 from .. import ops
 from ..core import stats
@@ -35,10 +36,10 @@ from .mask import read_mask
 
 __all__ = ["te_attention_forward"]
 
-# what HF passes every attention function, which changes nothing it computes
-_PASSIVE = frozenset(TransformersKwargs.__annotations__) | {"cache_position", "use_cache", "past_key_values", "cache"}
 # what a model's eager attention applies and te_fx does not
-_EAGER_ONLY = ("softcap", "s_aux", "position_bias")
+_EAGER_ONLY = ("softcap", "s_aux", "sinks", "position_bias")
+# what only a kernel of its own applies (DeepSeek-V3.2-style top-k indices: HF's eager and SDPA paths never see them)
+_REFUSED = ("indices",)
 
 
 def _plan(mask: Any, causal: bool, sliding_window: int | None, q_len: int, kv_len: int) -> AttentionPlan | None:
@@ -135,11 +136,11 @@ def te_attention_forward(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention interface for "te": returns (attn_output (B, Sq, H, Dv), None)."""
-    unknown = sorted(k for k, v in kwargs.items() if v is not None and k not in _PASSIVE and k not in _EAGER_ONLY)
-    if unknown:
+    refused = [name for name in _REFUSED if kwargs.get(name) is not None]
+    if refused:
         raise NotImplementedError(
-            f"te_fx's attention backend does not know the attention arguments {unknown} of {type(module).__name__}; "
-            "use attn_implementation='sdpa' (or 'eager') for this model"
+            f"{type(module).__name__} passes {refused} to its attention for a kernel of its own, which te_fx does not "
+            "run; use attn_implementation='sdpa' (or 'eager') for this model"
         )
     dtype = autocast_dtype(query.device.type)
     if dtype is not None:  # as SDPA under autocast computes

@@ -20,6 +20,7 @@ materialized). Outside torch.compile the values above cost one host sync per cal
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -91,6 +92,21 @@ def _packed(fn: Callable, local_size: Any) -> tuple[int, torch.Tensor] | None:
     return None if window is None or not isinstance(ids, torch.Tensor) else (window, ids)
 
 
+@functools.cache
+def _outside_attention_interface(config_class: type) -> str | None:
+    """The model class of ``config_class`` when transformers knows it and its attention does not go through
+    ``AttentionInterface`` (its own code would take te_mask's values for a mask), else None."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING
+
+    for mapping in (MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING):
+        try:
+            model_class = mapping[config_class]
+        except KeyError:
+            continue
+        return None if model_class.is_backend_compatible() else model_class.__name__
+    return None
+
+
 def _boundaries(ids: torch.Tensor) -> torch.Tensor:
     """Document boundaries over the flattened (B, S) tokens of document ids (one host sync)."""
     starts = torch.ones_like(ids, dtype=torch.bool)
@@ -120,10 +136,17 @@ def te_mask(
             allow_is_causal_skip=False, use_vmap=use_vmap, **kwargs,
         )  # fmt: skip
 
+    config = kwargs.get("config")
+    outside = _outside_attention_interface(type(config)) if config is not None else None
+    if outside is not None:
+        raise ValueError(
+            f'attn_implementation="te" needs a model whose attention goes through transformers\' AttentionInterface; '
+            f"{outside} runs its own attention code. Use attn_implementation='sdpa' (or te_fx.inject_te_attention)"
+        )
     if read_mask(attention_mask) is not None:  # passed on before, as generate() does for the steps it prepares
         return attention_mask
     tracing = torch.compiler.is_compiling()
-    chunked = getattr(kwargs.get("config"), "attention_chunk_size", None) is not None
+    chunked = getattr(config, "attention_chunk_size", None) is not None
     # a static cache's queries sit before its end: its unwritten keys need the mask
     queries_end_at_last_key = isinstance(q_offset, int) and q_offset + q_length == kv_offset + kv_length
     if chunked or use_vmap or not queries_end_at_last_key:
