@@ -132,26 +132,21 @@ def _compact_valid_first(
     order = torch.empty_like(restore).scatter_(1, restore, positions.expand_as(restore))
     # a row with no kept token still gets one key (a padding one, at the front), so that no kernel sees an empty
     # sequence and leaves its output or statistics unwritten; those rows are zeroed afterwards
-    kv_lengths = lengths.clamp(min=1).flatten()
-    cu_seqlens_kv = _cumulative(kv_lengths)
+    cu_seqlens_q, cu_seqlens_kv = _padded_seqlens(lengths.clamp(min=1).flatten(), window_left, seq)
     if window_left < 0:
         return order, restore, None, cu_seqlens_kv, kept_before > 0
-    # the kernel's query r sees ranks max(0, r - w)..min(r, L - 1): none once r >= L + w. Those rows (padding
-    # queries, zero in SDPA too) stay out of the kernel, which would otherwise see a row without a key
-    cu_seqlens_q = _cumulative((kv_lengths + window_left).clamp(max=seq))
     shift = min(window_left + 1, seq)
     kept_before_window = torch.nn.functional.pad(kept_before, (shift, 0))[:, :seq]
     return order, restore, cu_seqlens_q, cu_seqlens_kv, kept_before > kept_before_window
 
 
-def _kept_first_lengths(key_padding_mask: Tensor, window_left: int) -> tuple[Tensor | None, Tensor]:
-    """(cu_seqlens_q, cu_seqlens_kv) of rows whose kept keys come first: each query sees the row's kept keys up to
-    itself, so the queries are the whole row, except that with a window those that see no key (past the kept ones
-    by more than the window) stay out of the kernel and come back zero."""
-    lengths = (key_padding_mask != 0).sum(dim=1)
-    seq = key_padding_mask.shape[1]
-    cu_q = None if window_left < 0 else _cumulative((lengths + window_left).clamp(max=seq))
-    return cu_q, _cumulative(lengths)
+def _padded_seqlens(kv_lengths: Tensor, window_left: int, seq: int) -> tuple[Tensor | None, Tensor]:
+    """(cu_seqlens_q, cu_seqlens_kv) of TE's ``padding_causal`` for rows whose (B,) ``kv_lengths`` kept keys come
+    first: each query sees the kept keys up to itself, so the queries are the whole row (None), except that with a
+    window query r sees ranks max(0, r - w)..min(r, L - 1), none once r >= L + w; those rows (zero in SDPA too)
+    stay out of the kernel, which would otherwise see a row without a key, and come back zero."""
+    cu_seqlens_q = None if window_left < 0 else _cumulative((kv_lengths + window_left).clamp(max=seq))
+    return cu_seqlens_q, _cumulative(kv_lengths)
 
 
 def _cumulative(lengths: Tensor) -> Tensor:
@@ -287,7 +282,8 @@ def attention(
     _check_arguments(q, k, v, mask_type, window_size, dropout_p, key_padding_mask, cu_seqlens, executor)
     training = is_training(dropout_p, q, k, v)
     if key_padding_mask is not None and key_padding_kept_first:
-        cu_q, cu_kv = _kept_first_lengths(key_padding_mask, window_size[0])
+        lengths = (key_padding_mask != 0).sum(dim=1)
+        cu_q, cu_kv = _padded_seqlens(lengths, window_size[0], key_padding_mask.shape[1])
         out, _, _ = torch.ops.te_fx.attention_fwd(
             q, k, v, cu_q, cu_kv, "padding_causal", window_size[0], window_size[1], softmax_scale, dropout_p,
             training, executor, "bshd",

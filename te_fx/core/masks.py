@@ -23,6 +23,7 @@ __all__ = [
     "in_window",
     "te_visible",
     "plan_mask",
+    "documents",
     "padding_layout",
     "document_boundaries",
     "classify_mask",
@@ -110,6 +111,15 @@ def te_visible(
     return visible
 
 
+def documents(cu_seqlens: torch.Tensor, batch: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(document index, position in the document) of each of the B * S flattened tokens, shaped (B, S), for
+    document boundaries ``cu_seqlens`` over them (empty documents are skipped)."""
+    bounds = cu_seqlens.long()
+    tokens = torch.arange(batch * seq_len, device=bounds.device)
+    doc = torch.searchsorted(bounds, tokens, right=True) - 1
+    return doc.view(batch, seq_len), (tokens - bounds[doc]).view(batch, seq_len)
+
+
 def plan_mask(plan: AttentionPlan, batch: int, q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
     """Bool (B, 1, q_len, kv_len), True = attend: the SDPA mask of what ``plan`` computes (the inverse of
     :func:`classify_mask`), for a call that a way in decided from a plan and then hands back to SDPA."""
@@ -117,8 +127,7 @@ def plan_mask(plan: AttentionPlan, batch: int, q_len: int, kv_len: int, device: 
     if plan.key_padding is not None:
         return visible & (plan.key_padding != 0)[:, None, None, :]
     if plan.cu_seqlens is not None:
-        tokens = torch.arange(batch * q_len, device=device)
-        document = (torch.searchsorted(plan.cu_seqlens.long(), tokens, right=True) - 1).view(batch, q_len)
+        document = documents(plan.cu_seqlens, batch, q_len)[0]
         return visible & (document[:, :, None] == document[:, None, :])[:, None]
     return visible
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..core.masks import in_window, te_visible
+from ..core.masks import documents, in_window, te_visible
 from . import AttentionCall, Executor, ExecutorModule, thd_mask_type
 
 if TYPE_CHECKING:
@@ -57,14 +57,6 @@ def _check_packed(cu_seqlens: torch.Tensor, batch: int, seq_len: int, name: str)
                          f"among its boundaries (no document may cross a row), got {cu_seqlens.tolist()}")  # fmt: skip
 
 
-def _documents(cu_seqlens: torch.Tensor, batch: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(document index, position in the document) of each of the B * S flattened tokens, shaped (B, S)."""
-    bounds = cu_seqlens.long()
-    tokens = torch.arange(batch * seq_len, device=bounds.device)
-    doc = torch.searchsorted(bounds, tokens, right=True) - 1  # empty documents are skipped
-    return doc.view(batch, seq_len), (tokens - bounds[doc]).view(batch, seq_len)
-
-
 def thd_visible(
     mask_type: str,
     window_size: tuple[int, int],
@@ -84,8 +76,8 @@ def thd_visible(
         raise ValueError("cu_seqlens_q and cu_seqlens_kv must count the same documents")
     _check_packed(cu_seqlens_q, batch, q_len, "cu_seqlens_q")
     _check_packed(cu_seqlens_kv, batch, kv_len, "cu_seqlens_kv")
-    doc_q, pos_q = _documents(cu_seqlens_q, batch, q_len)
-    doc_kv, pos_kv = _documents(cu_seqlens_kv, batch, kv_len)
+    doc_q, pos_q = documents(cu_seqlens_q, batch, q_len)
+    doc_kv, pos_kv = documents(cu_seqlens_kv, batch, kv_len)
     diag = pos_q
     if mask_type.endswith("bottom_right"):
         diag = pos_q + (cu_seqlens_kv.long().diff() - cu_seqlens_q.long().diff())[doc_q]
