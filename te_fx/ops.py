@@ -35,22 +35,25 @@ def attention_fwd(
     training: bool,
     executor: str,
     qkv_format: str = "bshd",
+    softmax_offset: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Attention forward; returns (out, softmax_stats, rng_state). The last two are what the backward needs: TE's
     softmax statistics and RNG state (empty when not training), or the reference executor's dropout seed.
     ``cu_seqlens_*`` (int32): in "bshd", per-row lengths for the ``padding*`` mask types (None: full rows); in
-    "thd", the boundaries of the documents packed over the B * S tokens."""
+    "thd", the boundaries of the documents packed over the B * S tokens. ``softmax_offset`` (H,) float32 (float64
+    for the reference on float64): a sink logit per head in every softmax's denominator (TE's "learnable" softmax)."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     window = (window_left, window_right)
     return get_executor(executor).forward(
-        q, k, v, cu_seqlens_q, cu_seqlens_kv, qkv_format, mask_type, window, softmax_scale, dropout_p, training
-    )
+        q, k, v, cu_seqlens_q, cu_seqlens_kv, qkv_format, mask_type, window, softmax_scale, dropout_p, training,
+        softmax_offset,
+    )  # fmt: skip
 
 
 @attention_fwd.register_fake
 def _(
     q, k, v, cu_seqlens_q, cu_seqlens_kv, mask_type, window_left, window_right, softmax_scale, dropout_p, training,
-    executor, qkv_format="bshd",
+    executor, qkv_format="bshd", softmax_offset=None,
 ):  # fmt: skip
     torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4, lambda: "te_fx attention takes 4D bshd tensors")
     torch._check(q.shape[2] % k.shape[2] == 0, lambda: "query heads must be a multiple of KV heads")
@@ -76,35 +79,40 @@ def attention_bwd(
     dropout_p: float,
     executor: str,
     qkv_format: str = "bshd",
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Attention backward; returns (dq, dk, dv), contiguous bshd."""
+    softmax_offset: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Attention backward; returns (dq, dk, dv), contiguous bshd, and the gradient of ``softmax_offset`` (empty
+    without one)."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     window = (window_left, window_right)
-    return get_executor(executor).backward(
+    dq, dk, dv, d_offset = get_executor(executor).backward(
         d_out.contiguous(), q, k, v, out, softmax_stats, rng_state, cu_seqlens_q, cu_seqlens_kv, qkv_format,
-        mask_type, window, softmax_scale, dropout_p,
+        mask_type, window, softmax_scale, dropout_p, softmax_offset,
     )  # fmt: skip
+    return dq, dk, dv, d_offset if d_offset is not None else q.new_empty(0, dtype=torch.float32)
 
 
 @attention_bwd.register_fake
-def _(d_out, q, k, v, out, softmax_stats, rng_state, *config):
+def _(
+    d_out, q, k, v, out, softmax_stats, rng_state, cu_seqlens_q, cu_seqlens_kv, mask_type, window_left, window_right,
+    softmax_scale, dropout_p, executor, qkv_format="bshd", softmax_offset=None,
+):  # fmt: skip
     # the kernels write contiguous bshd gradients whatever the strides of q, k, v
-    return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+    offset = softmax_offset if softmax_offset is not None else q.new_empty(0, dtype=torch.float32)
+    return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v, offset))
 
 
 def _setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-    q, k, v, cu_q, cu_kv, mask_type, window_left, window_right, softmax_scale, dropout_p, _training, executor, *fmt = (
-        inputs
-    )
+    q, k, v, cu_q, cu_kv, *config, offset = inputs
     out, stats, rng = output
-    ctx.save_for_backward(q, k, v, out, stats, rng, cu_q, cu_kv)
-    ctx.config = (mask_type, window_left, window_right, softmax_scale, dropout_p, executor, *fmt)
+    ctx.save_for_backward(q, k, v, out, stats, rng, cu_q, cu_kv, offset)
+    ctx.config = tuple(config[:5]) + tuple(config[6:])  # mask_type ... dropout_p, executor, qkv_format
 
 
 def _backward(ctx: Any, d_out: Tensor, _d_stats: Tensor, _d_rng: Tensor) -> tuple:
-    q, k, v, out, stats, rng, cu_q, cu_kv = ctx.saved_tensors
-    dq, dk, dv = attention_bwd(d_out, q, k, v, out, stats, rng, cu_q, cu_kv, *ctx.config)
-    return dq, dk, dv, *([None] * (len(ctx.config) + 3))
+    q, k, v, out, stats, rng, cu_q, cu_kv, offset = ctx.saved_tensors
+    dq, dk, dv, d_offset = attention_bwd(d_out, q, k, v, out, stats, rng, cu_q, cu_kv, *ctx.config, offset)
+    return dq, dk, dv, *([None] * (len(ctx.config) + 3)), d_offset if offset is not None else None
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -187,6 +195,7 @@ def _check_arguments(
     key_padding_mask: Tensor | None,
     cu_seqlens: Tensor | None,
     executor: str,
+    softmax_offset: Tensor | None,
 ) -> None:
     """Clear errors for arguments no executor can run, from metadata only (no tensor values are read)."""
     if executor not in EXECUTORS:
@@ -203,6 +212,12 @@ def _check_arguments(
         raise ValueError(f"window_size {tuple(window_size)} with mask_type {mask_type!r} needs q_len == kv_len")
     if key_padding_mask is not None and cu_seqlens is not None:
         raise ValueError("pass key_padding_mask or cu_seqlens, not both")
+    if softmax_offset is not None:
+        offset = softmax_offset
+        if offset.dim() != 1 or not offset.is_floating_point() or offset.device != q.device:
+            raise ValueError("softmax_offset must be a 1D floating-point tensor on the query's device, got "
+                             f"{offset.dim()}D {offset.dtype} on {offset.device}")  # fmt: skip
+        _check_size(offset.shape[0] == q.shape[2], "softmax_offset must hold one logit per query head")
     if key_padding_mask is not None:
         _check_key_padding(q, k, mask_type, window_size, key_padding_mask)
     if cu_seqlens is not None:
@@ -218,8 +233,9 @@ def _check_key_padding(
     if key_padding_mask.dim() != 2 or key_padding_mask.is_floating_point():
         raise ValueError("key_padding_mask must be a (B, S) bool or integer tensor (nonzero = keep), "
                          f"got {key_padding_mask.dim()}D {key_padding_mask.dtype}")  # fmt: skip
-    _check_size(key_padding_mask.shape[0] == q.shape[0], "its batch differs from the query's")
-    _check_size(key_padding_mask.shape[1] == k.shape[1], "its length differs from the keys'")
+    wrong_size = "key_padding_mask must be (B, S_kv): its {} differs from the {}"
+    _check_size(key_padding_mask.shape[0] == q.shape[0], wrong_size.format("batch", "query's"))
+    _check_size(key_padding_mask.shape[1] == k.shape[1], wrong_size.format("length", "keys'"))
 
 
 def _check_cu_seqlens(q: Tensor, k: Tensor, mask_type: str, window_size: tuple[int, int], cu_seqlens: Tensor) -> None:
@@ -236,13 +252,13 @@ def _check_cu_seqlens(q: Tensor, k: Tensor, mask_type: str, window_size: tuple[i
 _DYNAMO_TRACES_CHECK_MESSAGES = TorchVersion(torch.__version__) >= (2, 13)
 
 
-def _check_size(cond: bool, problem: str) -> None:
-    """A key_padding_mask size check that torch.compile keeps (as a guard or run-time assert, no graph break).
-    Dynamo before torch 2.13 cannot trace a message callable: there the compiled check goes without it."""
+def _check_size(cond: bool, message: str) -> None:
+    """A size check that torch.compile keeps (as a guard or run-time assert, no graph break). Dynamo before torch
+    2.13 cannot trace a message callable: there the compiled check goes without it."""
     if torch.compiler.is_dynamo_compiling() and not _DYNAMO_TRACES_CHECK_MESSAGES:
         torch._check_value(cond)
     else:
-        torch._check_value(cond, lambda: f"key_padding_mask must be (B, S_kv): {problem}")
+        torch._check_value(cond, lambda: message)
 
 
 def attention(
@@ -258,6 +274,7 @@ def attention(
     cu_seqlens: Tensor | None = None,
     executor: str = "te",
     key_padding_kept_first: bool = False,
+    softmax_offset: Tensor | None = None,
 ) -> Tensor:
     """Differentiable attention over bshd tensors with native GQA (Hkv divides H), TE mask semantics.
 
@@ -276,21 +293,27 @@ def attention(
       is causal (and windowed) on its own with ``mask_type="causal"``, or sees all of itself with "no_mask". Runs
       TE's thd format.
 
+    ``softmax_offset`` (H,): attention sinks, one logit per query head added to every softmax's denominator, as
+    GPT-OSS's ``sinks`` (TE's "learnable" softmax); differentiable, computed in float32 (float64 for float64 q).
+
     ``executor`` "te" needs CUDA fp16/bf16 tensors that TE's F16 fused backend supports; "reference" runs anywhere.
     Dropout draws fresh randomness per call; the backward reuses the forward's.
     """
-    _check_arguments(q, k, v, mask_type, window_size, dropout_p, key_padding_mask, cu_seqlens, executor)
-    training = is_training(dropout_p, q, k, v)
+    _check_arguments(q, k, v, mask_type, window_size, dropout_p, key_padding_mask, cu_seqlens, executor, softmax_offset)
+    offset = None if softmax_offset is None else softmax_offset.to(torch.promote_types(q.dtype, torch.float32))
+    training = is_training(dropout_p, q, k, v, *(() if offset is None else (offset,)))
     if key_padding_mask is not None and key_padding_kept_first:
         lengths = (key_padding_mask != 0).sum(dim=1)
         cu_q, cu_kv = _padded_seqlens(lengths, window_size[0], key_padding_mask.shape[1])
         out, _, _ = torch.ops.te_fx.attention_fwd(
             q, k, v, cu_q, cu_kv, "padding_causal", window_size[0], window_size[1], softmax_scale, dropout_p,
-            training, executor, "bshd",
+            training, executor, "bshd", offset,
         )  # fmt: skip
         return out
     if key_padding_mask is not None:
-        return _padded_attention(q, k, v, window_size, softmax_scale, dropout_p, training, key_padding_mask, executor)
+        return _padded_attention(
+            q, k, v, window_size, softmax_scale, dropout_p, training, key_padding_mask, executor, offset
+        )
     cu_q = cu_kv = None
     qkv_format = "bshd"
     if cu_seqlens is not None:
@@ -299,7 +322,7 @@ def attention(
         mask_type = thd_mask_type(mask_type)
     out, _, _ = torch.ops.te_fx.attention_fwd(
         q, k, v, cu_q, cu_kv, mask_type, window_size[0], window_size[1], softmax_scale, dropout_p, training,
-        executor, qkv_format,
+        executor, qkv_format, offset,
     )  # fmt: skip
     return out
 
@@ -314,12 +337,13 @@ def _padded_attention(
     training: bool,
     key_padding_mask: Tensor,
     executor: str,
+    softmax_offset: Tensor | None,
 ) -> Tensor:
     """:func:`attention` with a key padding mask: TE's ``padding_causal`` on rows partitioned kept-first."""
     order, restore, cu_q, cu_kv, sees_a_key = _compact_valid_first(key_padding_mask, window_size[0])
     q, k, v = (_PermuteRows.apply(t, order, restore) for t in (q, k, v))
     out, _, _ = torch.ops.te_fx.attention_fwd(
         q, k, v, cu_q, cu_kv, "padding_causal", window_size[0], window_size[1], softmax_scale, dropout_p, training,
-        executor, "bshd",
+        executor, "bshd", softmax_offset,
     )  # fmt: skip
     return torch.where(sees_a_key[:, :, None, None], _PermuteRows.apply(out, restore, order), 0.0)

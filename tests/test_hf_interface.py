@@ -189,22 +189,54 @@ def _batches(batch: int = 2, seq_len: int = 12) -> dict[str, tuple[torch.Tensor,
 
 
 @pytest.mark.parametrize("batch", ["no_padding", "right_padding"])
-@pytest.mark.parametrize(
-    "model_type, overrides",
-    [("gemma2", dict(sliding_window=4, attn_logit_softcapping=5.0)), ("gpt_oss", dict(sliding_window=4))],
-    ids=["gemma2_softcapping", "gpt_oss_sinks"],
-)
-def test_arguments_only_eager_attention_applies_run_it(model_type, overrides, batch):
-    """Softcapping (Gemma2) and attention sinks (GPT-OSS's s_aux): SDPA cannot apply them, so "te" runs the model's
-    eager attention (fallback_argument) on the mask built then, causal where nothing is padded."""
-    if model_type == "gpt_oss":
-        overrides.update(
-            num_local_experts=2, num_experts_per_tok=1, layer_types=["sliding_attention", "full_attention"] * 2
-        )
-    plain, te = _config_pair(model_type, "eager", **overrides)
+def test_softcapping_runs_the_models_eager_attention(batch):
+    """Softcapping (Gemma2): SDPA cannot apply it, so "te" runs the model's eager attention (fallback_argument) on the
+    mask built then, causal where nothing is padded."""
+    plain, te = _config_pair("gemma2", "eager", sliding_window=4, attn_logit_softcapping=5.0)
     ids, inputs = _batches()[batch]
     _assert_same_training_step(plain, te, ids, **inputs)
     _expect_stats(fallback_argument=te.config.num_hidden_layers)
+
+
+GPT_OSS = dict(num_local_experts=2, num_experts_per_tok=1, sliding_window=4,
+               layer_types=["sliding_attention", "full_attention"] * 2)  # fmt: skip
+
+
+@pytest.mark.parametrize("padding", ["none", "left", "right", "inner", "packed"])
+def test_attention_sinks_run_on_the_executor(padding):
+    """GPT-OSS's per-head sinks (``s_aux``) run on the executor's learnable softmax offset, sliding and full layers,
+    padded and packed rows: logits and every gradient, the sinks' included, equal HF's eager attention (the only
+    implementation of sinks in transformers). Padding inside a row under a window stays on HF's eager path."""
+    plain, te = _config_pair("gpt_oss", "eager", **GPT_OSS)
+    with torch.no_grad():  # sinks far from 0 and from each other, so that a wrong one shows
+        for model in (plain, te):
+            for i, layer in enumerate(model.model.layers):
+                layer.self_attn.sinks.copy_(torch.linspace(-2.0, 3.0, 4) + i)
+    ids = _ids(3, 12)
+    if padding == "packed":
+        _assert_same_training_step(plain, te, ids[:1, :10], position_ids=torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4, 5]]))
+        _expect_stats(te_hits=4)
+        return
+    mask = torch.ones_like(ids)
+    mask[1, {"left": slice(0, 4), "right": slice(8, 12), "inner": slice(3, 6), "none": slice(0, 0)}[padding]] = 0
+    _assert_same_training_step(plain, te, ids.masked_fill(mask == 0, 0), attention_mask=mask)
+    assert all(layer.self_attn.sinks.grad.abs().min() > 0 for layer in te.model.layers)
+    _expect_stats(te_hits=4) if padding != "inner" else _expect_stats(fallback_mask=4)
+
+
+def test_per_token_sinks_run_the_models_eager_attention():
+    """Sinks that are not one logit per head (a per-token ``s_aux``) are not TE's offset: the eager attention runs."""
+    from transformers.models.gpt_oss import modeling_gpt_oss
+
+    config = AutoConfig.for_model("gpt_oss", **{**SMALL, **GPT_OSS})
+    module = modeling_gpt_oss.GptOssAttention(config, layer_idx=0)
+    torch.nn.init.normal_(module.sinks)
+    q, (k, v) = torch.randn(2, 4, 6, 8), (torch.randn(2, 2, 6, 8) for _ in range(2))
+    mask = torch.zeros(6, 6).masked_fill(torch.ones(6, 6, dtype=torch.bool).triu(1), float("-inf"))
+    ref, _ = modeling_gpt_oss.eager_attention_forward(module, q, k, v, mask, scaling=0.5)
+    out, _ = te_attention_forward(module, q, k, v, None, scaling=0.5, s_aux=module.sinks[None, :, None])
+    torch.testing.assert_close(out, ref)
+    _expect_stats(fallback_argument=1)
 
 
 @pytest.mark.parametrize("model_type", ["phimoe", "olmoe"])

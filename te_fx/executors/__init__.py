@@ -144,7 +144,8 @@ class AttentionCall:
 
     ``shape`` is (batch, heads, kv_heads, q_len, kv_len, head_dim_qk, head_dim_v) in plain ints; in the "thd"
     format batch is the number of documents, q_len / kv_len bound their lengths and ``num_tokens`` counts the packed
-    tokens (None: batch * q_len).
+    tokens (None: batch * q_len). ``softmax_type`` is TE's: "vanilla", or "learnable" for a per-head sink logit in
+    the softmax's denominator (attention sinks).
     """
 
     dtype: torch.dtype
@@ -156,6 +157,7 @@ class AttentionCall:
     num_tokens: int | None = None
     dropout_p: float = 0.0
     training: bool = False
+    softmax_type: str = "vanilla"
 
     @classmethod
     def of_bshd(
@@ -169,6 +171,7 @@ class AttentionCall:
         num_sequences: int | None = None,
         dropout_p: float = 0.0,
         training: bool = False,
+        softmax_type: str = "vanilla",
     ) -> AttentionCall:
         """The call of bshd q (B, Sq, H, Dqk), k (B, Skv, Hkv, Dqk), v (B, Skv, Hkv, Dv); in "thd", ``num_sequences``
         documents packed over their B * Sq tokens."""
@@ -177,17 +180,26 @@ class AttentionCall:
                  v.shape[3])  # fmt: skip
         return cls(
             q.dtype, q.device, tuple(int(size) for size in shape), mask_type, tuple(window_size), qkv_format,
-            q.shape[0] * q.shape[1] if thd else None, float(dropout_p), bool(training),
+            q.shape[0] * q.shape[1] if thd else None, float(dropout_p), bool(training), softmax_type,
         )  # fmt: skip
 
     @classmethod
     def of_plan(
-        cls, q: Tensor, k: Tensor, v: Tensor, plan: AttentionPlan, dropout_p: float = 0.0, training: bool = False
+        cls,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        plan: AttentionPlan,
+        dropout_p: float = 0.0,
+        training: bool = False,
+        softmax_type: str = "vanilla",
     ) -> AttentionCall:
         """The call te_fx's op makes to run ``plan`` on bshd q, k, v (:func:`te_terms`)."""
         mask_type, qkv_format = te_terms(plan)
         documents = plan.cu_seqlens.shape[0] - 1 if plan.cu_seqlens is not None else None
-        return cls.of_bshd(q, k, v, mask_type, plan.window_size, qkv_format, documents, dropout_p, training)
+        return cls.of_bshd(
+            q, k, v, mask_type, plan.window_size, qkv_format, documents, dropout_p, training, softmax_type
+        )
 
 
 class Executor(abc.ABC):
@@ -196,7 +208,9 @@ class Executor(abc.ABC):
     Tensors are contiguous bshd: q (B, Sq, H, Dqk), k (B, Skv, Hkv, Dqk), v (B, Skv, Hkv, Dv). ``qkv_format`` says
     how the executor reads them: "bshd" (``cu_seqlens_*``, if given, are per-row lengths for the ``padding*`` mask
     types; None means full rows) or "thd" (the B * S tokens flattened, ``cu_seqlens_*`` the documents' boundaries;
-    the mask type is ``padding*`` and applies within each document).
+    the mask type is ``padding*`` and applies within each document). ``softmax_offset`` (H,) float32, if given, is
+    a per-head logit added to every softmax's denominator (TE's "learnable" softmax: attention sinks), and the
+    backward returns its gradient.
     """
 
     name: str
@@ -215,6 +229,7 @@ class Executor(abc.ABC):
         softmax_scale: float,
         dropout_p: float,
         training: bool,
+        softmax_offset: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """(out bshd (B, Sq, H, Dv), softmax_stats, rng_state): the last two are what :meth:`backward` needs, shaped
         as :meth:`fake_aux` says."""
@@ -236,8 +251,10 @@ class Executor(abc.ABC):
         window_size: tuple[int, int],
         softmax_scale: float,
         dropout_p: float,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """(dq, dk, dv), contiguous bshd, for the forward that returned ``out``, ``softmax_stats``, ``rng_state``."""
+        softmax_offset: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """(dq, dk, dv), contiguous bshd, and the gradient of ``softmax_offset`` (None without one), for the forward
+        that returned ``out``, ``softmax_stats``, ``rng_state``."""
 
     @abc.abstractmethod
     def fake_aux(self, q: Tensor, qkv_format: str, dropout_p: float, training: bool) -> tuple[Tensor, Tensor]:

@@ -120,9 +120,11 @@ def _attention_probs(
     generator: torch.Generator | None,
     cu_seqlens_q: torch.Tensor | None = None,
     cu_seqlens_kv: torch.Tensor | None = None,
+    softmax_offset: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
-    """(probs, dropout factor or None, q, k, v, scale) in (B, H, S, D) compute precision, K/V expanded to every
-    query head. The dropout factor is keep / (1 - p), drawn from ``generator``."""
+    """(probs, dropout factor or None, q, k, v, scale, sink probs or None) in (B, H, S, D) compute precision, K/V
+    expanded to every query head. The dropout factor is keep / (1 - p), drawn from ``generator``; the sink probs
+    (B, H, Sq) are what the softmax gives ``softmax_offset``'s extra logit."""
     if mask_type not in MASK_TYPES:
         raise ValueError(f"mask_type must be one of {MASK_TYPES}, got {mask_type!r}")
     heads, head_dim = q.shape[2], q.shape[3]
@@ -137,13 +139,20 @@ def _attention_probs(
     vc = v.to(compute).transpose(1, 2).repeat_interleave(rep, dim=1)
     visible = _visible(mask_type, window_size, q, k, seqlens_q, seqlens_kv, cu_seqlens_q, cu_seqlens_kv)
     scores = torch.matmul(qc, kc.transpose(-1, -2)) * scale
-    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+    scores = scores.masked_fill(~visible, float("-inf"))
+    sink = None
+    if softmax_offset is not None:  # one more logit per head, in the denominator only
+        offset = softmax_offset.to(compute).view(1, heads, 1, 1).expand(*scores.shape[:-1], 1)
+        probs = torch.softmax(torch.cat([scores, offset], dim=-1), dim=-1)
+        probs, sink = probs[..., :-1], probs[..., -1]
+    else:
+        probs = torch.softmax(scores, dim=-1)
     probs = probs.masked_fill(~visible.any(dim=-1, keepdim=True), 0.0)
     factor = None
     if dropout_p > 0.0:
         keep = torch.rand(probs.shape, generator=generator, device=probs.device, dtype=probs.dtype) >= dropout_p
         factor = keep / (1.0 - dropout_p)
-    return probs, factor, qc, kc, vc, scale
+    return probs, factor, qc, kc, vc, scale, sink
 
 
 def _bshd(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -164,17 +173,19 @@ def reference_attention(
     generator: torch.Generator | None = None,
     cu_seqlens_q: torch.Tensor | None = None,
     cu_seqlens_kv: torch.Tensor | None = None,
+    softmax_offset: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention over bshd tensors: q (B, Sq, H, Dqk), k (B, Skv, Hkv, Dqk), v (B, Skv, Hkv, Dv) -> (B, Sq, H, Dv).
 
     Query head h reads KV head h // (H // Hkv). Rows with no visible key (padded queries included) are zero, as in
     TE. ``seqlens_*`` are per-row lengths (bshd, ``padding*`` types); ``cu_seqlens_*`` make it the thd format:
-    documents packed over the flattened tokens, none crossing a row (see :func:`thd_visible`). Accumulates in
-    float32 (float64 for float64 inputs) and returns q's dtype, contiguous. Differentiable.
+    documents packed over the flattened tokens, none crossing a row (see :func:`thd_visible`). ``softmax_offset``
+    (H,): TE's "learnable" softmax, exp(offset[h]) added to the denominator of head h (attention sinks).
+    Accumulates in float32 (float64 for float64 inputs) and returns q's dtype, contiguous. Differentiable.
     """
-    probs, factor, _, _, vc, _ = _attention_probs(
+    probs, factor, _, _, vc, _, _ = _attention_probs(
         q, k, v, mask_type, window_size, softmax_scale, dropout_p, seqlens_q, seqlens_kv, generator, cu_seqlens_q,
-        cu_seqlens_kv,
+        cu_seqlens_kv, softmax_offset,
     )  # fmt: skip
     return _bshd(torch.matmul(probs if factor is None else probs * factor, vc), q.dtype)
 
@@ -194,12 +205,13 @@ def reference_attention_backward(
     generator: torch.Generator | None = None,
     cu_seqlens_q: torch.Tensor | None = None,
     cu_seqlens_kv: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) of :func:`reference_attention` in closed form (it runs inside custom ops, below autograd).
-    ``generator`` must replay the forward's dropout draws."""
-    probs, factor, qc, kc, vc, scale = _attention_probs(
+    softmax_offset: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(dq, dk, dv, d_softmax_offset or None) of :func:`reference_attention` in closed form (it runs inside custom
+    ops, below autograd). ``generator`` must replay the forward's dropout draws."""
+    probs, factor, qc, kc, vc, scale, sink = _attention_probs(
         q, k, v, mask_type, window_size, softmax_scale, dropout_p, seqlens_q, seqlens_kv, generator, cu_seqlens_q,
-        cu_seqlens_kv,
+        cu_seqlens_kv, softmax_offset,
     )  # fmt: skip
     rep = q.shape[2] // k.shape[2]
     do = d_out.to(qc.dtype).transpose(1, 2)
@@ -207,14 +219,18 @@ def reference_attention_backward(
     d_probs = torch.matmul(do, vc.transpose(-1, -2))
     if factor is not None:
         d_probs = d_probs * factor
-    d_scores = probs * (d_probs - (d_probs * probs).sum(dim=-1, keepdim=True)) * scale
+    expected = (d_probs * probs).sum(dim=-1, keepdim=True)  # the sink's own d_prob is 0: it has no value
+    d_scores = probs * (d_probs - expected) * scale
     dq = torch.matmul(d_scores, kc)
     dk = torch.matmul(d_scores.transpose(-1, -2), qc)
+    d_offset = None
+    if sink is not None:
+        d_offset = (-sink * expected.squeeze(-1)).sum(dim=(0, 2)).to(softmax_offset.dtype)
 
     def per_kv_head(x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(1, (k.shape[2], rep)).sum(dim=2)
 
-    return _bshd(dq, q.dtype), _bshd(per_kv_head(dk), k.dtype), _bshd(per_kv_head(dv), v.dtype)
+    return _bshd(dq, q.dtype), _bshd(per_kv_head(dk), k.dtype), _bshd(per_kv_head(dv), v.dtype), d_offset
 
 
 class ReferenceExecutor(Executor):
@@ -236,12 +252,14 @@ class ReferenceExecutor(Executor):
         softmax_scale: float,
         dropout_p: float,
         training: bool,
+        softmax_offset: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         seed = torch.randint(0, 2**62, (2 if dropout_p > 0 else 0,), dtype=torch.int64)
         config = _config(
             q, k, cu_seqlens_q, cu_seqlens_kv, qkv_format, mask_type, window_size, softmax_scale, dropout_p
         )
-        out = reference_attention(q, k, v, generator=_generator(seed, q.device), **config)
+        generator = _generator(seed, q.device)
+        out = reference_attention(q, k, v, generator=generator, softmax_offset=softmax_offset, **config)
         return out, q.new_empty(0, dtype=torch.float32), seed.to(q.device)
 
     def backward(
@@ -260,11 +278,15 @@ class ReferenceExecutor(Executor):
         window_size: tuple[int, int],
         softmax_scale: float,
         dropout_p: float,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        softmax_offset: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         config = _config(
             q, k, cu_seqlens_q, cu_seqlens_kv, qkv_format, mask_type, window_size, softmax_scale, dropout_p
         )
-        return reference_attention_backward(d_out, q, k, v, generator=_generator(rng_state, q.device), **config)
+        generator = _generator(rng_state, q.device)
+        return reference_attention_backward(
+            d_out, q, k, v, generator=generator, softmax_offset=softmax_offset, **config
+        )
 
     def fake_aux(
         self, q: torch.Tensor, qkv_format: str, dropout_p: float, training: bool

@@ -88,6 +88,7 @@ def _select_backend(
     fp8_recipe: Any,
     deterministic: bool,
     qkv_format: str = "bshd",
+    softmax_type: str = "vanilla",
 ) -> tuple:
     """TE's own backend selection (``get_attention_backend``) for this call, as TE's ``DotProductAttention`` asks
     it. ``shape`` ends with the device and the token count of a thd call (TE's ``num_tokens_q/kv``; 0 in bshd)."""
@@ -111,6 +112,7 @@ def _select_backend(
         attention_dropout=dropout_p,
         is_training=training,
         deterministic=deterministic,
+        softmax_type=softmax_type,
         **fp8,
     )
     with torch.cuda.device(device_index):
@@ -128,12 +130,13 @@ def _backend_ok(
     fp8_key: tuple | None,
     deterministic: bool,
     qkv_format: str = "bshd",
+    softmax_type: str = "vanilla",
 ) -> bool:
     """Whether TE selects its fused attention for this call: the F16 backend, or the FP8 one while FP8 attention
     is on (``fp8_key``, from :func:`_recipe_key` of the current recipe), with deterministic kernels if asked."""
     recipe = None if fp8_key is None else FP8GlobalStateManager.get_fp8_recipe()
     selection = _select_backend(
-        dtype, shape, mask_type, window_size, dropout_p, training, recipe, deterministic, qkv_format
+        dtype, shape, mask_type, window_size, dropout_p, training, recipe, deterministic, qkv_format, softmax_type
     )
     fused_available, fused_backend = selection[5][1], selection[3]
     wanted = _F16 if fp8_key is None else FusedAttnBackend.FP8
@@ -190,12 +193,13 @@ def shape_unsupported_reason(
     fp8_recipe: Any = None,
     qkv_format: str = "bshd",
     num_tokens: int | None = None,
+    softmax_type: str = "vanilla",
 ) -> str | None:
     """Why TE's fused attention cannot run (batch, heads, kv_heads, q_len, kv_len, head_dim_qk, head_dim_v) in
     ``dtype`` (a stats key), or None if it can: the F16 backend, or the FP8 one under an FP8 attention recipe.
     In the thd format batch is the number of documents, q_len / kv_len bound their lengths and ``num_tokens``
     (default: batch * q_len, a bound) counts the packed tokens; te_fx runs thd in F16 only. Decided from metadata
-    only, so compile-time guards use it too."""
+    only, so compile-time guards use it too. ``softmax_type`` "learnable" asks for attention sinks."""
     reason = te_limits_reason(dtype, "cuda", shape[5], shape[6])  # the call runs on CUDA device ``device_index``
     if reason is not None:
         return reason
@@ -208,7 +212,9 @@ def shape_unsupported_reason(
     else:
         tokens = 0
     key = _recipe_key(fp8_recipe)
-    config = (mask_type, tuple(window_size), float(dropout_p), bool(training), key, _deterministic(), qkv_format)
+    config = (
+        mask_type, tuple(window_size), float(dropout_p), bool(training), key, _deterministic(), qkv_format, softmax_type
+    )  # fmt: skip
     if not _backend_ok(dtype, (*shape, device_index, tokens), *config):
         return "fallback_shape" if key is None else "fallback_fp8"
     return None
@@ -222,7 +228,7 @@ def call_unsupported_reason(call: AttentionCall, fp8_recipe: Any = None) -> str 
         return reason
     return shape_unsupported_reason(
         call.dtype, call.shape, call.mask_type, call.window_size, call.dropout_p, call.training,
-        call.device.index or 0, fp8_recipe, call.qkv_format, call.num_tokens,
+        call.device.index or 0, fp8_recipe, call.qkv_format, call.num_tokens, call.softmax_type,
     )  # fmt: skip
 
 
@@ -247,6 +253,13 @@ def _packed_stats(stats: torch.Tensor, tokens: int) -> torch.Tensor:
     return stats[:tokens]
 
 
+def _softmax_args(softmax_offset: torch.Tensor | None) -> dict[str, Any]:
+    """TE's softmax keywords: its "learnable" softmax with the (1, H, 1, 1) offset, or none (vanilla)."""
+    if softmax_offset is None:
+        return {}
+    return {"softmax_type": "learnable", "softmax_offset": softmax_offset.view(1, -1, 1, 1)}
+
+
 def fused_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -259,11 +272,12 @@ def fused_forward(
     cu_seqlens_q: torch.Tensor | None = None,
     cu_seqlens_kv: torch.Tensor | None = None,
     qkv_format: str = "bshd",
+    softmax_offset: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """TE fused attention forward on contiguous bshd tensors; returns (out bshd, aux tensors for the backward).
     In "bshd", ``cu_seqlens_*`` (int32, B + 1, on the device) give per-row lengths for the ``padding*`` mask types
     (None: full rows; query rows past a length come back zero); in "thd", the documents packed over the B * S
-    tokens, each at most S long."""
+    tokens, each at most S long. ``softmax_offset`` (H,) float32 runs TE's "learnable" softmax (sinks)."""
     batch, q_len, kv_len = q.shape[0], q.shape[1], k.shape[1]
     if qkv_format == "thd":
         layout = {"cu_seqlens_q_padded": cu_seqlens_q, "cu_seqlens_kv_padded": cu_seqlens_kv}  # no gaps between docs
@@ -271,6 +285,7 @@ def fused_forward(
     else:
         layout = {}
         q_in, k_in, v_in = q, k, v
+    layout.update(_softmax_args(softmax_offset))
     with torch.cuda.device(q.device):  # TE allocates its outputs and launches on the current device
         out, aux = fused_attn_fwd(
             training,
@@ -315,13 +330,17 @@ def fused_backward(
     cu_seqlens_q: torch.Tensor | None = None,
     cu_seqlens_kv: torch.Tensor | None = None,
     qkv_format: str = "bshd",
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """TE fused attention backward of :func:`fused_forward`; returns (dq, dk, dv) in bshd."""
+    softmax_offset: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """TE fused attention backward of :func:`fused_forward`; returns (dq, dk, dv) in bshd and the (H,) gradient of
+    ``softmax_offset`` (None without one)."""
     batch, q_len, kv_len = q.shape[0], q.shape[1], k.shape[1]
     tensors = (q, k, v, out, d_out.contiguous())
-    layout = {}
+    layout = _softmax_args(softmax_offset)
+    if softmax_offset is not None:  # TE's aux pack ends with the offset it ran the forward with
+        aux = [*aux, layout.pop("softmax_offset")]
     if qkv_format == "thd":
-        layout = {"cu_seqlens_q_padded": cu_seqlens_q, "cu_seqlens_kv_padded": cu_seqlens_kv}
+        layout.update(cu_seqlens_q_padded=cu_seqlens_q, cu_seqlens_kv_padded=cu_seqlens_kv)
         tensors = tuple(_tokens(t) for t in tensors)
     with torch.cuda.device(q.device):
         grads = fused_attn_bwd(
@@ -347,7 +366,7 @@ def fused_backward(
     dq, dk, dv = (grad.view(t.shape) for grad, t in zip(grads[:3], (q, k, v)))
     if qkv_format == "bshd" and cu_seqlens_q is not None and mask_type.startswith("padding"):
         dq = _zero_rows_beyond(dq, cu_seqlens_q)
-    return dq, dk, dv
+    return dq, dk, dv, None if softmax_offset is None else grads[4].view(-1)
 
 
 class TEExecutor(Executor):
@@ -369,10 +388,11 @@ class TEExecutor(Executor):
         softmax_scale: float,
         dropout_p: float,
         training: bool,
+        softmax_offset: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         out, aux = fused_forward(
             q, k, v, mask_type, window_size, softmax_scale, dropout_p, training, cu_seqlens_q, cu_seqlens_kv,
-            qkv_format,
+            qkv_format, softmax_offset,
         )  # fmt: skip
         if not training:
             return out, q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.int64)
@@ -394,10 +414,11 @@ class TEExecutor(Executor):
         window_size: tuple[int, int],
         softmax_scale: float,
         dropout_p: float,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        softmax_offset: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         return fused_backward(
             d_out, q, k, v, out, [softmax_stats, rng_state], mask_type, window_size, softmax_scale, dropout_p,
-            cu_seqlens_q, cu_seqlens_kv, qkv_format,
+            cu_seqlens_q, cu_seqlens_kv, qkv_format, softmax_offset,
         )  # fmt: skip
 
     def fake_aux(
@@ -427,7 +448,7 @@ class _FusedAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, d_out):
         q, k, v, out, *aux = ctx.saved_tensors
-        dq, dk, dv = fused_backward(d_out, q, k, v, out, aux, *ctx.config)
+        dq, dk, dv, _ = fused_backward(d_out, q, k, v, out, aux, *ctx.config)
         return dq, dk, dv, None, None, None, None
 
 

@@ -1,14 +1,15 @@
 """The attention function of the "te" attention backend: HF's arguments in, a plan, te_fx's op out.
 
 transformers calls it per layer with q (B, H, Sq, D), K/V with their own KV heads (B, Hkv, Skv, D), the layer's
-``scaling`` and ``dropout``, and the mask that :func:`te_fx.hf_interface.mask.te_mask` passed on, whose pattern
-(causal, its window, key padding or packed documents) decides, as HF's mask does in its SDPA; without a mask the
-layer's ``is_causal`` and ``sliding_window`` do. What te_fx cannot run exactly (a mask HF built, a call the executor
-refuses, an argument such as softcapping, attention sinks or a position bias) runs HF's SDPA, or the model's eager
-attention for such arguments, on the mask built only then; each call is counted under ``te_hits`` or its reason in
+``scaling`` and ``dropout``, and the mask that :func:`te_fx.hf_interface.mask.te_mask` passed on, whose pattern (causal,
+its window, key padding or packed documents) decides, as HF's mask does in its SDPA; without a mask the layer's
+``is_causal`` and ``sliding_window`` do. Attention sinks (``s_aux``: one logit per head, GPT-OSS's ``sinks``) run on
+TE's "learnable" softmax where the executor supports it. What te_fx cannot run exactly (a mask HF built, a call the
+executor refuses, an argument such as softcapping, per-token sinks or a position bias) runs HF's SDPA, or the model's
+eager attention for such arguments, on the mask built only then; each call is counted under ``te_hits`` or its reason in
 :func:`te_fx.get_te_attention_stats`. Other arguments pass by, as they do HF's SDPA (models hand their attention
-whatever the caller gave, ``token_type_ids`` included), except top-k ``indices`` meant for a kernel of the model's
-own, which are an error.
+whatever the caller gave, ``token_type_ids`` included), except top-k ``indices`` meant for a kernel of the model's own,
+which are an error.
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ from .mask import read_mask
 
 __all__ = ["te_attention_forward"]
 
-# what a model's eager attention applies and te_fx does not
-_EAGER_ONLY = ("softcap", "s_aux", "sinks", "position_bias")
+# what a model's eager attention applies, te_fx's op does not, and neither does SDPA (nor ``s_aux``, which the op
+# applies where it is one logit per head)
+_EAGER_ONLY = ("softcap", "sinks", "position_bias")
 # what only a kernel of its own applies (DeepSeek-V3.2-style top-k indices: HF's eager and SDPA paths never see them)
 _REFUSED = ("indices",)
 
@@ -75,18 +77,37 @@ def _op_refusal(plan: AttentionPlan, mask: Any, q_len: int, kv_len: int) -> bool
 
 
 def _executor_refusal(
-    executor: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan, dropout: float
+    executor: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    plan: AttentionPlan,
+    dropout: float,
+    sinks: torch.Tensor | None,
 ) -> str | None:
-    """Why ``executor`` cannot run ``plan`` on bshd q, k, v. Under torch.compile only what the executor's limits
-    say from dtype, device and head dims: TE's backend query is Python that a graph cannot hold, and reading the
-    sequence lengths would specialize the graph to them."""
+    """Why ``executor`` cannot run ``plan`` (with ``sinks``) on bshd q, k, v. Under torch.compile only what the
+    executor's limits say from dtype, device and head dims: TE's backend query is Python that a graph cannot hold,
+    and reading the sequence lengths would specialize the graph to them; sinks, which TE supports on fewer
+    configurations, stay off TE there."""
     reason = qkv_mismatch_reason(q, k, v)
     if reason is not None:
         return reason
     if torch.compiler.is_compiling():
-        return te_limits_reason(q.dtype, q.device.type, q.shape[-1], v.shape[-1]) if executor == "te" else None
-    call = AttentionCall.of_plan(q, k, v, plan, dropout, is_training(dropout, q, k, v))
+        if executor == "reference":
+            return None
+        reason = te_limits_reason(q.dtype, q.device.type, q.shape[-1], v.shape[-1])
+        return reason if reason is not None or sinks is None else "fallback_argument"
+    tensors = (q, k, v) if sinks is None else (q, k, v, sinks)
+    softmax_type = "vanilla" if sinks is None else "learnable"
+    call = AttentionCall.of_plan(q, k, v, plan, dropout, is_training(dropout, *tensors), softmax_type)
     return unsupported_call_reason(executor, call)
+
+
+def _head_sinks(kwargs: dict, heads: int) -> torch.Tensor | None:
+    """``s_aux`` where it is one sink logit per query head (TE's learnable softmax offset), else None."""
+    sinks = kwargs.get("s_aux")
+    per_head = isinstance(sinks, torch.Tensor) and sinks.dim() == 1 and sinks.is_floating_point()
+    return sinks if per_head and sinks.shape[0] == heads else None
 
 
 def _count(reason: str) -> None:
@@ -108,8 +129,8 @@ def _hf_attention(
     kwargs: dict,
 ) -> tuple[torch.Tensor, Any]:
     """HF's SDPA attention, or the model's eager attention (``eager``), on the mask of ``plan`` built now where te_mask
-    passed one on (HF's own mask, or none, as it came)."""
-    if plan is not None and mask is not None:
+    passed one on or the eager attention needs one (HF's own mask, or none for SDPA, as it came)."""
+    if plan is not None and (mask is not None or eager):
         mask = plan_mask(plan, query.shape[0], query.shape[2], key.shape[2], query.device)
     if not eager:
         return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
@@ -148,22 +169,25 @@ def te_attention_forward(
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     q_len, kv_len = query.shape[2], key.shape[2]
     plan = _plan(attention_mask, causal, sliding_window, q_len, kv_len)
-    eager = any(kwargs.get(name) is not None for name in _EAGER_ONLY)
+    sinks = _head_sinks(kwargs, query.shape[1])
+    unsupported = any(kwargs.get(name) is not None for name in _EAGER_ONLY)
+    unsupported = unsupported or (kwargs.get("s_aux") is not None and sinks is None)
+    eager = unsupported or sinks is not None  # what SDPA cannot apply either
     if plan is None or _op_refusal(plan, attention_mask, q_len, kv_len):
         reason = "fallback_mask"
-    elif eager:
+    elif unsupported:
         reason = "fallback_argument"
     else:
         executor = resolve_executor(None)
         q, k, v = (t.transpose(1, 2).contiguous() for t in (query, key, value))
-        reason = _executor_refusal(executor, q, k, v, plan, dropout)
+        reason = _executor_refusal(executor, q, k, v, plan, dropout, sinks)
         if reason is None:
             _count("te_hits")
             out = ops.attention(
                 q, k, v, mask_type=plan.mask_type, window_size=plan.window_size,
                 softmax_scale=scaling if scaling is not None else query.shape[-1] ** -0.5, dropout_p=dropout,
                 key_padding_mask=plan.key_padding, cu_seqlens=plan.cu_seqlens, executor=executor,
-                key_padding_kept_first=plan.kept_first,
+                key_padding_kept_first=plan.kept_first, softmax_offset=sinks,
             )  # fmt: skip
             return out, None
     _count(reason)

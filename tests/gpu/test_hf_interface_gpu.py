@@ -94,3 +94,30 @@ def test_compiled_with_inductor_matches_compiled_sdpa(rel_error):
     stock = torch.compile(plain, fullgraph=True)
     compiled = torch.compile(te, fullgraph=True)
     _assert_close(stock, compiled, rel_error, input_ids=ids, attention_mask=mask)
+
+
+@pytest.mark.parametrize("pad", ["none", "left", "right"])
+def test_gpt_oss_sinks_run_te(pad, rel_error):
+    """GPT-OSS's attention sinks on TE's learnable softmax, sliding and full layers, in bf16: logits and gradients
+    (the sinks' included) against HF's eager attention, the only implementation of sinks in transformers."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        "gpt_oss", vocab_size=128, hidden_size=256, intermediate_size=256, num_hidden_layers=2, num_attention_heads=8,
+        num_key_value_heads=2, head_dim=64, num_local_experts=2, num_experts_per_tok=1, sliding_window=16,
+        layer_types=["sliding_attention", "full_attention"],
+    )  # fmt: skip
+    torch.manual_seed(0)
+    plain = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.bfloat16).cuda().train()
+    te = AutoModelForCausalLM.from_config(config, attn_implementation="te", dtype=torch.bfloat16).cuda().train()
+    te.load_state_dict(plain.state_dict())
+    ids = torch.randint(3, 128, (2, SEQ), device="cuda")
+    mask = torch.ones_like(ids)
+    if pad == "left":
+        mask[1, :13] = 0
+    elif pad == "right":
+        mask[1, SEQ - 13 :] = 0
+    stats = _assert_close(plain, te, rel_error, input_ids=ids, attention_mask=mask)
+    assert stats["te_hits"] == 2
+    sink_grads = [layer.self_attn.sinks.grad for layer in te.model.layers]
+    assert all(g is not None and torch.isfinite(g).all() for g in sink_grads)

@@ -456,3 +456,55 @@ def test_thd_backend_check_accepts_a_typical_shape():
         shape_unsupported_reason(torch.bfloat16, shape, "padding_causal", (4095, 0), 0.0, True, 0, None, "thd") is None
     )
     assert shape_unsupported_reason(torch.bfloat16, shape, "padding_causal", (4095, 0), 0.0, True) is None
+
+
+SINK_PLANS = {
+    "causal": dict(mask_type="causal", window_size=(-1, 0)),
+    "window": dict(mask_type="causal", window_size=(127, 0)),
+    "bottom_right": dict(mask_type="causal_bottom_right", window_size=(-1, 0)),
+    "right_padding": dict(mask_type="causal", window_size=(-1, 0), key_padding_kept_first=True),
+    "left_padding_window": dict(mask_type="causal", window_size=(31, 0)),
+    "packed": dict(mask_type="causal", window_size=(-1, 0)),
+}
+
+
+@pytest.mark.parametrize("plan", list(SINK_PLANS))
+def test_sinks_on_te_match_float64(plan, rel_error):
+    """Attention sinks on TE's learnable softmax (every path of the op) against the reference in float64: output
+    and the gradients of q, k, v and the sinks, where TE's backend query accepts the configuration (all but thd on
+    an H200 with TE 2.20 and cuDNN 9.19)."""
+    from te_fx import ops
+    from te_fx.core.plan import AttentionPlan
+    from te_fx.executors import AttentionCall
+    from te_fx.executors.te import call_unsupported_reason
+
+    q_len = 64 if plan == "bottom_right" else 256
+    q, k, v = _inputs(2, q_len, 256, 8, 2, 64, torch.bfloat16)
+    q = q.detach()[:, :q_len].requires_grad_()
+    config = dict(SINK_PLANS[plan], softmax_scale=0.125)
+    if "padding" in plan:
+        keep = torch.ones(2, 256, dtype=torch.long, device="cuda")
+        keep[1, slice(200, None) if plan == "right_padding" else slice(0, 57)] = 0
+        config["key_padding_mask"] = keep
+    if plan == "packed":
+        config["cu_seqlens"] = _packed(PACKED_ROWS)
+    sinks = torch.tensor([-3.0, -1.0, 0.0, 0.5, 1.0, 2.0, 4.0, 8.0], device="cuda", requires_grad=True)
+    sinks64 = sinks.detach().double().requires_grad_()
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+
+    te_plan = AttentionPlan(config["mask_type"], config["window_size"], key_padding=config.get("key_padding_mask"),
+                            cu_seqlens=config.get("cu_seqlens"))  # fmt: skip
+    reason = call_unsupported_reason(AttentionCall.of_plan(q, k, v, te_plan, 0.0, True, "learnable"))
+    if plan == "packed" and reason is not None:  # TE 2.20 with cuDNN 9.19 on an H200: te_fx's backend runs eager
+        pytest.skip(f"TE's backend query refuses sinks in the thd format on this card ({reason})")
+    assert reason is None
+    out = ops.attention(q, k, v, executor="te", softmax_offset=sinks, **config)
+    ref = ops.attention(*leaves, executor="reference", softmax_offset=sinks64, **config)
+    weight = torch.randn_like(out)
+    out.backward(weight)
+    ref.backward(weight.double())
+    errors = [rel_error(out, ref)] + [rel_error(t.grad, r.grad) for t, r in zip((q, k, v, sinks), (*leaves, sinks64))]
+    print(f"sinks {plan}: rel err out, dq, dk, dv, dsinks = {errors}")
+    assert errors[0] < 1e-2 and max(errors[1:4]) < 3e-2 and errors[4] < 3e-2
+    plain = ops.attention(q.detach(), k.detach(), v.detach(), executor="te", **config)
+    assert rel_error(plain, ref) > 0.01  # the sinks matter
