@@ -360,15 +360,29 @@ def _graph_breaks() -> int:
     return sum(counters["graph_break"].values())
 
 
+def _recording_aot_eager(op_calls: list):
+    """aot_eager that appends to ``op_calls`` how many calls of te_fx's op each graph Dynamo hands it holds."""
+    from torch._dynamo.backends.debugging import aot_eager
+
+    def backend(gm, example_inputs):
+        op_calls.append(sum(str(node.target).startswith("te_fx.attention_fwd") for node in gm.graph.nodes))
+        return aot_eager(gm, example_inputs)
+
+    return backend
+
+
 @pytest.mark.parametrize("batch", ["right_padded", "no_mask", "collator"])
 @pytest.mark.parametrize("family", ["llama_gqa", "gemma3"])
 def test_compiles_fullgraph_without_recompiling_per_length(family, batch):
     """``torch.compile(fullgraph=True, dynamic=True)``: no graph break; two sequence lengths, one graph; logits
-    equal eager "sdpa"'s. (Packed documents run HF's SDPA under compile: their mask function's closure, which says
-    they are packed, is not readable in a graph.)"""
+    equal eager "sdpa"'s. te_fx's op runs every layer but a sliding one given a padding mask (a graph cannot check it
+    for padding inside a row); collator-packed rows run the documents of the collator's cu_seq_lens_q. Without a
+    mask, HF builds its packed-documents mask from the position_ids under compile, whose documents a graph cannot
+    read: HF's SDPA runs."""
     torch._dynamo.reset()
     plain, te = _pair(family)
-    compiled = torch.compile(te, fullgraph=True, dynamic=True, backend="aot_eager")
+    op_calls = []
+    compiled = torch.compile(te, fullgraph=True, dynamic=True, backend=_recording_aot_eager(op_calls))
     frames = []
     for length in (10, 14):
         if batch == "collator":
@@ -389,6 +403,9 @@ def test_compiles_fullgraph_without_recompiling_per_length(family, batch):
         frames.append(counters["stats"]["unique_graphs"])
     assert _graph_breaks() == 0
     assert frames[0] == frames[1]
+    layers = getattr(te.config, "layer_types", None) or ["full_attention"] * te.config.num_hidden_layers
+    on_te = [kind for kind in layers if batch == "collator" or (batch == "right_padded" and kind == "full_attention")]
+    assert op_calls and set(op_calls) == {len(on_te)}
 
 
 def test_compiled_padding_inside_a_row_is_exact_at_every_kept_position():

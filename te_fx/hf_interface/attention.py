@@ -67,6 +67,25 @@ def _plan(mask: Any, causal: bool, sliding_window: int | None, q_len: int, kv_le
     )
 
 
+def _collator_plan(
+    kwargs: dict, causal: bool, sliding_window: int | None, query: torch.Tensor, kv_len: int
+) -> AttentionPlan | None:
+    """Under torch.compile, where te_mask cannot read which documents HF's packed mask holds and hands on HF's mask,
+    the plan of a packed batch that comes with flash-attention's varlen arguments (``cu_seq_lens_q/k``,
+    ``max_length_q/k``, as ``DataCollatorWithFlattening(return_flash_attn_kwargs=True)`` gives them): its documents
+    are ``cu_seq_lens_q``'s, causal with the layer's window, as in ``flash_attention_2`` (the mask goes unused, and
+    the compiler drops it). None otherwise."""
+    varlen = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+    if not torch.compiler.is_compiling() or any(kwargs.get(name) is None for name in varlen):
+        return None
+    cu_seqlens = kwargs["cu_seq_lens_q"]
+    usable = isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.dim() == 1 and cu_seqlens.device == query.device
+    if not usable or not causal or query.shape[2] != kv_len:
+        return None
+    window_left = sliding_window - 1 if sliding_window else -1
+    return AttentionPlan("causal", (window_left, 0), cu_seqlens=cu_seqlens.to(torch.int32))
+
+
 def _op_refusal(plan: AttentionPlan, mask: Any, q_len: int, kv_len: int) -> bool:
     """Whether te_fx's op cannot take ``plan`` exactly: key padding with a KV cache (the op pads self-attention
     only), or a padding mask with a window under torch.compile, where te_mask could not check that the padding
@@ -169,6 +188,8 @@ def te_attention_forward(
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     q_len, kv_len = query.shape[2], key.shape[2]
     plan = _plan(attention_mask, causal, sliding_window, q_len, kv_len)
+    if plan is None:
+        plan = _collator_plan(kwargs, causal, sliding_window, query, kv_len)
     sinks = _head_sinks(kwargs, query.shape[1])
     unsupported = any(kwargs.get(name) is not None for name in _EAGER_ONLY)
     unsupported = unsupported or (kwargs.get("s_aux") is not None and sinks is None)

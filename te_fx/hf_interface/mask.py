@@ -92,6 +92,7 @@ def _packed(fn: Callable, local_size: Any) -> tuple[int, torch.Tensor] | None:
     return None if window is None or not isinstance(ids, torch.Tensor) else (window, ids)
 
 
+@torch.compiler.assume_constant_result  # a graph takes the answer for its config class, as eager code does
 @functools.cache
 def _outside_attention_interface(config_class: type) -> str | None:
     """The model class of ``config_class`` when transformers knows it and its attention does not go through
