@@ -19,7 +19,6 @@ attention calls ran TE and why the others fell back. Cases:
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import inspect
@@ -32,7 +31,7 @@ import te_fx
 from te_fx import ops
 from te_fx.executors import executor_env
 
-from .report import finish
+from .report import finish, side_by_side_arguments
 from .timing import median_ms
 
 LLAMA_1B = {"hidden_size": 2048, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64,
@@ -226,13 +225,7 @@ def verdict(name: str, r: dict, small: bool = False) -> tuple[bool | None, str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--json", help="write the results here")
-    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
-    parser.add_argument("--small", action="store_true", help="shrink every case (a CPU run takes seconds)")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=10)
-    args = parser.parse_args(argv)
+    args = side_by_side_arguments(__doc__, argv)
     results = measure(torch.device(args.device), args.small, args.warmup, args.steps)
     print(f"device: {results['device']}  torch {results['torch']}  transformers {results['transformers']}"
           f"  TE {results['transformer_engine']}  executor {results['executor']}")  # fmt: skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,17 @@ from typing import Any
 from .kernels import TE_FX_VARIANTS, VARIANTS
 
 __all__ = ["evaluate_targets", "write_report", "finish"]
+
+
+def side_by_side_arguments(doc: str, argv: list[str] | None) -> argparse.Namespace:
+    """The options of the side-by-side scripts (``bench.eager_batches``, ``bench.hf_backend``)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--small", action="store_true", help="shrink every case (a CPU run takes seconds)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10)
+    return parser.parse_args(argv)
 
 
 def finish(results: dict, targets: list[tuple[str, bool, str]], json_path: str | None) -> None:

@@ -4,6 +4,13 @@ It follows autocast as SDPA does, reads HF's (B, H, S, D) views as the contiguou
 undoes ``repeat_kv`` (TE does GQA natively), unpacks the packed-GQA decode layout of transformers >= 5.23, turns the
 mask into a plan with the exact matcher (:mod:`te_fx.core.masks`), and runs the plan through the attention module's
 runner. Anything it is not sure of goes to the original SDPA, counted under its reason.
+
+Undoing ``repeat_kv``: when the routing mode vouches that K or V is a repeat made in the routed block and unchanged
+since (:class:`te_fx.eager.intercept.KVRepeats`), TE gets the repeat's source, a view of the un-repeated tensor, so
+the repeat is not on the autograd path of TE's output (no strided copy, no zero-filled gradient summed over the
+copies); a repeat written to since goes to SDPA (it may no longer hold equal copies); anything else with as many
+heads as the query is taken to be a repeat and read every ``n_rep``-th head. Calls that go to the original SDPA get
+the repeated tensors, as plain SDPA does.
 """
 
 from __future__ import annotations
@@ -11,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -20,6 +27,7 @@ from ..core.autocast import autocast_dtype, cast_like_sdpa
 from ..core.guards import is_causal_plan, scales_match, sdpa_call_refusal
 from ..core.plan import NO_MASK, AttentionPlan
 from ..executors import ExecutorModule
+from .intercept import KVRepeats
 
 __all__ = ["TESdpa", "ModuleRunner", "runner_for"]
 
@@ -62,9 +70,31 @@ def _mask_plan(
     return masks.classify_mask(attn_mask, q.shape[0], q.shape[1], q_len, kv_len)
 
 
+class _KVSources(NamedTuple):
+    """What the routing mode says of one call's K and V: the tensor each repeats (None: not a repeat made in the
+    routed block, or one written to since, or no mode), and whether either is a repeat written to since."""
+
+    key: torch.Tensor | None = None
+    value: torch.Tensor | None = None
+    written: bool = False
+
+    @staticmethod
+    def of(kv_repeats: KVRepeats | None, key: Any, value: Any) -> _KVSources:
+        if kv_repeats is None:
+            return _NO_SOURCES
+        written = kv_repeats.written_to(key) or kv_repeats.written_to(value)
+        return _KVSources(kv_repeats.source_of(key), kv_repeats.source_of(value), written)
+
+
+_NO_SOURCES = _KVSources()
+
+
 class TESdpa:
     """The callable that replaces SDPA for one injected module. An object rather than a closure so that
-    ``copy.deepcopy`` of an injected model gives the copy its own attention module (and injected models pickle)."""
+    ``copy.deepcopy`` of an injected model gives the copy its own attention module (and injected models pickle).
+    Called as SDPA; the routing mode adds ``kv_repeats``, the repeats made in the routed block."""
+
+    takes_kv_repeats = True  # te_fx.eager.intercept passes ``kv_repeats=``
 
     def __init__(
         self,
@@ -99,16 +129,28 @@ class TESdpa:
         is_causal: bool = False,
         scale: float | None = None,
         enable_gqa: bool = False,
+        *,
+        kv_repeats: KVRepeats | None = None,
     ) -> torch.Tensor:
+        sources = _KVSources.of(kv_repeats, key, value)  # by identity: before autocast's copies
         dtype = autocast_dtype(query.device.type) if isinstance(query, torch.Tensor) else None
         if dtype is not None:
             query, key, value, attn_mask = cast_like_sdpa((query, key, value, attn_mask), dtype)
         kwargs = dict(attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
         if enable_gqa:
             kwargs["enable_gqa"] = True
-        reason, out = self._attend(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+        reason, out = self._attend(
+            query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, sources, dtype
+        )
         stats.count(reason)
         return out if out is not None else self.original_sdpa(query, key, value, **kwargs)
+
+    def _kv_heads(self, t: torch.Tensor, source: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor:
+        """The KV heads of a repeated K or V: the repeat's source where the routing mode vouches for it, else every
+        ``n_rep``-th head of ``t``."""
+        if source is None or source.shape[1] != self.num_kv_heads:
+            return t[:, :: self.n_rep]
+        return source if dtype is None else cast_like_sdpa((source,), dtype)[0]
 
     def _attend(
         self,
@@ -120,6 +162,8 @@ class TESdpa:
         is_causal: bool,
         scale: float | None,
         enable_gqa: bool,
+        sources: _KVSources = _NO_SOURCES,
+        dtype: torch.dtype | None = None,
     ) -> tuple[str, torch.Tensor | None]:
         """("te_hits", the output) or (the reason, None)."""
         q, k, v = query, key, value
@@ -135,8 +179,10 @@ class TESdpa:
         if refusal is not None:
             return refusal[0], None
         batch, heads, q_len, head_dim = q.shape
-        if k.shape[1] == heads == self.num_heads and self.n_rep > 1:
-            k, v = k[:, :: self.n_rep], v[:, :: self.n_rep]  # K/V arrive repeat_kv-ed: pass the KV heads, TE does GQA
+        if k.shape[1] == heads == self.num_heads and self.n_rep > 1:  # K/V arrive repeat_kv-ed: TE does GQA
+            if sources.written:
+                return "fallback_layout", None  # a repeat written to since may no longer hold equal copies
+            k, v = self._kv_heads(k, sources.key, dtype), self._kv_heads(v, sources.value, dtype)
         if dropout_p != self._dropout():
             return "fallback_dropout", None
         kv_len = k.shape[2]

@@ -12,6 +12,17 @@ SEQ = 64
 LOGITS_TOL, GRAD_TOL = 2e-2, 5e-2  # bf16 over a few layers: TE's and SDPA's kernels round differently
 
 
+def _padded_batch(pad: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input ids, attention mask) of two rows, the second padded by 13 tokens on the ``pad`` side ("none": not)."""
+    ids = torch.randint(3, 128, (2, SEQ), device="cuda")
+    mask = torch.ones_like(ids)
+    if pad == "left":
+        mask[1, :13] = 0
+    elif pad == "right":
+        mask[1, SEQ - 13 :] = 0
+    return ids, mask
+
+
 def _pair(family: str):
     torch._dynamo.reset()
     torch.manual_seed(0)
@@ -49,12 +60,7 @@ def _assert_close(plain, te, rel_error, **batch):
 @pytest.mark.parametrize("family", supported_families())
 def test_training_step_runs_te(family, pad, rel_error):
     plain, te = _pair(family)
-    ids = torch.randint(3, 128, (2, SEQ), device="cuda")
-    mask = torch.ones_like(ids)
-    if pad == "left":
-        mask[1, :13] = 0
-    elif pad == "right":
-        mask[1, SEQ - 13 :] = 0
+    ids, mask = _padded_batch(pad)
     stats = _assert_close(plain, te, rel_error, input_ids=ids, attention_mask=mask)
     assert stats["te_hits"] == te.config.num_hidden_layers
 
@@ -111,12 +117,7 @@ def test_gpt_oss_sinks_run_te(pad, rel_error):
     plain = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.bfloat16).cuda().train()
     te = AutoModelForCausalLM.from_config(config, attn_implementation="te", dtype=torch.bfloat16).cuda().train()
     te.load_state_dict(plain.state_dict())
-    ids = torch.randint(3, 128, (2, SEQ), device="cuda")
-    mask = torch.ones_like(ids)
-    if pad == "left":
-        mask[1, :13] = 0
-    elif pad == "right":
-        mask[1, SEQ - 13 :] = 0
+    ids, mask = _padded_batch(pad)
     stats = _assert_close(plain, te, rel_error, input_ids=ids, attention_mask=mask)
     assert stats["te_hits"] == 2
     sink_grads = [layer.self_attn.sinks.grad for layer in te.model.layers]
