@@ -102,7 +102,8 @@ CASES = (
 
 def shrink(case: Case, seq: int = 64) -> Case:
     """``case`` at eager_batches.SMALL's widths, at most 2 layers, S ``seq``: documents scaled (still summing to S),
-    a sliding window scaled with S (at least 2), the case's layer types and Gemma3's query scale at the small head dim."""
+    a sliding window scaled with S (at least 2), the case's layer types and Gemma3's query scale at the small head
+    dim."""
     lengths = [max(1, n * seq // case.seq) for n in case.lengths]
     if lengths:
         lengths[0] += seq - sum(lengths)

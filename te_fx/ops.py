@@ -36,29 +36,32 @@ def attention_fwd(
     executor: str,
     qkv_format: str = "bshd",
     softmax_offset: Tensor | None = None,
+    key_bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Attention forward; returns (out, softmax_stats, rng_state). The last two are what the backward needs: TE's
     softmax statistics and RNG state (empty when not training), or the reference executor's dropout seed.
     ``cu_seqlens_*`` (int32): in "bshd", per-row lengths for the ``padding*`` mask types (None: full rows); in
     "thd", the boundaries of the documents packed over the B * S tokens. ``softmax_offset`` (H,) float32 (float64
-    for the reference on float64): a sink logit per head in every softmax's denominator (TE's "learnable" softmax)."""
+    for the reference on float64): a sink logit per head in every softmax's denominator (TE's "learnable" softmax).
+    ``key_bias`` (B, 1, 1, Skv) in q's dtype, bshd only: added to every score of a row's keys after scaling (TE's
+    post-scale bias); no gradient."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     window = (window_left, window_right)
     return get_executor(executor).forward(
         q, k, v, cu_seqlens_q, cu_seqlens_kv, qkv_format, mask_type, window, softmax_scale, dropout_p, training,
-        softmax_offset,
+        softmax_offset, key_bias,
     )  # fmt: skip
 
 
 @attention_fwd.register_fake
 def _(
     q, k, v, cu_seqlens_q, cu_seqlens_kv, mask_type, window_left, window_right, softmax_scale, dropout_p, training,
-    executor, qkv_format="bshd", softmax_offset=None,
+    executor, qkv_format="bshd", softmax_offset=None, key_bias=None,
 ):  # fmt: skip
     torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4, lambda: "te_fx attention takes 4D bshd tensors")
     torch._check(q.shape[2] % k.shape[2] == 0, lambda: "query heads must be a multiple of KV heads")
     out = q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[-1])
-    return out, *get_executor(executor).fake_aux(q, qkv_format, dropout_p, training)
+    return out, *get_executor(executor).fake_aux(q, qkv_format, dropout_p, training, key_bias is not None)
 
 
 @torch.library.custom_op("te_fx::attention_bwd", mutates_args=())
@@ -80,6 +83,7 @@ def attention_bwd(
     executor: str,
     qkv_format: str = "bshd",
     softmax_offset: Tensor | None = None,
+    key_bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Attention backward; returns (dq, dk, dv), contiguous bshd, and the gradient of ``softmax_offset`` (empty
     without one)."""
@@ -87,7 +91,7 @@ def attention_bwd(
     window = (window_left, window_right)
     dq, dk, dv, d_offset = get_executor(executor).backward(
         d_out.contiguous(), q, k, v, out, softmax_stats, rng_state, cu_seqlens_q, cu_seqlens_kv, qkv_format,
-        mask_type, window, softmax_scale, dropout_p, softmax_offset,
+        mask_type, window, softmax_scale, dropout_p, softmax_offset, key_bias,
     )  # fmt: skip
     return dq, dk, dv, d_offset if d_offset is not None else q.new_empty(0, dtype=torch.float32)
 
@@ -95,7 +99,7 @@ def attention_bwd(
 @attention_bwd.register_fake
 def _(
     d_out, q, k, v, out, softmax_stats, rng_state, cu_seqlens_q, cu_seqlens_kv, mask_type, window_left, window_right,
-    softmax_scale, dropout_p, executor, qkv_format="bshd", softmax_offset=None,
+    softmax_scale, dropout_p, executor, qkv_format="bshd", softmax_offset=None, key_bias=None,
 ):  # fmt: skip
     # the kernels write contiguous bshd gradients whatever the strides of q, k, v
     offset = softmax_offset if softmax_offset is not None else q.new_empty(0, dtype=torch.float32)
@@ -103,49 +107,30 @@ def _(
 
 
 def _setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-    q, k, v, cu_q, cu_kv, *config, offset = inputs
+    q, k, v, cu_q, cu_kv, *config, offset, key_bias = inputs
     out, stats, rng = output
-    ctx.save_for_backward(q, k, v, out, stats, rng, cu_q, cu_kv, offset)
+    ctx.save_for_backward(q, k, v, out, stats, rng, cu_q, cu_kv, offset, key_bias)
     ctx.config = tuple(config[:5]) + tuple(config[6:])  # mask_type ... dropout_p, executor, qkv_format
 
 
 def _backward(ctx: Any, d_out: Tensor, _d_stats: Tensor, _d_rng: Tensor) -> tuple:
-    q, k, v, out, stats, rng, cu_q, cu_kv, offset = ctx.saved_tensors
-    dq, dk, dv, d_offset = attention_bwd(d_out, q, k, v, out, stats, rng, cu_q, cu_kv, *ctx.config, offset)
-    return dq, dk, dv, *([None] * (len(ctx.config) + 3)), d_offset if offset is not None else None
+    q, k, v, out, stats, rng, cu_q, cu_kv, offset, key_bias = ctx.saved_tensors
+    dq, dk, dv, d_offset = attention_bwd(d_out, q, k, v, out, stats, rng, cu_q, cu_kv, *ctx.config, offset, key_bias)
+    return dq, dk, dv, *([None] * (len(ctx.config) + 3)), d_offset if offset is not None else None, None
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _compact_valid_first(
-    key_padding_mask: Tensor, window_left: int
-) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor]:
-    """(order, inverse order, cu_seqlens_q, cu_seqlens_kv, rows that see a key) for a (B, S) key padding mask
-    (nonzero = keep) under causal attention with ``window_left`` (-1: none).
-
-    A partition of each row (cumulative sums, no sort) puts its kept tokens first, in order, then the padding after
-    its first kept token, in order, then the padding before it: "query i sees kept keys j <= i (and j >= i - w)"
-    becomes TE's ``padding_causal`` with per-row key lengths, padding at the end of each row as TE requires, and a
-    padding query after the kept tokens keeps its distance to them (which the window needs)."""
-    keep = key_padding_mask != 0
-    seq = keep.shape[1]
-    positions = torch.arange(seq, device=keep.device)
-    kept_before = keep.cumsum(dim=1)  # kept tokens up to and including each position
-    lengths = kept_before[:, -1:]
-    leading = (kept_before == 0).sum(dim=1, keepdim=True)  # padding before the first kept token
-    # each token's row after the partition: kept ones by rank, then trailing padding, then leading padding
-    padding_row = torch.where(kept_before > 0, lengths + positions - kept_before - leading, seq - leading + positions)
-    restore = torch.where(keep, kept_before - 1, padding_row)
-    order = torch.empty_like(restore).scatter_(1, restore, positions.expand_as(restore))
-    # a row with no kept token still gets one key (a padding one, at the front), so that no kernel sees an empty
-    # sequence and leaves its output or statistics unwritten; those rows are zeroed afterwards
-    cu_seqlens_q, cu_seqlens_kv = _padded_seqlens(lengths.clamp(min=1).flatten(), window_left, seq)
+def _sees_a_key(keep: Tensor, window_left: int) -> Tensor:
+    """(B, S) bool: whether query i sees a kept key j <= i (and j >= i - w; ``window_left`` -1: none) of a (B, S)
+    bool ``keep``."""
+    kept_before = keep.cumsum(dim=1)
     if window_left < 0:
-        return order, restore, None, cu_seqlens_kv, kept_before > 0
-    shift = min(window_left + 1, seq)
-    kept_before_window = torch.nn.functional.pad(kept_before, (shift, 0))[:, :seq]
-    return order, restore, cu_seqlens_q, cu_seqlens_kv, kept_before > kept_before_window
+        return kept_before > 0
+    shift = min(window_left + 1, keep.shape[1])
+    kept_before_window = torch.nn.functional.pad(kept_before, (shift, 0))[:, : keep.shape[1]]
+    return kept_before > kept_before_window
 
 
 def _padded_seqlens(kv_lengths: Tensor, window_left: int, seq: int) -> tuple[Tensor | None, Tensor]:
@@ -160,29 +145,6 @@ def _padded_seqlens(kv_lengths: Tensor, window_left: int, seq: int) -> tuple[Ten
 def _cumulative(lengths: Tensor) -> Tensor:
     """(B + 1,) int32 boundaries of (B,) lengths, as TE takes them."""
     return torch.nn.functional.pad(lengths.cumsum(0).to(torch.int32), (1, 0))
-
-
-def _gather_rows(x: Tensor, index: Tensor) -> Tensor:
-    """``x[b, index[b, s]]`` for (B, S, H, D) ``x``: whole tokens by one index_select over the flattened rows, which
-    moves H * D contiguous elements per index (``gather`` with an expanded index reads an index per element)."""
-    batch, seq = index.shape
-    tokens = (index + torch.arange(0, batch * seq, seq, device=index.device)[:, None]).flatten()
-    return x.reshape(batch * seq, *x.shape[2:]).index_select(0, tokens).view(x.shape)
-
-
-class _PermuteRows(torch.autograd.Function):
-    """``x[b, order[b, s]]`` for a permutation ``order``: its gradient is the gather by the inverse permutation,
-    which avoids the zero-fill and scatter-add of ``gather``'s generic backward."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, order: Tensor, restore: Tensor) -> Tensor:
-        ctx.save_for_backward(restore)
-        return _gather_rows(x, order)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple:
-        (restore,) = ctx.saved_tensors
-        return _gather_rows(grad, restore), None, None
 
 
 def _check_arguments(
@@ -281,13 +243,10 @@ def attention(
     At most one of these refines ``mask_type`` / ``window_size`` (self-attention, q_len == kv_len):
 
     * ``key_padding_mask`` (B, S), nonzero = keep, with ``mask_type="causal"`` and window (-1, 0) or (w, 0): query i
-      attends to kept keys j <= i (and j >= i - w), as SDPA does with HF's ``causal & attention_mask[b, kv]`` mask.
-      Rows with no such key are zero, as in SDPA, with zero gradients. Exact at every kept position for padding
-      anywhere with full causal attention, and at every position when each row's padding lies before its first or
-      after its last kept token. With a window the caller guarantees the latter (the op cannot check it without a
-      host sync): inside a row, rank and position distances differ. ``key_padding_kept_first=True`` says more (again
-      unchecked): every row keeps its first keys and at least one (right padding), so the rows run as they are,
-      with no partition.
+      attends to kept keys j <= i (and j >= i - w), as SDPA does with HF's ``causal & attention_mask[b, kv]`` mask,
+      wherever the padding sits: TE runs the causal type with a key bias (a row at a time). Rows with no such key are
+      zero, as in SDPA, with zero gradients. ``key_padding_kept_first=True`` (unchecked: the op reads no values)
+      says every row keeps its first keys and at least one (right padding): TE's ``padding_causal``, in one call.
     * ``cu_seqlens`` (N + 1,) int32: boundaries of documents packed over the B * S flattened tokens, from 0 to B * S,
       every multiple of S among them (no document crosses a row; not checked, for the same reason). Each document
       is causal (and windowed) on its own with ``mask_type="causal"``, or sees all of itself with "no_mask". Runs
@@ -302,18 +261,11 @@ def attention(
     _check_arguments(q, k, v, mask_type, window_size, dropout_p, key_padding_mask, cu_seqlens, executor, softmax_offset)
     offset = None if softmax_offset is None else softmax_offset.to(torch.promote_types(q.dtype, torch.float32))
     training = is_training(dropout_p, q, k, v, *(() if offset is None else (offset,)))
-    if key_padding_mask is not None and key_padding_kept_first:
-        lengths = (key_padding_mask != 0).sum(dim=1)
-        cu_q, cu_kv = _padded_seqlens(lengths, window_size[0], key_padding_mask.shape[1])
-        out, _, _ = torch.ops.te_fx.attention_fwd(
-            q, k, v, cu_q, cu_kv, "padding_causal", window_size[0], window_size[1], softmax_scale, dropout_p,
-            training, executor, "bshd", offset,
-        )  # fmt: skip
-        return out
     if key_padding_mask is not None:
         return _padded_attention(
-            q, k, v, window_size, softmax_scale, dropout_p, training, key_padding_mask, executor, offset
-        )
+            q, k, v, window_size, softmax_scale, dropout_p, training, key_padding_mask, key_padding_kept_first,
+            executor, offset,
+        )  # fmt: skip
     cu_q = cu_kv = None
     qkv_format = "bshd"
     if cu_seqlens is not None:
@@ -336,14 +288,23 @@ def _padded_attention(
     dropout_p: float,
     training: bool,
     key_padding_mask: Tensor,
+    kept_first: bool,
     executor: str,
     softmax_offset: Tensor | None,
 ) -> Tensor:
-    """:func:`attention` with a key padding mask: TE's ``padding_causal`` on rows partitioned kept-first."""
-    order, restore, cu_q, cu_kv, sees_a_key = _compact_valid_first(key_padding_mask, window_size[0])
-    q, k, v = (_PermuteRows.apply(t, order, restore) for t in (q, k, v))
-    out, _, _ = torch.ops.te_fx.attention_fwd(
-        q, k, v, cu_q, cu_kv, "padding_causal", window_size[0], window_size[1], softmax_scale, dropout_p, training,
-        executor, "bshd", softmax_offset,
-    )  # fmt: skip
-    return torch.where(sees_a_key[:, :, None, None], _PermuteRows.apply(out, restore, order), 0.0)
+    """:func:`attention` with a key padding mask: TE's ``padding_causal`` on right-padded rows (``kept_first``),
+    else the causal type with a key bias that hides the padding, exact wherever it sits (a window counts positions,
+    padding included), then zero rows that see no key (SDPA's; TE leaves them an average)."""
+    keep = key_padding_mask != 0
+    config = (window_size[0], window_size[1], softmax_scale, dropout_p, training, executor, "bshd", softmax_offset)
+    if kept_first:
+        cu_q, cu_kv = _padded_seqlens(keep.sum(dim=1), window_size[0], keep.shape[1])
+        return torch.ops.te_fx.attention_fwd(q, k, v, cu_q, cu_kv, "padding_causal", *config)[0]
+    out = torch.ops.te_fx.attention_fwd(q, k, v, None, None, "causal", *config, _key_bias(keep, q.dtype))[0]
+    return torch.where(_sees_a_key(keep, window_size[0])[:, :, None, None], out, 0.0)
+
+
+def _key_bias(keep: Tensor, dtype: torch.dtype) -> Tensor:
+    """(B, 1, 1, S) post-scale bias of a (B, S) bool keep mask: 0 where kept, else the lowest ``dtype`` value."""
+    bias = torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, torch.finfo(dtype).min)
+    return bias[:, None, None, :]

@@ -31,7 +31,7 @@ OPTIONS = {"executor": "reference", "inner": "aot_eager"}
 TOL = dict(rtol=1e-5, atol=1e-5)
 EMBED = 16
 PADDING_REASON = "fallback_mask"
-PADDING_DETAIL = "padding masks are converted for full causal attention only"
+PADDING_DETAIL = "padding masks are converted for causal attention only"
 
 
 def _examples(n: int) -> int:
@@ -299,9 +299,9 @@ def oracle(spec: Spec) -> dict:
         else:
             base = _sliding_mask_kind(spec.seq, spec.window) if spec.padding_base == "sliding" else (
                 _offset_mask_kind(spec.seq, 0))  # fmt: skip
-            if base != ("causal", (-1, 0)):  # a window, or seq 1 (causal == all visible): no TE type for it
+            if base[0] != "causal":  # seq 1 (causal == all visible): no TE type for it
                 return {**sdpa, "reason": PADDING_REASON, "detail": PADDING_DETAIL}
-            decided = ("padding_causal", (-1, 0))
+            decided = ("padding_causal", base[1])
     else:
         raise AssertionError(kind)
     if decided is None:
@@ -505,7 +505,9 @@ def test_oracle_sanity():
     assert oracle(Spec(**base, seq=8, mask="tril", offset=1)) == {"decision": "sdpa"}
     assert oracle(Spec(**base, seq=8, mask="tril", offset=7))["mask_kind"] == "no_mask"
     assert oracle(Spec(**{**base, "v_repeat": "tile_repeat"}, seq=8, mask="none"))["num_kv_heads"] == 4
-    assert oracle(Spec(**base, seq=8, mask="padding", padding_base="sliding", window=3))["decision"] == "sdpa"
+    padded_sliding = oracle(Spec(**base, seq=8, mask="padding", padding_base="sliding", window=3))
+    assert (padded_sliding["mask_kind"], padded_sliding["window_size"]) == ("padding_causal", (2, 0))
+    assert oracle(Spec(**base, seq=1, mask="padding"))["decision"] == "sdpa"  # one token: causal is all-visible
     assert oracle(Spec(**base, seq=8, mask="padding"))["mask_kind"] == "padding_causal"
     assert oracle(Spec(**base, seq=3, mask="tril", kv_prefix=4))["mask_kind"] == "causal_bottom_right"
     assert oracle(Spec(**base, seq=3, mask="sliding", window=2, kv_prefix=4))["window_size"] == (1, 0)

@@ -157,9 +157,9 @@ def _executor_refusal(
     and for training (the graph may be differentiated)."""
     shape = tuple(int(_hint(size)) for size in (q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2],
                                                  q.shape[3], v.shape[3]))  # fmt: skip
-    mask_type, qkv_format = te_terms(plan)
+    mask_type, qkv_format, key_bias = te_terms(plan)
     call = AttentionCall(q.dtype, q.device, shape, mask_type, tuple(plan.window_size), qkv_format,
-                         dropout_p=float(_hint(dropout_p)), training=True)  # fmt: skip
+                         dropout_p=float(_hint(dropout_p)), training=True, key_bias=key_bias)  # fmt: skip
     reason = unsupported_call_reason(executor, call)
     if reason is None:
         return None

@@ -272,8 +272,8 @@ def classify_mask_node(
         if not (ones == expected.to(ones.device)).all():
             return "mask is not the same pattern at every sequence length"
     if padding is not None:
-        if mask_type != "causal" or window != -1:
-            return "padding masks are converted for full causal attention only"
+        if mask_type != "causal":
+            return "padding masks are converted for causal attention only"
         generator = torch.Generator().manual_seed(0)
         index = leaves.index(padding)
         numbers = [number for node in ancestors for number in _numbers(node.args, node.kwargs)]

@@ -17,11 +17,10 @@ class AttentionPlan:
     """``mask_type`` ("no_mask", "causal" or "causal_bottom_right") and ``window_size`` (TE's (left, right)) say
     which keys a query sees in a row of tokens; at most one of these refines it:
 
-    * ``key_padding``: a (B, S_kv) keep mask (nonzero = keep) ANDed into a causal pattern (q_len == kv_len). Padding
-      may sit anywhere in a row for full causal attention; with a window only before the first or after the last
-      kept token (rank and position distances differ across inner padding). TE runs it as ``padding_causal`` after a
-      stable partition of each row; with ``kept_first`` (every row keeps its first keys and at least one: right
-      padding, which the eager ways in check once per mask) on the rows as they are.
+    * ``key_padding``: a (B, S_kv) keep mask (nonzero = keep) ANDed into a causal pattern (q_len == kv_len), the
+      padding anywhere in a row. TE runs it as ``padding_causal`` with ``kept_first`` (every row keeps its first keys
+      and at least one: right padding, which the eager ways in check once per mask), else as the causal type with
+      an additive bias that hides the padded keys (exact wherever they sit; TE takes it a row at a time).
     * ``cu_seqlens``: (N + 1,) int32 document boundaries over the B * S flattened tokens (every row boundary is one):
       packed documents, each causal (and windowed) on its own. TE runs it in the ``thd`` format.
 

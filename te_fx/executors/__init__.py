@@ -87,14 +87,15 @@ def thd_mask_type(mask_type: str) -> str:
     return "padding" if mask_type == "no_mask" else f"padding_{mask_type}"
 
 
-def te_terms(plan: AttentionPlan) -> tuple[str, str]:
-    """(TE mask type, qkv format) that te_fx's op runs ``plan`` with: key padding as ``padding_causal`` in bshd
-    (after its row partition), packed documents in thd, anything else as the plan's mask type in bshd."""
+def te_terms(plan: AttentionPlan) -> tuple[str, str, bool]:
+    """(TE mask type, qkv format, key bias) that te_fx's op runs ``plan`` with: key padding as ``padding_causal`` on
+    right-padded rows (``kept_first``), else as the plan's causal type with a key bias; packed documents in thd;
+    anything else as the plan's mask type in bshd."""
     if plan.key_padding is not None:
-        return "padding_causal", "bshd"
+        return ("padding_causal", "bshd", False) if plan.kept_first else (plan.mask_type, "bshd", True)
     if plan.cu_seqlens is not None:
-        return thd_mask_type(plan.mask_type), "thd"
-    return plan.mask_type, "bshd"
+        return thd_mask_type(plan.mask_type), "thd", False
+    return plan.mask_type, "bshd", False
 
 
 class TEUnavailableError(ImportError):
@@ -145,7 +146,8 @@ class AttentionCall:
     ``shape`` is (batch, heads, kv_heads, q_len, kv_len, head_dim_qk, head_dim_v) in plain ints; in the "thd"
     format batch is the number of documents, q_len / kv_len bound their lengths and ``num_tokens`` counts the packed
     tokens (None: batch * q_len). ``softmax_type`` is TE's: "vanilla", or "learnable" for a per-head sink logit in
-    the softmax's denominator (attention sinks).
+    the softmax's denominator (attention sinks). ``key_bias``: a post-scale bias per row's keys (key padding with a
+    window), which the TE executor runs a row at a time.
     """
 
     dtype: torch.dtype
@@ -158,6 +160,7 @@ class AttentionCall:
     dropout_p: float = 0.0
     training: bool = False
     softmax_type: str = "vanilla"
+    key_bias: bool = False
 
     @classmethod
     def of_bshd(
@@ -172,6 +175,7 @@ class AttentionCall:
         dropout_p: float = 0.0,
         training: bool = False,
         softmax_type: str = "vanilla",
+        key_bias: bool = False,
     ) -> AttentionCall:
         """The call of bshd q (B, Sq, H, Dqk), k (B, Skv, Hkv, Dqk), v (B, Skv, Hkv, Dv); in "thd", ``num_sequences``
         documents packed over their B * Sq tokens."""
@@ -180,7 +184,7 @@ class AttentionCall:
                  v.shape[3])  # fmt: skip
         return cls(
             q.dtype, q.device, tuple(int(size) for size in shape), mask_type, tuple(window_size), qkv_format,
-            q.shape[0] * q.shape[1] if thd else None, float(dropout_p), bool(training), softmax_type,
+            q.shape[0] * q.shape[1] if thd else None, float(dropout_p), bool(training), softmax_type, key_bias,
         )  # fmt: skip
 
     @classmethod
@@ -195,10 +199,10 @@ class AttentionCall:
         softmax_type: str = "vanilla",
     ) -> AttentionCall:
         """The call te_fx's op makes to run ``plan`` on bshd q, k, v (:func:`te_terms`)."""
-        mask_type, qkv_format = te_terms(plan)
+        mask_type, qkv_format, key_bias = te_terms(plan)
         documents = plan.cu_seqlens.shape[0] - 1 if plan.cu_seqlens is not None else None
         return cls.of_bshd(
-            q, k, v, mask_type, plan.window_size, qkv_format, documents, dropout_p, training, softmax_type
+            q, k, v, mask_type, plan.window_size, qkv_format, documents, dropout_p, training, softmax_type, key_bias
         )
 
 
@@ -210,7 +214,8 @@ class Executor(abc.ABC):
     types; None means full rows) or "thd" (the B * S tokens flattened, ``cu_seqlens_*`` the documents' boundaries;
     the mask type is ``padding*`` and applies within each document). ``softmax_offset`` (H,) float32, if given, is
     a per-head logit added to every softmax's denominator (TE's "learnable" softmax: attention sinks), and the
-    backward returns its gradient.
+    backward returns its gradient. ``key_bias`` (B, 1, 1, Skv) in q's dtype, bshd only, is added to the scaled
+    scores of each row's keys (TE's post-scale bias; the lowest value of the dtype hides a key); it has no gradient.
     """
 
     name: str
@@ -230,6 +235,7 @@ class Executor(abc.ABC):
         dropout_p: float,
         training: bool,
         softmax_offset: Tensor | None = None,
+        key_bias: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """(out bshd (B, Sq, H, Dv), softmax_stats, rng_state): the last two are what :meth:`backward` needs, shaped
         as :meth:`fake_aux` says."""
@@ -252,12 +258,15 @@ class Executor(abc.ABC):
         softmax_scale: float,
         dropout_p: float,
         softmax_offset: Tensor | None = None,
+        key_bias: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """(dq, dk, dv), contiguous bshd, and the gradient of ``softmax_offset`` (None without one), for the forward
         that returned ``out``, ``softmax_stats``, ``rng_state``."""
 
     @abc.abstractmethod
-    def fake_aux(self, q: Tensor, qkv_format: str, dropout_p: float, training: bool) -> tuple[Tensor, Tensor]:
+    def fake_aux(
+        self, q: Tensor, qkv_format: str, dropout_p: float, training: bool, key_bias: bool = False
+    ) -> tuple[Tensor, Tensor]:
         """Empty (softmax_stats, rng_state) of the shapes :meth:`forward` returns (q may be a fake tensor)."""
 
     @abc.abstractmethod

@@ -121,6 +121,7 @@ def _attention_probs(
     cu_seqlens_q: torch.Tensor | None = None,
     cu_seqlens_kv: torch.Tensor | None = None,
     softmax_offset: torch.Tensor | None = None,
+    key_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """(probs, dropout factor or None, q, k, v, scale, sink probs or None) in (B, H, S, D) compute precision, K/V
     expanded to every query head. The dropout factor is keep / (1 - p), drawn from ``generator``; the sink probs
@@ -139,6 +140,8 @@ def _attention_probs(
     vc = v.to(compute).transpose(1, 2).repeat_interleave(rep, dim=1)
     visible = _visible(mask_type, window_size, q, k, seqlens_q, seqlens_kv, cu_seqlens_q, cu_seqlens_kv)
     scores = torch.matmul(qc, kc.transpose(-1, -2)) * scale
+    if key_bias is not None:
+        scores = scores + key_bias.to(compute)
     scores = scores.masked_fill(~visible, float("-inf"))
     sink = None
     if softmax_offset is not None:  # one more logit per head, in the denominator only
@@ -174,6 +177,7 @@ def reference_attention(
     cu_seqlens_q: torch.Tensor | None = None,
     cu_seqlens_kv: torch.Tensor | None = None,
     softmax_offset: torch.Tensor | None = None,
+    key_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention over bshd tensors: q (B, Sq, H, Dqk), k (B, Skv, Hkv, Dqk), v (B, Skv, Hkv, Dv) -> (B, Sq, H, Dv).
 
@@ -181,11 +185,12 @@ def reference_attention(
     TE. ``seqlens_*`` are per-row lengths (bshd, ``padding*`` types); ``cu_seqlens_*`` make it the thd format:
     documents packed over the flattened tokens, none crossing a row (see :func:`thd_visible`). ``softmax_offset``
     (H,): TE's "learnable" softmax, exp(offset[h]) added to the denominator of head h (attention sinks).
+    ``key_bias`` (B, 1, 1, Skv): TE's post-scale bias, added to the scaled scores of each row's keys.
     Accumulates in float32 (float64 for float64 inputs) and returns q's dtype, contiguous. Differentiable.
     """
     probs, factor, _, _, vc, _, _ = _attention_probs(
         q, k, v, mask_type, window_size, softmax_scale, dropout_p, seqlens_q, seqlens_kv, generator, cu_seqlens_q,
-        cu_seqlens_kv, softmax_offset,
+        cu_seqlens_kv, softmax_offset, key_bias,
     )  # fmt: skip
     return _bshd(torch.matmul(probs if factor is None else probs * factor, vc), q.dtype)
 
@@ -206,12 +211,13 @@ def reference_attention_backward(
     cu_seqlens_q: torch.Tensor | None = None,
     cu_seqlens_kv: torch.Tensor | None = None,
     softmax_offset: torch.Tensor | None = None,
+    key_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(dq, dk, dv, d_softmax_offset or None) of :func:`reference_attention` in closed form (it runs inside custom
     ops, below autograd). ``generator`` must replay the forward's dropout draws."""
     probs, factor, qc, kc, vc, scale, sink = _attention_probs(
         q, k, v, mask_type, window_size, softmax_scale, dropout_p, seqlens_q, seqlens_kv, generator, cu_seqlens_q,
-        cu_seqlens_kv, softmax_offset,
+        cu_seqlens_kv, softmax_offset, key_bias,
     )  # fmt: skip
     rep = q.shape[2] // k.shape[2]
     do = d_out.to(qc.dtype).transpose(1, 2)
@@ -253,13 +259,16 @@ class ReferenceExecutor(Executor):
         dropout_p: float,
         training: bool,
         softmax_offset: torch.Tensor | None = None,
+        key_bias: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         seed = torch.randint(0, 2**62, (2 if dropout_p > 0 else 0,), dtype=torch.int64)
         config = _config(
             q, k, cu_seqlens_q, cu_seqlens_kv, qkv_format, mask_type, window_size, softmax_scale, dropout_p
         )
         generator = _generator(seed, q.device)
-        out = reference_attention(q, k, v, generator=generator, softmax_offset=softmax_offset, **config)
+        out = reference_attention(
+            q, k, v, generator=generator, softmax_offset=softmax_offset, key_bias=key_bias, **config
+        )
         return out, q.new_empty(0, dtype=torch.float32), seed.to(q.device)
 
     def backward(
@@ -279,17 +288,18 @@ class ReferenceExecutor(Executor):
         softmax_scale: float,
         dropout_p: float,
         softmax_offset: torch.Tensor | None = None,
+        key_bias: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         config = _config(
             q, k, cu_seqlens_q, cu_seqlens_kv, qkv_format, mask_type, window_size, softmax_scale, dropout_p
         )
         generator = _generator(rng_state, q.device)
         return reference_attention_backward(
-            d_out, q, k, v, generator=generator, softmax_offset=softmax_offset, **config
+            d_out, q, k, v, generator=generator, softmax_offset=softmax_offset, key_bias=key_bias, **config
         )
 
     def fake_aux(
-        self, q: torch.Tensor, qkv_format: str, dropout_p: float, training: bool
+        self, q: torch.Tensor, qkv_format: str, dropout_p: float, training: bool, key_bias: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return q.new_empty(0, dtype=torch.float32), q.new_empty(2 if dropout_p > 0 else 0, dtype=torch.int64)
 

@@ -89,11 +89,17 @@ def _select_backend(
     deterministic: bool,
     qkv_format: str = "bshd",
     softmax_type: str = "vanilla",
+    key_bias: bool = False,
 ) -> tuple:
     """TE's own backend selection (``get_attention_backend``) for this call, as TE's ``DotProductAttention`` asks
-    it. ``shape`` ends with the device and the token count of a thd call (TE's ``num_tokens_q/kv``; 0 in bshd)."""
+    it. ``shape`` ends with the device and the token count of a thd call (TE's ``num_tokens_q/kv``; 0 in bshd).
+    ``key_bias``: one row's post-scale key bias, (1, 1, 1, kv_len) without a gradient (TE's "111s" shape)."""
     batch, heads, kv_heads, q_len, kv_len, dqk, dv, device_index, tokens = shape
     fp8 = {} if fp8_recipe is None else {"fp8": True, "fp8_meta": {"recipe": fp8_recipe}}
+    if key_bias:
+        fp8["core_attention_bias_type"] = "post_scale_bias"
+        fp8["core_attention_bias_shape"] = (1, 1, 1, kv_len)
+        fp8["core_attention_bias_requires_grad"] = False
     params = dpa_utils.AttentionParams(
         qkv_dtype=dtype,
         qkv_layout=_QKV_LAYOUT[qkv_format],
@@ -131,13 +137,15 @@ def _backend_ok(
     deterministic: bool,
     qkv_format: str = "bshd",
     softmax_type: str = "vanilla",
+    key_bias: bool = False,
 ) -> bool:
     """Whether TE selects its fused attention for this call: the F16 backend, or the FP8 one while FP8 attention
     is on (``fp8_key``, from :func:`_recipe_key` of the current recipe), with deterministic kernels if asked."""
     recipe = None if fp8_key is None else FP8GlobalStateManager.get_fp8_recipe()
     selection = _select_backend(
-        dtype, shape, mask_type, window_size, dropout_p, training, recipe, deterministic, qkv_format, softmax_type
-    )
+        dtype, shape, mask_type, window_size, dropout_p, training, recipe, deterministic, qkv_format, softmax_type,
+        key_bias,
+    )  # fmt: skip
     fused_available, fused_backend = selection[5][1], selection[3]
     wanted = _F16 if fp8_key is None else FusedAttnBackend.FP8
     return bool(fused_available) and fused_backend is not None and int(fused_backend) == int(wanted)
@@ -194,18 +202,20 @@ def shape_unsupported_reason(
     qkv_format: str = "bshd",
     num_tokens: int | None = None,
     softmax_type: str = "vanilla",
+    key_bias: bool = False,
 ) -> str | None:
     """Why TE's fused attention cannot run (batch, heads, kv_heads, q_len, kv_len, head_dim_qk, head_dim_v) in
     ``dtype`` (a stats key), or None if it can: the F16 backend, or the FP8 one under an FP8 attention recipe.
     In the thd format batch is the number of documents, q_len / kv_len bound their lengths and ``num_tokens``
     (default: batch * q_len, a bound) counts the packed tokens; te_fx runs thd in F16 only. Decided from metadata
-    only, so compile-time guards use it too. ``softmax_type`` "learnable" asks for attention sinks."""
+    only, so compile-time guards use it too. ``softmax_type`` "learnable" asks for attention sinks, ``key_bias`` for
+    a post-scale key bias (run a row at a time), which te_fx runs in F16 only."""
     reason = te_limits_reason(dtype, "cuda", shape[5], shape[6])  # the call runs on CUDA device ``device_index``
     if reason is not None:
         return reason
+    if fp8_recipe is not None and (qkv_format == "thd" or key_bias):
+        return "fallback_fp8"
     if qkv_format == "thd":
-        if fp8_recipe is not None:
-            return "fallback_fp8"
         if not _packed_softmax_stats(device_index):
             return "fallback_shape"
         tokens = shape[0] * shape[3] if num_tokens is None else num_tokens
@@ -213,7 +223,8 @@ def shape_unsupported_reason(
         tokens = 0
     key = _recipe_key(fp8_recipe)
     config = (
-        mask_type, tuple(window_size), float(dropout_p), bool(training), key, _deterministic(), qkv_format, softmax_type
+        mask_type, tuple(window_size), float(dropout_p), bool(training), key, _deterministic(), qkv_format,
+        softmax_type, key_bias,
     )  # fmt: skip
     if not _backend_ok(dtype, (*shape, device_index, tokens), *config):
         return "fallback_shape" if key is None else "fallback_fp8"
@@ -228,7 +239,7 @@ def call_unsupported_reason(call: AttentionCall, fp8_recipe: Any = None) -> str 
         return reason
     return shape_unsupported_reason(
         call.dtype, call.shape, call.mask_type, call.window_size, call.dropout_p, call.training,
-        call.device.index or 0, fp8_recipe, call.qkv_format, call.num_tokens, call.softmax_type,
+        call.device.index or 0, fp8_recipe, call.qkv_format, call.num_tokens, call.softmax_type, call.key_bias,
     )  # fmt: skip
 
 
@@ -260,6 +271,13 @@ def _softmax_args(softmax_offset: torch.Tensor | None) -> dict[str, Any]:
     return {"softmax_type": "learnable", "softmax_offset": softmax_offset.view(1, -1, 1, 1)}
 
 
+def _rows(*tensors: torch.Tensor | None) -> list[tuple[torch.Tensor | None, ...]]:
+    """Each batch row of ``tensors`` (None stays None), as (1, ...) views: TE takes a key bias for one row only
+    (its (B, 1, 1, S) form fails in cuDNN's backward)."""
+    batch = next(t for t in tensors if t is not None).shape[0]
+    return [tuple(None if t is None else t[row : row + 1] for t in tensors) for row in range(batch)]
+
+
 def fused_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -273,11 +291,13 @@ def fused_forward(
     cu_seqlens_kv: torch.Tensor | None = None,
     qkv_format: str = "bshd",
     softmax_offset: torch.Tensor | None = None,
+    key_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """TE fused attention forward on contiguous bshd tensors; returns (out bshd, aux tensors for the backward).
     In "bshd", ``cu_seqlens_*`` (int32, B + 1, on the device) give per-row lengths for the ``padding*`` mask types
     (None: full rows; query rows past a length come back zero); in "thd", the documents packed over the B * S
-    tokens, each at most S long. ``softmax_offset`` (H,) float32 runs TE's "learnable" softmax (sinks)."""
+    tokens, each at most S long. ``softmax_offset`` (H,) float32 runs TE's "learnable" softmax (sinks);
+    ``key_bias`` (1, 1, 1, S), for a single row, TE's post-scale bias."""
     batch, q_len, kv_len = q.shape[0], q.shape[1], k.shape[1]
     if qkv_format == "thd":
         layout = {"cu_seqlens_q_padded": cu_seqlens_q, "cu_seqlens_kv_padded": cu_seqlens_kv}  # no gaps between docs
@@ -286,6 +306,8 @@ def fused_forward(
         layout = {}
         q_in, k_in, v_in = q, k, v
     layout.update(_softmax_args(softmax_offset))
+    if key_bias is not None:
+        layout.update(attn_bias_type="post_scale_bias", attn_bias=key_bias)
     with torch.cuda.device(q.device):  # TE allocates its outputs and launches on the current device
         out, aux = fused_attn_fwd(
             training,
@@ -331,13 +353,17 @@ def fused_backward(
     cu_seqlens_kv: torch.Tensor | None = None,
     qkv_format: str = "bshd",
     softmax_offset: torch.Tensor | None = None,
+    key_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """TE fused attention backward of :func:`fused_forward`; returns (dq, dk, dv) in bshd and the (H,) gradient of
     ``softmax_offset`` (None without one)."""
     batch, q_len, kv_len = q.shape[0], q.shape[1], k.shape[1]
     tensors = (q, k, v, out, d_out.contiguous())
     layout = _softmax_args(softmax_offset)
-    if softmax_offset is not None:  # TE's aux pack ends with the offset it ran the forward with
+    if key_bias is not None:  # TE's aux pack: stats, RNG state, then the bias and the offset the forward ran with
+        aux = [*aux, key_bias]
+        layout["attn_bias_type"] = "post_scale_bias"
+    if softmax_offset is not None:
         aux = [*aux, layout.pop("softmax_offset")]
     if qkv_format == "thd":
         layout.update(cu_seqlens_q_padded=cu_seqlens_q, cu_seqlens_kv_padded=cu_seqlens_kv)
@@ -389,11 +415,17 @@ class TEExecutor(Executor):
         dropout_p: float,
         training: bool,
         softmax_offset: torch.Tensor | None = None,
+        key_bias: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        out, aux = fused_forward(
-            q, k, v, mask_type, window_size, softmax_scale, dropout_p, training, cu_seqlens_q, cu_seqlens_kv,
-            qkv_format, softmax_offset,
-        )  # fmt: skip
+        config = (mask_type, window_size, softmax_scale, dropout_p, training, cu_seqlens_q, cu_seqlens_kv, qkv_format,
+                  softmax_offset)  # fmt: skip
+        if key_bias is None:
+            out, aux = fused_forward(q, k, v, *config)
+        else:  # a row at a time; the RNG states stack to (B, 2)
+            rows = [fused_forward(*row, *config, key_bias=bias) for *row, bias in _rows(q, k, v, key_bias)]
+            out = torch.cat([row_out for row_out, _ in rows])
+            if training:
+                aux = [torch.cat([row_aux[0] for _, row_aux in rows]), torch.stack([row_aux[1] for _, row_aux in rows])]
         if not training:
             return out, q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.int64)
         return out, aux[0], aux[1]
@@ -415,14 +447,20 @@ class TEExecutor(Executor):
         softmax_scale: float,
         dropout_p: float,
         softmax_offset: torch.Tensor | None = None,
+        key_bias: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        return fused_backward(
-            d_out, q, k, v, out, [softmax_stats, rng_state], mask_type, window_size, softmax_scale, dropout_p,
-            cu_seqlens_q, cu_seqlens_kv, qkv_format, softmax_offset,
-        )  # fmt: skip
+        config = (mask_type, window_size, softmax_scale, dropout_p, cu_seqlens_q, cu_seqlens_kv, qkv_format,
+                  softmax_offset)  # fmt: skip
+        if key_bias is None:
+            return fused_backward(d_out, q, k, v, out, [softmax_stats, rng_state], *config)
+        rows = _rows(d_out, q, k, v, out, softmax_stats, rng_state, key_bias)
+        grads = [fused_backward(*row[:5], [row[5], row[6][0]], *config, key_bias=row[7]) for row in rows]
+        dq, dk, dv = (torch.cat([grad[i] for grad in grads]) for i in range(3))
+        d_offset = None if softmax_offset is None else torch.stack([grad[3] for grad in grads]).sum(0)
+        return dq, dk, dv, d_offset
 
     def fake_aux(
-        self, q: torch.Tensor, qkv_format: str, dropout_p: float, training: bool
+        self, q: torch.Tensor, qkv_format: str, dropout_p: float, training: bool, key_bias: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if not training:
             return q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.int64)
@@ -431,7 +469,7 @@ class TEExecutor(Executor):
             stats = q.new_empty(batch * q_len, heads, 1, dtype=torch.float32)
         else:
             stats = q.new_empty(batch, heads, q_len, 1, dtype=torch.float32)
-        return stats, q.new_empty(2, dtype=torch.int64)
+        return stats, q.new_empty(*((batch,) if key_bias else ()), 2, dtype=torch.int64)
 
     def call_unsupported_reason(self, call: AttentionCall) -> str | None:
         return call_unsupported_reason(call)

@@ -86,13 +86,10 @@ def _collator_plan(
     return AttentionPlan("causal", (window_left, 0), cu_seqlens=cu_seqlens.to(torch.int32))
 
 
-def _op_refusal(plan: AttentionPlan, mask: Any, q_len: int, kv_len: int) -> bool:
-    """Whether te_fx's op cannot take ``plan`` exactly: key padding with a KV cache (the op pads self-attention
-    only), or a padding mask with a window under torch.compile, where te_mask could not check that the padding
-    sits at the ends of the rows."""
-    padded = plan.key_padding is not None
-    unchecked = padded and mask.dtype == torch.bool and torch.compiler.is_compiling() and plan.window_size[0] >= 0
-    return ((padded or plan.cu_seqlens is not None) and q_len != kv_len) or unchecked
+def _op_refusal(plan: AttentionPlan, q_len: int, kv_len: int) -> bool:
+    """Whether te_fx's op cannot take ``plan`` exactly: key padding or packed documents with a KV cache (the op
+    pads and packs self-attention only)."""
+    return (plan.key_padding is not None or plan.cu_seqlens is not None) and q_len != kv_len
 
 
 def _executor_refusal(
@@ -194,7 +191,7 @@ def te_attention_forward(
     unsupported = any(kwargs.get(name) is not None for name in _EAGER_ONLY)
     unsupported = unsupported or (kwargs.get("s_aux") is not None and sinks is None)
     eager = unsupported or sinks is not None  # what SDPA cannot apply either
-    if plan is None or _op_refusal(plan, attention_mask, q_len, kv_len):
+    if plan is None or _op_refusal(plan, q_len, kv_len):
         reason = "fallback_mask"
     elif unsupported:
         reason = "fallback_argument"
