@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 from torch.torch_version import TorchVersion
 
+from .core.plan import padding_route
 from .executors import EXECUTORS, get_executor, is_training, thd_mask_type
 
 __all__ = ["attention"]
@@ -61,7 +62,7 @@ def _(
     torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4, lambda: "te_fx attention takes 4D bshd tensors")
     torch._check(q.shape[2] % k.shape[2] == 0, lambda: "query heads must be a multiple of KV heads")
     out = q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[-1])
-    return out, *get_executor(executor).fake_aux(q, qkv_format, dropout_p, training, key_bias is not None)
+    return out, *get_executor(executor).fake_aux(q, qkv_format, dropout_p, training)
 
 
 @torch.library.custom_op("te_fx::attention_bwd", mutates_args=())
@@ -122,6 +123,32 @@ def _backward(ctx: Any, d_out: Tensor, _d_stats: Tensor, _d_rng: Tensor) -> tupl
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _compact_valid_first(
+    key_padding_mask: Tensor, window_left: int
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor]:
+    """(order, inverse order, cu_seqlens_q, cu_seqlens_kv, rows that see a key) for a (B, S) key padding mask
+    (nonzero = keep) under causal attention with ``window_left`` (-1: none).
+
+    A partition of each row (cumulative sums, no sort) puts its kept tokens first, in order, then the padding after
+    its first kept token, in order, then the padding before it: "query i sees kept keys j <= i (and j >= i - w)"
+    becomes TE's ``padding_causal`` with per-row key lengths, padding at the end of each row as TE requires, and a
+    padding query after the kept tokens keeps its distance to them (which the window needs)."""
+    keep = key_padding_mask != 0
+    seq = keep.shape[1]
+    positions = torch.arange(seq, device=keep.device)
+    kept_before = keep.cumsum(dim=1)  # kept tokens up to and including each position
+    lengths = kept_before[:, -1:]
+    leading = (kept_before == 0).sum(dim=1, keepdim=True)  # padding before the first kept token
+    # each token's row after the partition: kept ones by rank, then trailing padding, then leading padding
+    padding_row = torch.where(kept_before > 0, lengths + positions - kept_before - leading, seq - leading + positions)
+    restore = torch.where(keep, kept_before - 1, padding_row)
+    order = torch.empty_like(restore).scatter_(1, restore, positions.expand_as(restore))
+    # a row with no kept token still gets one key (a padding one, at the front), so that no kernel sees an empty
+    # sequence and leaves its output or statistics unwritten; those rows are zeroed afterwards
+    cu_seqlens_q, cu_seqlens_kv = _padded_seqlens(lengths.clamp(min=1).flatten(), window_left, seq)
+    return order, restore, cu_seqlens_q, cu_seqlens_kv, _sees_a_key(keep, window_left)
+
+
 def _sees_a_key(keep: Tensor, window_left: int) -> Tensor:
     """(B, S) bool: whether query i sees a kept key j <= i (and j >= i - w; ``window_left`` -1: none) of a (B, S)
     bool ``keep``."""
@@ -145,6 +172,29 @@ def _padded_seqlens(kv_lengths: Tensor, window_left: int, seq: int) -> tuple[Ten
 def _cumulative(lengths: Tensor) -> Tensor:
     """(B + 1,) int32 boundaries of (B,) lengths, as TE takes them."""
     return torch.nn.functional.pad(lengths.cumsum(0).to(torch.int32), (1, 0))
+
+
+def _gather_rows(x: Tensor, index: Tensor) -> Tensor:
+    """``x[b, index[b, s]]`` for (B, S, H, D) ``x``: whole tokens by one index_select over the flattened rows, which
+    moves H * D contiguous elements per index (``gather`` with an expanded index reads an index per element)."""
+    batch, seq = index.shape
+    tokens = (index + torch.arange(0, batch * seq, seq, device=index.device)[:, None]).flatten()
+    return x.reshape(batch * seq, *x.shape[2:]).index_select(0, tokens).view(x.shape)
+
+
+class _PermuteRows(torch.autograd.Function):
+    """``x[b, order[b, s]]`` for a permutation ``order``: its gradient is the gather by the inverse permutation,
+    which avoids the zero-fill and scatter-add of ``gather``'s generic backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, order: Tensor, restore: Tensor) -> Tensor:
+        ctx.save_for_backward(restore)
+        return _gather_rows(x, order)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple:
+        (restore,) = ctx.saved_tensors
+        return _gather_rows(grad, restore), None, None
 
 
 def _check_arguments(
@@ -244,9 +294,12 @@ def attention(
 
     * ``key_padding_mask`` (B, S), nonzero = keep, with ``mask_type="causal"`` and window (-1, 0) or (w, 0): query i
       attends to kept keys j <= i (and j >= i - w), as SDPA does with HF's ``causal & attention_mask[b, kv]`` mask,
-      wherever the padding sits: TE runs the causal type with a key bias (a row at a time). Rows with no such key are
-      zero, as in SDPA, with zero gradients. ``key_padding_kept_first=True`` (unchecked: the op reads no values)
-      says every row keeps its first keys and at least one (right padding): TE's ``padding_causal``, in one call.
+      run as :func:`~te_fx.core.plan.padding_route` says. Rows with no such key are zero, as in SDPA, with zero
+      gradients. Exact at every position in inference (a key bias), and in training for padding before each row's
+      first or after its last kept token; in training with padding inside a row, exact at the kept positions
+      without a window, and not exact with one (the caller must not send that: the op reads no values).
+      ``key_padding_kept_first=True`` (unchecked too) says every row keeps its first keys and at least one (right
+      padding): TE's ``padding_causal`` on the rows as they are.
     * ``cu_seqlens`` (N + 1,) int32: boundaries of documents packed over the B * S flattened tokens, from 0 to B * S,
       every multiple of S among them (no document crosses a row; not checked, for the same reason). Each document
       is causal (and windowed) on its own with ``mask_type="causal"``, or sees all of itself with "no_mask". Runs
@@ -292,16 +345,22 @@ def _padded_attention(
     executor: str,
     softmax_offset: Tensor | None,
 ) -> Tensor:
-    """:func:`attention` with a key padding mask: TE's ``padding_causal`` on right-padded rows (``kept_first``),
-    else the causal type with a key bias that hides the padding, exact wherever it sits (a window counts positions,
-    padding included), then zero rows that see no key (SDPA's; TE leaves them an average)."""
+    """:func:`attention` with a key padding mask, as :func:`~te_fx.core.plan.padding_route` says: TE's
+    ``padding_causal`` on the rows as they are (``kept_first``) or partitioned kept-first, or the causal type with a
+    key bias; rows that see no key come back zero (SDPA's; TE leaves them unspecified or an average)."""
     keep = key_padding_mask != 0
     config = (window_size[0], window_size[1], softmax_scale, dropout_p, training, executor, "bshd", softmax_offset)
-    if kept_first:
+    route = padding_route(kept_first, training)
+    if route == "rows":
         cu_q, cu_kv = _padded_seqlens(keep.sum(dim=1), window_size[0], keep.shape[1])
         return torch.ops.te_fx.attention_fwd(q, k, v, cu_q, cu_kv, "padding_causal", *config)[0]
-    out = torch.ops.te_fx.attention_fwd(q, k, v, None, None, "causal", *config, _key_bias(keep, q.dtype))[0]
-    return torch.where(_sees_a_key(keep, window_size[0])[:, :, None, None], out, 0.0)
+    if route == "key_bias":
+        out = torch.ops.te_fx.attention_fwd(q, k, v, None, None, "causal", *config, _key_bias(keep, q.dtype))[0]
+        return torch.where(_sees_a_key(keep, window_size[0])[:, :, None, None], out, 0.0)
+    order, restore, cu_q, cu_kv, sees_a_key = _compact_valid_first(keep, window_size[0])
+    q, k, v = (_PermuteRows.apply(t, order, restore) for t in (q, k, v))
+    out = torch.ops.te_fx.attention_fwd(q, k, v, cu_q, cu_kv, "padding_causal", *config)[0]
+    return torch.where(sees_a_key[:, :, None, None], _PermuteRows.apply(out, restore, order), 0.0)
 
 
 def _key_bias(keep: Tensor, dtype: torch.dtype) -> Tensor:

@@ -75,9 +75,15 @@ def plan_pattern(plan, batch: int, q_len: int, kv_len: int) -> torch.Tensor:
     return out
 
 
-def keep_vectors(seq: int) -> list[torch.Tensor]:
-    """Every keep vector of ``seq`` keys (incl. none kept)."""
-    return [torch.tensor([(bits >> i) & 1 for i in range(seq)], dtype=torch.bool) for bits in range(2**seq)]
+def outer_keep_vectors(seq: int) -> list[torch.Tensor]:
+    """Every keep vector with padding only outside one run of kept tokens (incl. none kept)."""
+    vectors = [torch.zeros(seq, dtype=torch.bool)]
+    for first in range(seq):
+        for last in range(first, seq):
+            keep = torch.zeros(seq, dtype=torch.bool)
+            keep[first : last + 1] = True
+            vectors.append(keep)
+    return vectors
 
 
 def document_ids(seq: int) -> list[torch.Tensor]:
@@ -104,7 +110,7 @@ def uniform_patterns(q_len: int, kv_len: int) -> list[torch.Tensor]:
 def representable(attend: torch.Tensor) -> set[str]:
     """What can reproduce a square (B, S, S) bool pattern exactly, by enumeration (tiny S only): "uniform" (one
     pattern for every row: all-visible, or causal with any window), "padding" (causal with one window for the whole
-    batch, ANDed with a keep vector per row, padding anywhere) and "documents" (causal
+    batch, ANDed with a keep vector per row that pads only outside one run of kept tokens) and "documents" (causal
     with one window within documents cut per row; a window of 0 shows no document boundary, so it does not count).
     The window is whatever the mask shows, not a layer's."""
     batch, seq, _ = attend.shape
@@ -114,7 +120,7 @@ def representable(attend: torch.Tensor) -> set[str]:
         found.add("uniform")
     if seq == 1:  # a single token: per-row plans are for q_len == kv_len > 1
         return found
-    keeps, docs = keep_vectors(seq), document_ids(seq)
+    keeps, docs = outer_keep_vectors(seq), document_ids(seq)
     same_doc = [doc[:, None] == doc[None, :] for doc in docs]
     for window in range(-1, seq - 1):
         causal = hf_causal(seq, seq, window)

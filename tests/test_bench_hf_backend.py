@@ -68,8 +68,9 @@ def test_te_fx_matches_hf(results):
 
 
 def test_te_fx_runs_where_it_should(results):
-    """'te' eager and the injection run te_fx's op in every layer, and so does the compiled 'te' model's graph (on
-    Gemma3's sliding layers with the mask of ones as key padding, which the compiled graph cannot inspect)."""
+    """'te' eager and the injection run te_fx's op in every layer; the compiled 'te' model's graph holds it in every
+    layer of the Llama shape, and in none of Gemma3's two sliding layers, whose mask of ones te_fx cannot check for
+    padding inside a row under torch.compile (HF's SDPA runs them)."""
     for case in (shrink(c) for c in CASES if c.kind == "model"):
         r = results["cases"][case.name]
         every_layer = {"te_fx::attention_fwd": case.layers, "te_fx::attention_bwd": case.layers}
@@ -77,7 +78,7 @@ def test_te_fx_runs_where_it_should(results):
             assert r[name]["counters"] == {"te_hits": case.layers}, (case.name, name)
             assert r[name]["op_calls"] == every_layer, (case.name, name)
         compiled = r["te_compiled"]["op_calls"]
-        assert compiled == every_layer, case.name
+        assert compiled == (every_layer if case.family == "llama_gqa" else {})
         assert r["te_compiled"]["graph_breaks"] == 0 and r["sdpa_compiled"]["graph_breaks"] == 0
 
 

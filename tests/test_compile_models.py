@@ -30,6 +30,7 @@ BATCH, SEQ = 2, 16  # SEQ > SLIDING_WINDOW: sliding layers really cut keys off
 LOGIT_TOL = dict(rtol=1e-5, atol=1e-5)
 GRAD_TOL = dict(rtol=1e-5, atol=1e-5)
 MASK_KINDS = ["none", "ones", "right", "left", "holes"]
+PADDING_SLIDING_DETAIL = "padding mask with a window in a graph that may train (converted under no_grad only)"
 
 # The rewritten layer's KV head count: repeat_kv is elided (GQA/MQA run natively). Falcon's new decoder
 # architecture broadcasts its KV heads with ``torch.broadcast_to`` before SDPA, which the pass does not undo: TE
@@ -169,9 +170,11 @@ def _sliding_layers(config) -> list[bool]:
     return [getattr(config, "sliding_window", None) is not None] * config.num_hidden_layers
 
 
-def _check_record(record: GraphRecord, case: str, config, has_mask: bool, seq: int = SEQ) -> None:
-    """The report of one compiled graph (first run at length ``seq``) is what its SDPA nodes allow, layer by
-    layer."""
+def _check_record(
+    record: GraphRecord, case: str, config, has_mask: bool, seq: int = SEQ, may_train: bool = True
+) -> None:
+    """The report of one compiled graph (first run at length ``seq``; built with autograd on: ``may_train``) is
+    what its SDPA nodes allow, layer by layer."""
     sliding = _sliding_layers(config)
     assert len(record.forms) == len(record.entries) == config.num_hidden_layers == len(sliding)
     for layer, ((mask_node, is_causal), entry, is_sliding) in enumerate(zip(record.forms, record.entries, sliding)):
@@ -190,6 +193,10 @@ def _check_record(record: GraphRecord, case: str, config, has_mask: bool, seq: i
         if case == "falcon_alibi":
             assert entry["decision"] == "sdpa", where
             assert entry["reason"] == "fallback_mask" and entry["detail"], where  # ALiBi: a float bias
+            assert entry["mask_kind"] is None and entry["window_size"] is None, where
+        elif is_sliding and has_mask and may_train:  # the graph cannot see where the padding sits, as training needs
+            assert entry["decision"] == "sdpa", where
+            assert (entry["reason"], entry["detail"]) == ("fallback_mask", PADDING_SLIDING_DETAIL), where
             assert entry["mask_kind"] is None and entry["window_size"] is None, where
         else:
             assert entry["decision"] == "te" and entry["reason"] == "rewritten", where
@@ -352,7 +359,7 @@ def test_eval_mode_no_grad_inference(case):
         valid = _valid(mask, ids)
         torch.testing.assert_close(out[valid], ref[valid], **LOGIT_TOL)
         assert not out.requires_grad
-        _check_record(records[-1], case, model.config, has_mask=mask is not None)
+        _check_record(records[-1], case, model.config, has_mask=mask is not None, may_train=False)
     assert len(records) == 2
     torch._dynamo.reset()
 

@@ -17,6 +17,7 @@ from torch.library import opcheck
 from te_fx import ops
 from te_fx.core.plan import AttentionPlan
 from te_fx.executors import AttentionCall, Executor, ExecutorModule, TEUnavailableError, get_executor
+from te_fx.executors import reference as reference_module
 from te_fx.executors.reference import ReferenceDotProductAttention
 
 FWD = torch.ops.te_fx.attention_fwd.default
@@ -198,15 +199,14 @@ WINDOW_PADDING = {
     "left": [[0, 0, 0, 1, 1, 1, 1, 1], [0, 1, 1, 1, 1, 1, 1, 1]],
     "both_ends": [[0, 0, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1]],
     "empty_row": [[0, 0, 0, 0, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0, 0, 0]],
-    "holes": [[1, 0, 1, 1, 0, 0, 1, 1], [1, 1, 0, 1, 1, 1, 1, 1]],
 }
 
 
 @pytest.mark.parametrize("window_left", [0, 1, 3, 20])
 @pytest.mark.parametrize("padding", list(WINDOW_PADDING))
 def test_windowed_key_padding_matches_sdpa_everywhere(padding, window_left):
-    """Padding at the ends of rows and inside them (where the window counts the padded positions): exact at every
-    position, padded ones included; rows that see no key are exactly zero, with zero gradients."""
+    """Padding at the ends of rows: exact at every position, padded ones included; rows that see no key are exactly
+    zero, with zero gradients."""
     keep = torch.tensor(WINDOW_PADDING[padding])
     window = (window_left, 0)
     q, k, v = _qkv(q_len=8, kv_len=8)
@@ -224,7 +224,7 @@ def test_windowed_key_padding_matches_sdpa_everywhere(padding, window_left):
 
 
 def test_windowed_key_padding_gradcheck():
-    keep = torch.tensor(WINDOW_PADDING["holes"])
+    keep = torch.tensor(WINDOW_PADDING["both_ends"])
     q, k, v = _qkv(q_len=8, kv_len=8, heads=2, kv_heads=1)
 
     def attention(q, k, v):
@@ -232,6 +232,34 @@ def test_windowed_key_padding_gradcheck():
                              key_padding_mask=keep, executor="reference")  # fmt: skip
 
     assert torch.autograd.gradcheck(attention, (q, k, v))
+
+
+def test_windowed_key_padding_gives_the_kernel_no_query_without_a_key(monkeypatch):
+    """TE's kernels on a row without a visible key are unspecified: the kernel's query rows stop at L + w (its row r
+    sees ranks max(0, r - w)..min(r, L - 1)), and every row it runs sees a key."""
+    seen = []
+    real = reference_module.reference_attention
+
+    def recording(q, k, v, seqlens_q=None, seqlens_kv=None, **kwargs):
+        seen.append((seqlens_q.tolist(), seqlens_kv.tolist()))
+        return real(q, k, v, seqlens_q=seqlens_q, seqlens_kv=seqlens_kv, **kwargs)
+
+    monkeypatch.setattr(reference_module, "reference_attention", recording)
+    q, k, v = _qkv(q_len=8, kv_len=8)  # training: the partition
+    keep = torch.tensor(WINDOW_PADDING["empty_row"])
+    ops.attention(q, k, v, mask_type="causal", window_size=(2, 0), softmax_scale=0.5, key_padding_mask=keep,
+                  executor="reference")  # fmt: skip
+    assert seen == [([3, 5], [1, 3])]
+
+
+def test_windowed_key_padding_with_holes_stays_finite():
+    """Holes inside a row break the window's exactness (documented); the output stays finite all the same."""
+    keep = torch.tensor([[1, 0, 1, 1, 0, 0, 1, 1], [1, 1, 0, 1, 1, 1, 1, 1]])
+    q, k, v = _qkv(q_len=8, kv_len=8)
+    out = ops.attention(q, k, v, mask_type="causal", window_size=(1, 0), softmax_scale=0.5, key_padding_mask=keep,
+                        executor="reference")  # fmt: skip
+    out.sum().backward()
+    assert torch.isfinite(out).all() and all(torch.isfinite(t.grad).all() for t in (q, k, v))
 
 
 # --------------------------------------------------------------------------------------------- executors

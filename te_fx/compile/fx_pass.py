@@ -2,8 +2,9 @@
 
 For each SDPA node the pass elides ``repeat_kv`` producers (and ``enable_gqa``) so TE gets the KV heads natively,
 reads q/k/v from the (B, S, H, D) tensors that HF's ``transpose(1, 2)`` came from, classifies the mask from the
-subgraph that built it (:mod:`te_fx.compile.mask_subgraph`), and checks guards on fake metadata only. A node that fails
-any check is left untouched; every node gets a report entry saying what was decided and why.
+subgraph that built it (:mod:`te_fx.compile.mask_subgraph`), and checks guards on fake metadata only. Inside a
+``torch.autocast`` region the operands are cast to the region's dtype, as SDPA's autocast does. A node that fails any
+check is left untouched; every node gets a report entry saying what was decided and why.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from torch._prims_common import make_contiguous_strides_for
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from .. import ops
+from ..core.autocast import autocast_dtype, cast_like_sdpa
 from ..core.guards import Refusal, is_causal_plan, sdpa_call_refusal
-from ..core.plan import AttentionPlan
+from ..core.plan import AttentionPlan, padding_unchecked_refused
 from ..executors import AttentionCall, te_terms, unsupported_call_reason
 from .fx_aliasing import written_in_place
 from .mask_subgraph import classify_mask_node, node_value, same_size
@@ -30,6 +32,8 @@ __all__ = ["AttentionRewrite", "rewrite_attention"]
 _SDPA_TARGETS = (torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention)
 _SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 _SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
+_ENTER_AUTOCAST = torch.amp.autocast_mode._enter_autocast  # Dynamo's nodes for a torch.autocast region
+_EXIT_AUTOCAST = torch.amp.autocast_mode._exit_autocast
 
 
 @dataclass
@@ -157,7 +161,7 @@ def _executor_refusal(
     and for training (the graph may be differentiated)."""
     shape = tuple(int(_hint(size)) for size in (q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2],
                                                  q.shape[3], v.shape[3]))  # fmt: skip
-    mask_type, qkv_format, key_bias = te_terms(plan)
+    mask_type, qkv_format, key_bias = te_terms(plan, training=True)
     call = AttentionCall(q.dtype, q.device, shape, mask_type, tuple(plan.window_size), qkv_format,
                          dropout_p=float(_hint(dropout_p)), training=True, key_bias=key_bias)  # fmt: skip
     reason = unsupported_call_reason(executor, call)
@@ -190,6 +194,11 @@ def _classify(args: dict[str, Any], q: torch.Tensor, k: torch.Tensor, written: s
         return "fallback_mask", f"mask classification failed ({type(error).__name__})"
     if isinstance(classified, str):
         return "fallback_mask", classified
+    # the graph cannot see where the padding sits; Dynamo guards on grad mode, so a graph built with it off infers
+    if classified.key_padding is not None and padding_unchecked_refused(
+        classified.window_size[0], torch.is_grad_enabled()
+    ):
+        return "fallback_mask", "padding mask with a window in a graph that may train (converted under no_grad only)"
     if classified.mask_type != "causal" or same_size(q_len, kv_len):
         return classified
     # HF's causal masks sit at the bottom right when there are fewer queries than keys (a KV cache)
@@ -198,7 +207,20 @@ def _classify(args: dict[str, Any], q: torch.Tensor, k: torch.Tensor, written: s
     return AttentionPlan("causal_bottom_right", classified.window_size)
 
 
-def _rewrite_one(graph: fx.Graph, node: fx.Node, executor: str, written: set[fx.Node]) -> AttentionRewrite:
+def _autocast_dtype(regions: list[fx.Node], device_type: str) -> torch.dtype | None:
+    """The dtype autocast gives SDPA on ``device_type`` at a node: the innermost of the graph's open autocast
+    ``regions`` (their enter nodes: device type, dtype, enabled, ...) for that device, else the autocast the graph
+    was traced in (Dynamo guards on it, so the graph runs under it), or None where autocast is off."""
+    for enter in reversed(regions):
+        device, dtype, enabled = (list(enter.args) + [None, None, True])[:3]
+        if device == device_type:
+            return (dtype or torch.get_autocast_dtype(device_type)) if enabled else None
+    return autocast_dtype(device_type)
+
+
+def _rewrite_one(
+    graph: fx.Graph, node: fx.Node, executor: str, written: set[fx.Node], regions: list[fx.Node]
+) -> AttentionRewrite:
     entry = AttentionRewrite(node=node.name, executor=executor)
     args = _sdpa_arguments(node)
     query, key, value = args["query"], args["key"], args["value"]
@@ -215,6 +237,9 @@ def _rewrite_one(graph: fx.Graph, node: fx.Node, executor: str, written: set[fx.
         args = {**args, "enable_gqa": True}
     if isinstance(k, torch.Tensor) and k.dim() == 4:
         entry.num_kv_heads = _int(k.shape[1])
+    autocast = _autocast_dtype(regions, q.device.type) if isinstance(q, torch.Tensor) else None
+    if autocast is not None:
+        q, k, v = cast_like_sdpa((q, k, v), autocast)
     refusal = _guard(q, k, v, args)
     if refusal is None:
         classified = _classify(args, q, k, written)
@@ -236,9 +261,11 @@ def _rewrite_one(graph: fx.Graph, node: fx.Node, executor: str, written: set[fx.
         scale = float(scale)
     with graph.inserting_before(node):
         operands = []
-        for operand in (query, key, value):
+        for operand, cast in zip((query, key, value), (q, k, v)):
             source = _bshd_source(operand)
-            operands.append(source if source is not None else graph.call_method("transpose", (operand, 1, 2)))
+            bshd = source if source is not None else graph.call_method("transpose", (operand, 1, 2))
+            same_dtype = node_value(operand).dtype == cast.dtype  # else autocast's cast
+            operands.append(bshd if same_dtype else graph.call_method("to", (bshd, cast.dtype)))
         if args["attn_mask"] is None and args["is_causal"] and not same_size(q.shape[2], k.shape[2]):
             # SDPA's top-left causal never shows a query the keys past q_len: causal runs on the first q_len keys
             operands[1:] = [graph.call_method("narrow", (t, 1, 0, _int(q.shape[2]))) for t in operands[1:]]
@@ -297,11 +324,15 @@ def rewrite_attention(gm: fx.GraphModule, executor: str = "te") -> list[dict[str
     """Rewrite every safe SDPA node of a Dynamo graph into :func:`te_fx.ops.attention`; returns one report entry
     per SDPA node. The graph is recompiled and the rewrite's dead producers (repeat_kv, mask construction) removed."""
     written = written_in_place(gm.graph)
-    entries = [
-        _rewrite_one(gm.graph, node, executor, written)
-        for node in list(gm.graph.nodes)
-        if node.op == "call_function" and node.target in _SDPA_TARGETS
-    ]
+    regions: list[fx.Node] = []  # the autocast regions open at the walk's node, innermost last
+    entries = []
+    for node in list(gm.graph.nodes):
+        if _is_function(node, _ENTER_AUTOCAST):
+            regions.append(node)
+        elif _is_function(node, _EXIT_AUTOCAST) and node.args and node.args[0] in regions:
+            regions.remove(node.args[0])
+        elif node.op == "call_function" and node.target in _SDPA_TARGETS:
+            entries.append(_rewrite_one(gm.graph, node, executor, written, regions))
     if any(entry.decision == "te" for entry in entries):
         gm.recompile()
     return [entry.as_dict() for entry in entries]

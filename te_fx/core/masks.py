@@ -176,19 +176,23 @@ def _uniform_checks(attend: torch.Tensor, well_formed: torch.Tensor, windows: li
 
 
 def padding_layout(keep: torch.Tensor) -> torch.Tensor:
-    """(every key kept, every row's kept keys first and at least one of them) of a (B, S) bool keep mask, as a (2,)
-    bool tensor on its device (no sync)."""
-    kept = keep.sum(-1, keepdim=True)
-    positions = torch.arange(keep.shape[-1], device=keep.device)
-    kept_first = ((kept > 0) & (keep == (positions < kept))).all()
-    return torch.stack([keep.all(), kept_first])
+    """(every key kept, padding only before each row's first or after its last kept token, every row's kept keys
+    first and at least one of them) of a (B, S) bool keep mask, as a (3,) bool tensor on its device (no sync)."""
+    seq = keep.shape[-1]
+    positions = torch.arange(seq, device=keep.device)
+    kept = keep.sum(-1)
+    first = torch.where(keep, positions, seq).amin(-1)
+    last = torch.where(keep, positions, -1).amax(-1)
+    outer = ((kept == 0) | (last - first + 1 == kept)).all()
+    kept_first = ((first == 0) & (last + 1 == kept)).all()
+    return torch.stack([keep.all(), outer, kept_first])
 
 
 def _row_checks(
     attend: torch.Tensor, well_formed: torch.Tensor, windows: list
 ) -> tuple[list, list, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Checks for the per-row plans of a square mask (B, H, S, S), per left window in ``windows``: key padding
-    (``causal & keep[b, kv]``) and packed
+    (``causal & keep[b, kv]``, padding only before the first or after the last kept token of a row) and packed
     documents (causal within runs of tokens that a query does not see across). Returns (padding checks, document
     checks, keep (B, S), whether every row keeps its first keys (:func:`padding_layout`), document starts (B, S)):
     the patterns are read off the diagonal (a kept key is visible to its own query) and the sub-diagonal (query i
@@ -199,14 +203,14 @@ def _row_checks(
     keep = rows.diagonal(dim1=-2, dim2=-1)
     starts = torch.ones_like(keep)
     starts[:, 1:] = ~rows.diagonal(offset=-1, dim1=-2, dim2=-1)
-    _, kept_first = padding_layout(keep)
+    _, outer, kept_first = padding_layout(keep)
     document = starts.cumsum(-1)
     same_document = document[:, :, None] == document[:, None, :]
     base = well_formed & heads_agree
     padding, documents = [], []
     for window in windows:
         pattern = causal_pattern(seq, seq, window, attend.device)
-        padding.append(base & (rows == (pattern & keep[:, None, :])).all())
+        padding.append(base & outer & (rows == (pattern & keep[:, None, :])).all())
         # a window of 0 hides the sub-diagonal everywhere: no document boundary can be read off it
         documents.append(base & (window != 0) & (rows == (pattern & same_document)).all())
     return padding, documents, keep, kept_first, starts
@@ -344,11 +348,11 @@ class _ScopeOwner:
 
 def classify_mask(mask: torch.Tensor, batch: int, num_heads: int, q_len: int, kv_len: int) -> AttentionPlan | None:
     """The plan that reproduces ``mask`` exactly for queries (batch, num_heads, q_len) against kv_len keys, or None
-    when there is none (arbitrary patterns, malformed values).
+    when there is none (padding inside a row, arbitrary patterns, malformed values).
 
     Candidates are: all keys visible (``no_mask``), causal, and causal with the window the mask shows (the mask wins
     over what a layer's config says), aligned bottom-right as HF builds them for KV caches; and for square masks,
-    either causal pattern ANDed with key padding (anywhere in a row), or per packed document.
+    either causal pattern ANDed with key padding at the ends of each row, or per packed document.
     """
     if mask.dim() > 4 or mask.dtype not in (torch.bool, torch.float16, torch.bfloat16, torch.float32, torch.float64):
         return None

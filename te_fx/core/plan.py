@@ -9,7 +9,30 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["AttentionPlan", "NO_MASK", "CAUSAL"]
+__all__ = ["AttentionPlan", "NO_MASK", "CAUSAL", "padding_route", "padding_unchecked_refused"]
+
+
+def padding_route(kept_first: bool, training: bool) -> str:
+    """How te_fx's op runs key padding under a causal pattern (with or without a window):
+
+    * "rows" (``kept_first``: right padding): TE's ``padding_causal`` on the rows as they are; exact everywhere.
+    * "key_bias" (not ``training``): TE's causal type with a post-scale bias that hides the padded keys, a row at a
+      time; exact everywhere, wherever the padding sits. Not for training: TE's backward with that bias returns
+      zero gradients (TE 2.20, cuDNN 9.19 on an H200).
+    * "partition" (training): ``padding_causal`` on each row partitioned kept-first. Exact everywhere when a row's
+      padding lies before its first or after its last kept token; with padding inside a row, exact at the kept
+      positions without a window and wrong with one (the partition keeps ranks, the window counts positions): the
+      ways in send such a mask only where they know its layout (:func:`padding_unchecked_refused`).
+    """
+    if kept_first:
+        return "rows"
+    return "partition" if training else "key_bias"
+
+
+def padding_unchecked_refused(window_left: int, training: bool) -> bool:
+    """Whether key padding whose layout nobody checked (a compiled graph cannot read it) must stay off te_fx: with a
+    window in training, where :func:`padding_route` partitions and padding inside a row would be wrong."""
+    return window_left >= 0 and training
 
 
 @dataclass(frozen=True)
@@ -18,9 +41,9 @@ class AttentionPlan:
     which keys a query sees in a row of tokens; at most one of these refines it:
 
     * ``key_padding``: a (B, S_kv) keep mask (nonzero = keep) ANDed into a causal pattern (q_len == kv_len), the
-      padding anywhere in a row. TE runs it as ``padding_causal`` with ``kept_first`` (every row keeps its first keys
-      and at least one: right padding, which the eager ways in check once per mask), else as the causal type with
-      an additive bias that hides the padded keys (exact wherever they sit; TE takes it a row at a time).
+      padding anywhere in a row for full causal attention; with a window in training only before each row's first
+      or after its last kept token. ``kept_first``: every row keeps its first keys and at least one (right
+      padding, which the eager ways in check once per mask). :func:`padding_route` says how TE runs it.
     * ``cu_seqlens``: (N + 1,) int32 document boundaries over the B * S flattened tokens (every row boundary is one):
       packed documents, each causal (and windowed) on its own. TE runs it in the ``thd`` format.
 

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from ..core.plan import padding_route
+
 if TYPE_CHECKING:
     from ..core.plan import AttentionPlan
 
@@ -87,12 +89,13 @@ def thd_mask_type(mask_type: str) -> str:
     return "padding" if mask_type == "no_mask" else f"padding_{mask_type}"
 
 
-def te_terms(plan: AttentionPlan) -> tuple[str, str, bool]:
-    """(TE mask type, qkv format, key bias) that te_fx's op runs ``plan`` with: key padding as ``padding_causal`` on
-    right-padded rows (``kept_first``), else as the plan's causal type with a key bias; packed documents in thd;
-    anything else as the plan's mask type in bshd."""
+def te_terms(plan: AttentionPlan, training: bool) -> tuple[str, str, bool]:
+    """(TE mask type, qkv format, key bias) that te_fx's op runs ``plan`` with: key padding as
+    :func:`~te_fx.core.plan.padding_route` says (``padding_causal``, or the plan's causal type with a key bias),
+    packed documents in thd, anything else as the plan's mask type in bshd."""
     if plan.key_padding is not None:
-        return ("padding_causal", "bshd", False) if plan.kept_first else (plan.mask_type, "bshd", True)
+        key_bias = padding_route(plan.kept_first, training) == "key_bias"
+        return (plan.mask_type, "bshd", True) if key_bias else ("padding_causal", "bshd", False)
     if plan.cu_seqlens is not None:
         return thd_mask_type(plan.mask_type), "thd", False
     return plan.mask_type, "bshd", False
@@ -199,7 +202,7 @@ class AttentionCall:
         softmax_type: str = "vanilla",
     ) -> AttentionCall:
         """The call te_fx's op makes to run ``plan`` on bshd q, k, v (:func:`te_terms`)."""
-        mask_type, qkv_format, key_bias = te_terms(plan)
+        mask_type, qkv_format, key_bias = te_terms(plan, training)
         documents = plan.cu_seqlens.shape[0] - 1 if plan.cu_seqlens is not None else None
         return cls.of_bshd(
             q, k, v, mask_type, plan.window_size, qkv_format, documents, dropout_p, training, softmax_type, key_bias
@@ -215,7 +218,8 @@ class Executor(abc.ABC):
     the mask type is ``padding*`` and applies within each document). ``softmax_offset`` (H,) float32, if given, is
     a per-head logit added to every softmax's denominator (TE's "learnable" softmax: attention sinks), and the
     backward returns its gradient. ``key_bias`` (B, 1, 1, Skv) in q's dtype, bshd only, is added to the scaled
-    scores of each row's keys (TE's post-scale bias; the lowest value of the dtype hides a key); it has no gradient.
+    scores of each row's keys (TE's post-scale bias; the lowest value of the dtype hides a key); it has no gradient,
+    and the TE executor takes it in inference only.
     """
 
     name: str
@@ -264,9 +268,7 @@ class Executor(abc.ABC):
         that returned ``out``, ``softmax_stats``, ``rng_state``."""
 
     @abc.abstractmethod
-    def fake_aux(
-        self, q: Tensor, qkv_format: str, dropout_p: float, training: bool, key_bias: bool = False
-    ) -> tuple[Tensor, Tensor]:
+    def fake_aux(self, q: Tensor, qkv_format: str, dropout_p: float, training: bool) -> tuple[Tensor, Tensor]:
         """Empty (softmax_stats, rng_state) of the shapes :meth:`forward` returns (q may be a fake tensor)."""
 
     @abc.abstractmethod

@@ -299,7 +299,7 @@ class ReferenceExecutor(Executor):
         )
 
     def fake_aux(
-        self, q: torch.Tensor, qkv_format: str, dropout_p: float, training: bool, key_bias: bool = False
+        self, q: torch.Tensor, qkv_format: str, dropout_p: float, training: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return q.new_empty(0, dtype=torch.float32), q.new_empty(2 if dropout_p > 0 else 0, dtype=torch.int64)
 

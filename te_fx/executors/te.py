@@ -271,11 +271,16 @@ def _softmax_args(softmax_offset: torch.Tensor | None) -> dict[str, Any]:
     return {"softmax_type": "learnable", "softmax_offset": softmax_offset.view(1, -1, 1, 1)}
 
 
-def _rows(*tensors: torch.Tensor | None) -> list[tuple[torch.Tensor | None, ...]]:
-    """Each batch row of ``tensors`` (None stays None), as (1, ...) views: TE takes a key bias for one row only
-    (its (B, 1, 1, S) form fails in cuDNN's backward)."""
-    batch = next(t for t in tensors if t is not None).shape[0]
-    return [tuple(None if t is None else t[row : row + 1] for t in tensors) for row in range(batch)]
+_NO_KEY_BIAS_BACKWARD = (
+    "te_fx's TE executor runs a key bias in inference only: TE's fused backward with a post-scale bias returned "
+    "zero gradients (TE 2.20, cuDNN 9.19, H200); te_fx.ops.attention partitions padded rows in training instead"
+)
+
+
+def _rows(*tensors: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+    """Each batch row of ``tensors`` as (1, ...) views: TE takes a key bias for one row at a time (its (B, 1, 1, S)
+    form made cuDNN's backward access illegal memory)."""
+    return [tuple(t[row : row + 1] for t in tensors) for row in range(tensors[0].shape[0])]
 
 
 def fused_forward(
@@ -353,17 +358,13 @@ def fused_backward(
     cu_seqlens_kv: torch.Tensor | None = None,
     qkv_format: str = "bshd",
     softmax_offset: torch.Tensor | None = None,
-    key_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """TE fused attention backward of :func:`fused_forward`; returns (dq, dk, dv) in bshd and the (H,) gradient of
     ``softmax_offset`` (None without one)."""
     batch, q_len, kv_len = q.shape[0], q.shape[1], k.shape[1]
     tensors = (q, k, v, out, d_out.contiguous())
     layout = _softmax_args(softmax_offset)
-    if key_bias is not None:  # TE's aux pack: stats, RNG state, then the bias and the offset the forward ran with
-        aux = [*aux, key_bias]
-        layout["attn_bias_type"] = "post_scale_bias"
-    if softmax_offset is not None:
+    if softmax_offset is not None:  # TE's aux pack ends with the offset it ran the forward with
         aux = [*aux, layout.pop("softmax_offset")]
     if qkv_format == "thd":
         layout.update(cu_seqlens_q_padded=cu_seqlens_q, cu_seqlens_kv_padded=cu_seqlens_kv)
@@ -419,13 +420,12 @@ class TEExecutor(Executor):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         config = (mask_type, window_size, softmax_scale, dropout_p, training, cu_seqlens_q, cu_seqlens_kv, qkv_format,
                   softmax_offset)  # fmt: skip
-        if key_bias is None:
-            out, aux = fused_forward(q, k, v, *config)
-        else:  # a row at a time; the RNG states stack to (B, 2)
-            rows = [fused_forward(*row, *config, key_bias=bias) for *row, bias in _rows(q, k, v, key_bias)]
-            out = torch.cat([row_out for row_out, _ in rows])
+        if key_bias is not None:
             if training:
-                aux = [torch.cat([row_aux[0] for _, row_aux in rows]), torch.stack([row_aux[1] for _, row_aux in rows])]
+                raise NotImplementedError(_NO_KEY_BIAS_BACKWARD)
+            out = torch.cat([fused_forward(*row, *config, key_bias=bias)[0] for *row, bias in _rows(q, k, v, key_bias)])
+            return out, q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.int64)
+        out, aux = fused_forward(q, k, v, *config)
         if not training:
             return out, q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.int64)
         return out, aux[0], aux[1]
@@ -449,18 +449,15 @@ class TEExecutor(Executor):
         softmax_offset: torch.Tensor | None = None,
         key_bias: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        config = (mask_type, window_size, softmax_scale, dropout_p, cu_seqlens_q, cu_seqlens_kv, qkv_format,
-                  softmax_offset)  # fmt: skip
-        if key_bias is None:
-            return fused_backward(d_out, q, k, v, out, [softmax_stats, rng_state], *config)
-        rows = _rows(d_out, q, k, v, out, softmax_stats, rng_state, key_bias)
-        grads = [fused_backward(*row[:5], [row[5], row[6][0]], *config, key_bias=row[7]) for row in rows]
-        dq, dk, dv = (torch.cat([grad[i] for grad in grads]) for i in range(3))
-        d_offset = None if softmax_offset is None else torch.stack([grad[3] for grad in grads]).sum(0)
-        return dq, dk, dv, d_offset
+        if key_bias is not None:
+            raise NotImplementedError(_NO_KEY_BIAS_BACKWARD)
+        return fused_backward(
+            d_out, q, k, v, out, [softmax_stats, rng_state], mask_type, window_size, softmax_scale, dropout_p,
+            cu_seqlens_q, cu_seqlens_kv, qkv_format, softmax_offset,
+        )  # fmt: skip
 
     def fake_aux(
-        self, q: torch.Tensor, qkv_format: str, dropout_p: float, training: bool, key_bias: bool = False
+        self, q: torch.Tensor, qkv_format: str, dropout_p: float, training: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if not training:
             return q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.int64)
@@ -469,7 +466,7 @@ class TEExecutor(Executor):
             stats = q.new_empty(batch * q_len, heads, 1, dtype=torch.float32)
         else:
             stats = q.new_empty(batch, heads, q_len, 1, dtype=torch.float32)
-        return stats, q.new_empty(*((batch,) if key_bias else ()), 2, dtype=torch.int64)
+        return stats, q.new_empty(2, dtype=torch.int64)
 
     def call_unsupported_reason(self, call: AttentionCall) -> str | None:
         return call_unsupported_reason(call)

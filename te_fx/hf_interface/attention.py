@@ -24,7 +24,7 @@ from .. import ops
 from ..core import stats
 from ..core.autocast import autocast_dtype, cast_like_sdpa
 from ..core.masks import plan_mask
-from ..core.plan import AttentionPlan
+from ..core.plan import AttentionPlan, padding_unchecked_refused
 from ..executors import (
     AttentionCall,
     is_training,
@@ -86,10 +86,13 @@ def _collator_plan(
     return AttentionPlan("causal", (window_left, 0), cu_seqlens=cu_seqlens.to(torch.int32))
 
 
-def _op_refusal(plan: AttentionPlan, q_len: int, kv_len: int) -> bool:
+def _op_refusal(plan: AttentionPlan, mask: Any, q_len: int, kv_len: int, training: bool) -> bool:
     """Whether te_fx's op cannot take ``plan`` exactly: key padding or packed documents with a KV cache (the op
-    pads and packs self-attention only)."""
-    return (plan.key_padding is not None or plan.cu_seqlens is not None) and q_len != kv_len
+    pads and packs self-attention only), or a padding mask whose layout te_mask could not check (under
+    torch.compile) where the op needs it (:func:`~te_fx.core.plan.padding_unchecked_refused`)."""
+    unchecked = plan.key_padding is not None and mask.dtype == torch.bool and torch.compiler.is_compiling()
+    cache = (plan.key_padding is not None or plan.cu_seqlens is not None) and q_len != kv_len
+    return cache or (unchecked and padding_unchecked_refused(plan.window_size[0], training))
 
 
 def _executor_refusal(
@@ -191,7 +194,8 @@ def te_attention_forward(
     unsupported = any(kwargs.get(name) is not None for name in _EAGER_ONLY)
     unsupported = unsupported or (kwargs.get("s_aux") is not None and sinks is None)
     eager = unsupported or sinks is not None  # what SDPA cannot apply either
-    if plan is None or _op_refusal(plan, q_len, kv_len):
+    training = is_training(dropout, query, key, value, *(() if sinks is None else (sinks,)))
+    if plan is None or _op_refusal(plan, attention_mask, q_len, kv_len, training):
         reason = "fallback_mask"
     elif unsupported:
         reason = "fallback_argument"

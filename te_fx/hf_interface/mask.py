@@ -8,7 +8,8 @@ what the attention function needs in one small tensor, :func:`read_mask` reads i
 
 * (B or 1, W, kv_len), W = window_left + 2: the keep mask of each row's keys, repeated (a stride-0 view) W times
   so that its size carries the window; int8 for no padding, uint8 when every row keeps its first keys and at least
-  one (right padding: checked outside torch.compile), bool for padding anywhere;
+  one (right padding), bool for padding before the first or after the last kept token (outside torch.compile,
+  where it is checked) or anywhere (under it, where it is not);
 * (W, N + 1) int32: the boundaries of packed documents over the B * S tokens (outside torch.compile: HF's packed
   mask function is recognised by its closure, which a compiled graph cannot read).
 
@@ -163,9 +164,11 @@ def te_mask(
         return torch.ones((), dtype=torch.int8, device=kwargs.get("device")).expand(1, width, kv_length)
     keep = keep[:, kv_offset : kv_offset + kv_length]
     if not tracing:
-        all_kept, kept_first = padding_layout(keep).tolist()
+        all_kept, outer, kept_first = padding_layout(keep).tolist()
         if all_kept:
             return torch.ones((), dtype=torch.int8, device=keep.device).expand(1, width, kv_length)
+        if not outer:
+            return hf_mask()
         if kept_first:
             keep = keep.to(torch.uint8)
     return keep[:, None, :].expand(-1, width, -1)

@@ -333,9 +333,8 @@ def _run_compile(
         torch._dynamo.reset()
         backend.reset_compile_report()
         compiled = torch.compile(small, backend="te_attn", options={"executor": "reference", "inner": "eager"})
-        try:
-            with torch.no_grad():
-                compiled(input_ids=ids, attention_mask=mask, use_cache=False)
+        try:  # with autograd on, as a training step compiles it
+            compiled(input_ids=ids, attention_mask=mask, use_cache=False)
         finally:
             torch._dynamo.reset()
         entries = backend.compile_report()
@@ -362,8 +361,8 @@ def _run_compile(
 
 
 def _te_checker() -> tuple[Any, str]:
-    """(a function (layer, dtype, mask_type, window, q_len, kv_len, training, key_bias) -> reason or None, or None;
-    what was checked). The compile path checks with training=True, as te_attn's pass does."""
+    """(a function (layer, dtype, mask_type, window, q_len, kv_len, training) -> reason or None, or None; what was
+    checked). The compile path checks with training=True, as te_attn's pass does."""
     from ..executors import load_te_executor
 
     if not torch.cuda.is_available():
@@ -376,13 +375,11 @@ def _te_checker() -> tuple[Any, str]:
 
     def check(
         layer: LayerExplanation, dtype: torch.dtype, mask_type: str, window: tuple[int, int], q_len: int, kv_len: int,
-        training: bool, key_bias: bool,
+        training: bool,
     ) -> str | None:
         shape = (TRACE_BATCH, layer.num_heads, layer.num_kv_heads, q_len, kv_len, layer.head_dim, layer.v_head_dim)
         try:
-            return te_executor.shape_unsupported_reason(
-                dtype, shape, mask_type, window, 0.0, training, 0, key_bias=key_bias
-            )
+            return te_executor.shape_unsupported_reason(dtype, shape, mask_type, window, 0.0, training, 0)
         except Exception as error:  # noqa: BLE001
             return f"TE's backend check failed ({first_line(error)})"
 
@@ -408,10 +405,7 @@ def _apply_te_limits(layers: list[LayerExplanation], dtype: torch.dtype | None, 
                 q_len = 1 if scenario == "decode" else seq
                 mask_type = decision.mask_type or "causal"
                 window = tuple(decision.window_size or (-1, 0))
-                # a compiled graph cannot see that its padding is on the right: it runs the key bias
-                key_bias = path == "compile" and mask_type == "padding_causal"
-                mask_type = "causal" if key_bias else mask_type
-                reason = check(layer, te_dtype, mask_type, window, q_len, seq, path == "compile", key_bias)
+                reason = check(layer, te_dtype, mask_type, window, q_len, seq, path == "compile")
                 if reason is not None:
                     decisions[scenario] = Decision("sdpa", reason=f"{reason}: TE's backend check at length {seq}")
     return checked
@@ -553,8 +547,9 @@ def explain(model: str, compile_path: bool = True) -> Explanation:
             "transformers, which te_fx treats as on a full-attention layer"
         )
     notes.append(
-        "eager: masks are classified at run time, once per mask object and forward (one host sync); key padding "
-        "(anywhere in a row) and packed documents run on TE; tensors must be on CUDA (else fallback_device)"
+        "eager: masks are classified at run time, once per mask object and forward (one host sync); padding at "
+        "the ends of rows and packed documents run on TE, padding inside a row on SDPA; tensors "
+        "must be on CUDA (else fallback_device)"
     )
     if compile_path:
         notes.append(
