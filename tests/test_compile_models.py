@@ -13,6 +13,7 @@ expectations follow from that form, not from the version number.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
@@ -91,8 +92,7 @@ def _assert_reasons_are_keys(entries: list[dict]) -> None:
 def _is_dynamic(example_inputs) -> bool:
     symbolic = lambda size: isinstance(size, torch.SymInt)  # noqa: E731
     return any(
-        symbolic(x) or (isinstance(x, torch.Tensor) and any(symbolic(size) for size in x.shape))
-        for x in example_inputs
+        symbolic(x) or (isinstance(x, torch.Tensor) and any(symbolic(size) for size in x.shape)) for x in example_inputs
     )
 
 
@@ -461,3 +461,50 @@ def test_chunked_prefill_with_cache(with_mask):
         assert chunk["decision"] == "sdpa" and chunk["reason"] == "fallback_mask" and chunk["detail"], chunk
     else:
         assert (chunk["decision"], chunk["mask_kind"], chunk["window_size"]) == ("te", "causal_bottom_right", (-1, 0))
+
+
+def test_a_batch_size_that_changes_between_steps_keeps_te():
+    """A new batch size recompiles with dynamic sizes, where Dynamo gives input_ids and attention_mask a batch
+    symbol each: the padding mask is still converted (te_fx's op checks at run time that the two agree), the next
+    batch size reuses that graph, and logits equal the plain model's."""
+    torch.manual_seed(0)
+    model = tiny_model("llama_gqa").train()
+    plain = copy.deepcopy(model)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="te_attn", options=OPTIONS)
+    for batch in (2, 3, 4):
+        te_fx.reset_compile_report()
+        ids = torch.randint(3, model.config.vocab_size, (batch, SEQ))
+        mask = torch.ones_like(ids)
+        mask[-1, SEQ - 4 :] = 0
+        out = compiled(input_ids=ids, attention_mask=mask).logits
+        torch.testing.assert_close(out, plain(input_ids=ids, attention_mask=mask).logits, **LOGIT_TOL)
+        decisions = [entry["decision"] for entry in te_fx.compile_report()]
+        assert decisions == ([] if batch == 4 else ["te"] * model.config.num_hidden_layers), (batch, decisions)
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_keeps_te(reentrant):
+    """``gradient_checkpointing_enable()``: the SDPA nodes sit in checkpointed regions' bodies; the pass rewrites
+    them there (the key padding input joins the region's operands), and logits and gradients equal the plain
+    checkpointed model's."""
+    torch.manual_seed(0)
+    model = tiny_model("llama_gqa").train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    plain = copy.deepcopy(model)
+    torch._dynamo.reset()
+    te_fx.reset_compile_report()
+    ids, mask, _ = _batch("left")
+    weight = torch.randn(*ids.shape, model.config.vocab_size) / ids.numel()
+    out = torch.compile(model, backend="te_attn", options=OPTIONS)(input_ids=ids, attention_mask=mask, use_cache=False)
+    ref = plain(input_ids=ids, attention_mask=mask, use_cache=False)
+    (out.logits * weight).sum().backward()
+    (ref.logits * weight).sum().backward()
+    report = te_fx.compile_report()
+    layers = model.config.num_hidden_layers
+    assert [(entry["decision"], entry["mask_kind"]) for entry in report] == [("te", "padding_causal")] * layers
+    torch.testing.assert_close(out.logits, ref.logits, **LOGIT_TOL)
+    for (name, param), ref_param in zip(model.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(param.grad, ref_param.grad, **GRAD_TOL, msg=lambda m, n=name: f"grad of {n}: {m}")
+    torch._dynamo.reset()

@@ -3,15 +3,19 @@
 For each SDPA node the pass elides ``repeat_kv`` producers (and ``enable_gqa``) so TE gets the KV heads natively,
 reads q/k/v from the (B, S, H, D) tensors that HF's ``transpose(1, 2)`` came from, classifies the mask from the
 subgraph that built it (:mod:`te_fx.compile.mask_subgraph`), and checks guards on fake metadata only. Inside a
-``torch.autocast`` region the operands are cast to the region's dtype, as SDPA's autocast does. A node that fails any
-check is left untouched; every node gets a report entry saying what was decided and why.
+``torch.autocast`` region the operands are cast to the region's dtype, as SDPA's autocast does; inside a checkpointed
+region (gradient checkpointing's ``tag_activation_checkpoint`` body) the mask is classified from the operand the
+body's placeholder stands for. A node that fails any check is left untouched; every node gets a report entry saying
+what was decided and why.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -34,6 +38,24 @@ _SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", 
 _SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
 _ENTER_AUTOCAST = torch.amp.autocast_mode._enter_autocast  # Dynamo's nodes for a torch.autocast region
 _EXIT_AUTOCAST = torch.amp.autocast_mode._exit_autocast
+_CHECKPOINT = torch.ops.higher_order.tag_activation_checkpoint
+
+
+@dataclass
+class _Scope:
+    """The graph an SDPA node sits in (``written``: its values that in-place ops write): the Dynamo graph, or the body
+    of a checkpointed region, whose placeholders stand for the region call's operands in the outer graph (``outer``,
+    whose writes are ``outer_written``); ``bring_in`` makes an outer value a body value (one more operand)."""
+
+    graph: fx.Graph
+    written: set[fx.Node]
+    outer: dict[fx.Node, fx.Node] = field(default_factory=dict)
+    outer_written: set[fx.Node] = field(default_factory=set)
+    bring_in: Callable[[fx.Node], fx.Node] | None = None
+
+    def mask_source(self, mask: fx.Node) -> tuple[fx.Node, set[fx.Node]]:
+        """The node that builds ``mask`` and the writes of its graph."""
+        return (self.outer[mask], self.outer_written) if mask in self.outer else (mask, self.written)
 
 
 @dataclass
@@ -173,8 +195,9 @@ def _executor_refusal(
                     f"{tuple(plan.window_size)}")  # fmt: skip
 
 
-def _classify(args: dict[str, Any], q: torch.Tensor, k: torch.Tensor, written: set[fx.Node]) -> AttentionPlan | Refusal:
-    """The plan of the call's mask, or why it has none (every such reason is "fallback_mask")."""
+def _classify(args: dict[str, Any], q: torch.Tensor, k: torch.Tensor, scope: _Scope) -> AttentionPlan | Refusal:
+    """The plan of the call's mask, or why it has none (every such reason is "fallback_mask"); its key padding a
+    value of the call's graph."""
     batch, q_len, kv_len = q.shape[0], q.shape[2], k.shape[2]
     mask = args["attn_mask"]
     if mask is None:
@@ -188,12 +211,15 @@ def _classify(args: dict[str, Any], q: torch.Tensor, k: torch.Tensor, written: s
         return "fallback_mask", "attn_mask together with is_causal"
     if not isinstance(mask, fx.Node):
         return "fallback_mask", "attn_mask is not a graph value"
+    source, written = scope.mask_source(mask)
     try:
-        classified = classify_mask_node(mask, batch, q_len, kv_len, written)
+        classified = classify_mask_node(source, batch, q_len, kv_len, written)
     except Exception as error:  # noqa: BLE001 - a mask the classifier cannot handle stays on SDPA
         return "fallback_mask", f"mask classification failed ({type(error).__name__})"
     if isinstance(classified, str):
         return "fallback_mask", classified
+    if classified.key_padding is not None and mask in scope.outer:
+        classified = dataclasses.replace(classified, key_padding=scope.bring_in(classified.key_padding))
     # the graph cannot see where the padding sits; Dynamo guards on grad mode, so a graph built with it off infers
     if classified.key_padding is not None and padding_unchecked_refused(
         classified.window_size[0], torch.is_grad_enabled()
@@ -218,9 +244,8 @@ def _autocast_dtype(regions: list[fx.Node], device_type: str) -> torch.dtype | N
     return autocast_dtype(device_type)
 
 
-def _rewrite_one(
-    graph: fx.Graph, node: fx.Node, executor: str, written: set[fx.Node], regions: list[fx.Node]
-) -> AttentionRewrite:
+def _rewrite_one(scope: _Scope, node: fx.Node, executor: str, regions: list[fx.Node]) -> AttentionRewrite:
+    graph, written = scope.graph, scope.written
     entry = AttentionRewrite(node=node.name, executor=executor)
     args = _sdpa_arguments(node)
     query, key, value = args["query"], args["key"], args["value"]
@@ -242,7 +267,7 @@ def _rewrite_one(
         q, k, v = cast_like_sdpa((q, k, v), autocast)
     refusal = _guard(q, k, v, args)
     if refusal is None:
-        classified = _classify(args, q, k, written)
+        classified = _classify(args, q, k, scope)
         if isinstance(classified, AttentionPlan):
             refusal = _executor_refusal(executor, q, k, v, classified, node_value(args["dropout_p"]))
         else:
@@ -320,10 +345,38 @@ def _erase_dead_producers(nodes: list[fx.Node]) -> None:
         stack.extend(n for n in inputs if not n._erased)
 
 
+def _rewrite_checkpointed(
+    call: fx.Node, body: fx.GraphModule, outer: _Scope, executor: str, regions: list[fx.Node]
+) -> list[AttentionRewrite]:
+    """Rewrite the SDPA nodes of a checkpointed region's ``body`` (``call`` runs it on its operands); a key padding
+    input the outer graph holds becomes one more operand of ``call``."""
+    placeholders = [node for node in body.graph.nodes if node.op == "placeholder"]
+    operands = dict(zip(placeholders, call.args[1:]))
+
+    def bring_in(value: fx.Node) -> fx.Node:
+        for placeholder, operand in operands.items():
+            if operand is value:
+                return placeholder
+        with body.graph.inserting_after(placeholders[-1]):
+            placeholder = body.graph.placeholder(f"te_fx_{value.name}")
+        placeholder.meta.update(value.meta)
+        placeholders.append(placeholder)
+        operands[placeholder] = value
+        call.args = (*call.args, value)
+        return placeholder
+
+    scope = _Scope(body.graph, written_in_place(body.graph), operands, outer.written, bring_in)
+    sdpa = [node for node in body.graph.nodes if node.op == "call_function" and node.target in _SDPA_TARGETS]
+    entries = [_rewrite_one(scope, node, executor, regions) for node in sdpa]
+    if any(entry.decision == "te" for entry in entries):
+        body.recompile()
+    return entries
+
+
 def rewrite_attention(gm: fx.GraphModule, executor: str = "te") -> list[dict[str, Any]]:
     """Rewrite every safe SDPA node of a Dynamo graph into :func:`te_fx.ops.attention`; returns one report entry
     per SDPA node. The graph is recompiled and the rewrite's dead producers (repeat_kv, mask construction) removed."""
-    written = written_in_place(gm.graph)
+    scope = _Scope(gm.graph, written_in_place(gm.graph))
     regions: list[fx.Node] = []  # the autocast regions open at the walk's node, innermost last
     entries = []
     for node in list(gm.graph.nodes):
@@ -332,7 +385,9 @@ def rewrite_attention(gm: fx.GraphModule, executor: str = "te") -> list[dict[str
         elif _is_function(node, _EXIT_AUTOCAST) and node.args and node.args[0] in regions:
             regions.remove(node.args[0])
         elif node.op == "call_function" and node.target in _SDPA_TARGETS:
-            entries.append(_rewrite_one(gm.graph, node, executor, written, regions))
+            entries.append(_rewrite_one(scope, node, executor, regions))
+        elif _is_function(node, _CHECKPOINT) and node.args and getattr(node.args[0], "op", None) == "get_attr":
+            entries += _rewrite_checkpointed(node, getattr(gm, node.args[0].target), scope, executor, regions)
     if any(entry.decision == "te" for entry in entries):
         gm.recompile()
     return [entry.as_dict() for entry in entries]

@@ -205,11 +205,17 @@ def classify_mask_node(
     if len(tensors) > 1:
         return "mask built from more than one input tensor"
     padding = tensors[0] if tensors else None
+    # a padding input whose batch is a symbol of its own (Dynamo gives input_ids and attention_mask one each once the
+    # batch size changes) is sampled with the query's batch; te_fx's op checks at run time that they agree
+    padding_batch: set = set()
     if padding is not None:
         value = node_value(padding)
         if value.dim() != 2 or value.is_floating_point():
             return "mask input is not a 2D integer or bool attention mask"
-        if not same_size(value.shape[0], batch):
+        padding_batch = _free_symbols(value.shape[0]) if len(_free_symbols(batch)) == 1 else set()
+        if not same_size(value.shape[0], batch) and not (
+            len(padding_batch) == 1 and value.shape[0].node.expr == next(iter(padding_batch))
+        ):
             return "mask input does not have the query's batch size"
     if any(isinstance(node_value(leaf), (float, torch.SymFloat)) for leaf in leaves):
         return "mask depends on a float graph input"
@@ -226,6 +232,8 @@ def classify_mask_node(
         largest = _largest_span(ancestors)
         batch_symbols = _free_symbols(batch) - _free_symbols(q_len) - _free_symbols(kv_len)
         independent_batch = batch_symbols == _free_symbols(batch)
+        if independent_batch:
+            batch_symbols |= padding_batch - _free_symbols(q_len) - _free_symbols(kv_len)
         if 2 * largest + 3 > (_MAX_SAMPLE if independent_batch else 64):
             return "mask subgraph has constants too large to check at every sequence length"
         def sizes_at(n: int, batch_size: int | None = None) -> dict:

@@ -173,3 +173,26 @@ def test_eager_opt_runs_te_with_the_calls_scale(rel_error):
     assert te_fx.get_te_attention_stats()["te_hits"] == config.num_hidden_layers
     errors = _compare(out, ref, grads, ref_grads, mask, rel_error)
     assert errors["logits"] < LOGITS_TOL and errors["grads"] < GRAD_TOL, errors
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_te_attn_under_autocast_and_checkpointing_runs_te(checkpointing, rel_error):
+    """te_attn with fp32 weights under bf16 autocast (HF Trainer's bf16=True), with and without gradient
+    checkpointing: every node on TE, as close to the same uncompiled step as bf16 allows."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    plain = tiny_model("llama_gqa").cuda().train()
+    if checkpointing:
+        plain.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    compiled_model = copy.deepcopy(plain)
+    compiled = torch.compile(compiled_model, backend="te_attn", options={"inner": "aot_eager"})
+    ids, mask = _inputs(pad="left")
+    te_fx.reset_compile_report()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        ref, ref_grads = _loss_and_grads(plain, ids, mask)
+        out, grads = _loss_and_grads(compiled, ids, mask)
+    report = te_fx.compile_report()
+    errors = _compare(out, ref, {n.removeprefix("_orig_mod."): g for n, g in grads.items()}, ref_grads, mask, rel_error)
+    print(f"te_attn autocast checkpointing={checkpointing}: rel err {errors}, report {[e['decision'] for e in report]}")
+    assert [e["decision"] for e in report] == ["te"] * plain.config.num_hidden_layers
+    assert errors["logits"] < LOGITS_TOL and errors["grads"] < GRAD_TOL
