@@ -78,3 +78,27 @@ def test_an_autocast_region_inside_the_graph_casts_too():
         assert [entry["decision"] for entry in te_fx.compile_report()] == ["te"]
         assert out.dtype == expected.dtype == (torch.bfloat16 if enabled else torch.float32)
         torch.testing.assert_close(out.float(), expected.float(), atol=2e-2 if enabled else 1e-5, rtol=2e-2)
+
+
+def test_an_autocast_region_inside_a_checkpointed_body_is_followed():
+    """Gradient checkpointing's body is walked like the graph: a region there that turns autocast off keeps the
+    call in fp32 under an outer bf16 autocast, as SDPA does."""
+    from torch.utils.checkpoint import checkpoint
+
+    def body(q, k, v):
+        with torch.autocast("cpu", enabled=False):
+            return torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
+
+    def f(q, k, v):
+        return checkpoint(body, q, k, v, use_reentrant=False)
+
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    te_fx.reset_compile_report()
+    q, k, v = (torch.randn(2, 2, 8, 16, requires_grad=True) for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = torch.compile(f, backend="te_attn", options={"executor": "reference", "inner": "aot_eager"})(q, k, v)
+        expected = f(q, k, v)
+    assert [entry["decision"] for entry in te_fx.compile_report()] == ["te"]
+    assert out.dtype == expected.dtype == torch.float32
+    torch.testing.assert_close(out, expected)

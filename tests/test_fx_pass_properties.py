@@ -707,3 +707,28 @@ def test_backward_through_an_inserted_transpose():
     gradients, and the backward's view failed at run time."""
     spec = Spec(batch=1, seq=3, heads=2, kv_heads=2, head_dim=4, layout="bhsd_view", mask="is_causal", with_grad=True)
     assert check_spec(spec)["decision"] == "te"
+
+
+def test_a_windowed_padding_mask_with_dropout_stays_on_sdpa_even_under_no_grad():
+    """Dropout makes te_fx's op train-mode (it keeps what a backward needs) whatever the grad mode, so a padding
+    mask with a window, whose layout the graph cannot see, stays on SDPA; without dropout under no_grad it runs
+    TE's key bias, exact with padding inside a row."""
+    window = 3
+
+    def attend(q, k, v, keep, p):
+        i, j = torch.arange(q.shape[2])[:, None], torch.arange(q.shape[2])[None, :]
+        mask = ((j <= i) & (j > i - window))[None, None] & keep[:, None, None, :].bool()
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 8, 16) for _ in range(3))
+    keep = torch.ones(2, 8, dtype=torch.long)
+    keep[0, 3:5] = 0  # padding inside a row
+    for p, decision in ((0.0, "te"), (1e-12, "sdpa")):
+        torch._dynamo.reset()
+        te_fx.reset_compile_report()
+        with torch.no_grad():
+            out = torch.compile(attend, backend="te_attn", options=OPTIONS)(q, k, v, keep, p)
+            expected = attend(q, k, v, keep, 0.0)
+        assert [entry["decision"] for entry in te_fx.compile_report()] == [decision], p
+        torch.testing.assert_close(out, expected)

@@ -175,17 +175,24 @@ def _guard(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, args: dict[str, An
     return None
 
 
+def _may_train(dropout_p: Any) -> bool:
+    """Whether the call may run as training (te_fx's op keeps what a backward needs, and routes key padding so): the
+    graph was built with autograd on (Dynamo guards grad mode), or the call has dropout (a SymFloat may)."""
+    return torch.is_grad_enabled() or not (isinstance(dropout_p, (int, float)) and dropout_p == 0)
+
+
 def _executor_refusal(
     executor: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan, dropout_p: Any
 ) -> Refusal | None:
     """Why ``executor`` cannot run ``plan`` on these (B, H, S, D) fake tensors, asked at the traced sizes (TE's
     fused backend has no sequence-length limits that matter for dynamic shapes, so the traced hint stands for all)
-    and for training (the graph may be differentiated)."""
+    and as training wherever the graph may train."""
     shape = tuple(int(_hint(size)) for size in (q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2],
                                                  q.shape[3], v.shape[3]))  # fmt: skip
-    mask_type, qkv_format, key_bias = te_terms(plan, training=True)
+    training = _may_train(dropout_p)
+    mask_type, qkv_format, key_bias = te_terms(plan, training)
     call = AttentionCall(q.dtype, q.device, shape, mask_type, tuple(plan.window_size), qkv_format,
-                         dropout_p=float(_hint(dropout_p)), training=True, key_bias=key_bias)  # fmt: skip
+                         dropout_p=float(_hint(dropout_p)), training=training, key_bias=key_bias)  # fmt: skip
     reason = unsupported_call_reason(executor, call)
     if reason is None:
         return None
@@ -220,9 +227,9 @@ def _classify(args: dict[str, Any], q: torch.Tensor, k: torch.Tensor, scope: _Sc
         return "fallback_mask", classified
     if classified.key_padding is not None and mask in scope.outer:
         classified = dataclasses.replace(classified, key_padding=scope.bring_in(classified.key_padding))
-    # the graph cannot see where the padding sits; Dynamo guards on grad mode, so a graph built with it off infers
+    # the graph cannot see where the padding sits
     if classified.key_padding is not None and padding_unchecked_refused(
-        classified.window_size[0], torch.is_grad_enabled()
+        classified.window_size[0], _may_train(node_value(args["dropout_p"]))
     ):
         return "fallback_mask", "padding mask with a window in a graph that may train (converted under no_grad only)"
     if classified.mask_type != "causal" or same_size(q_len, kv_len):
@@ -366,18 +373,22 @@ def _rewrite_checkpointed(
         return placeholder
 
     scope = _Scope(body.graph, written_in_place(body.graph), operands, outer.written, bring_in)
-    sdpa = [node for node in body.graph.nodes if node.op == "call_function" and node.target in _SDPA_TARGETS]
-    entries = [_rewrite_one(scope, node, executor, regions) for node in sdpa]
-    if any(entry.decision == "te" for entry in entries):
-        body.recompile()
-    return entries
+    return _rewrite_graph(body, scope, executor, regions)
 
 
 def rewrite_attention(gm: fx.GraphModule, executor: str = "te") -> list[dict[str, Any]]:
     """Rewrite every safe SDPA node of a Dynamo graph into :func:`te_fx.ops.attention`; returns one report entry
     per SDPA node. The graph is recompiled and the rewrite's dead producers (repeat_kv, mask construction) removed."""
-    scope = _Scope(gm.graph, written_in_place(gm.graph))
-    regions: list[fx.Node] = []  # the autocast regions open at the walk's node, innermost last
+    entries = _rewrite_graph(gm, _Scope(gm.graph, written_in_place(gm.graph)), executor, [])
+    return [entry.as_dict() for entry in entries]
+
+
+def _rewrite_graph(
+    gm: fx.GraphModule, scope: _Scope, executor: str, outer_regions: list[fx.Node]
+) -> list[AttentionRewrite]:
+    """Rewrite the SDPA nodes of ``gm`` (the Dynamo graph or a checkpointed body) in order, inside the autocast
+    regions open around it (``outer_regions``) and its own; recompiles ``gm`` if anything changed."""
+    regions = list(outer_regions)  # the autocast regions open at the walk's node, innermost last
     entries = []
     for node in list(gm.graph.nodes):
         if _is_function(node, _ENTER_AUTOCAST):
@@ -390,4 +401,4 @@ def rewrite_attention(gm: fx.GraphModule, executor: str = "te") -> list[dict[str
             entries += _rewrite_checkpointed(node, getattr(gm, node.args[0].target), scope, executor, regions)
     if any(entry.decision == "te" for entry in entries):
         gm.recompile()
-    return [entry.as_dict() for entry in entries]
+    return entries

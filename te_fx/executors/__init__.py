@@ -149,8 +149,8 @@ class AttentionCall:
     ``shape`` is (batch, heads, kv_heads, q_len, kv_len, head_dim_qk, head_dim_v) in plain ints; in the "thd"
     format batch is the number of documents, q_len / kv_len bound their lengths and ``num_tokens`` counts the packed
     tokens (None: batch * q_len). ``softmax_type`` is TE's: "vanilla", or "learnable" for a per-head sink logit in
-    the softmax's denominator (attention sinks). ``key_bias``: a post-scale bias per row's keys (key padding with a
-    window), which the TE executor runs a row at a time.
+    the softmax's denominator (attention sinks). ``key_bias``: a post-scale bias per row's keys (key padding in
+    inference, :func:`~te_fx.core.plan.padding_route`), which the TE executor runs a row at a time.
     """
 
     dtype: torch.dtype

@@ -96,7 +96,8 @@ def _select_backend(
     ``key_bias``: one row's post-scale key bias, (1, 1, 1, kv_len) without a gradient (TE's "111s" shape)."""
     batch, heads, kv_heads, q_len, kv_len, dqk, dv, device_index, tokens = shape
     fp8 = {} if fp8_recipe is None else {"fp8": True, "fp8_meta": {"recipe": fp8_recipe}}
-    if key_bias:
+    if key_bias:  # run a row at a time
+        batch = 1
         fp8["core_attention_bias_type"] = "post_scale_bias"
         fp8["core_attention_bias_shape"] = (1, 1, 1, kv_len)
         fp8["core_attention_bias_requires_grad"] = False
