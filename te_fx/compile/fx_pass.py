@@ -182,14 +182,19 @@ def _may_train(dropout_p: Any) -> bool:
 
 
 def _executor_refusal(
-    executor: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan, dropout_p: Any
+    executor: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    plan: AttentionPlan,
+    dropout_p: Any,
+    training: bool,
 ) -> Refusal | None:
     """Why ``executor`` cannot run ``plan`` on these (B, H, S, D) fake tensors, asked at the traced sizes (TE's
     fused backend has no sequence-length limits that matter for dynamic shapes, so the traced hint stands for all)
     and as training wherever the graph may train."""
     shape = tuple(int(_hint(size)) for size in (q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2],
                                                  q.shape[3], v.shape[3]))  # fmt: skip
-    training = _may_train(dropout_p)
     mask_type, qkv_format, key_bias = te_terms(plan, training)
     call = AttentionCall(q.dtype, q.device, shape, mask_type, tuple(plan.window_size), qkv_format,
                          dropout_p=float(_hint(dropout_p)), training=training, key_bias=key_bias)  # fmt: skip
@@ -202,9 +207,11 @@ def _executor_refusal(
                     f"{tuple(plan.window_size)}")  # fmt: skip
 
 
-def _classify(args: dict[str, Any], q: torch.Tensor, k: torch.Tensor, scope: _Scope) -> AttentionPlan | Refusal:
-    """The plan of the call's mask, or why it has none (every such reason is "fallback_mask"); its key padding a
-    value of the call's graph."""
+def _classify(
+    args: dict[str, Any], q: torch.Tensor, k: torch.Tensor, scope: _Scope, training: bool
+) -> AttentionPlan | Refusal:
+    """The plan of the call's mask (for a call that may train: ``training``), or why it has none (every such reason
+    is "fallback_mask"); its key padding a value of the call's graph."""
     batch, q_len, kv_len = q.shape[0], q.shape[2], k.shape[2]
     mask = args["attn_mask"]
     if mask is None:
@@ -228,9 +235,7 @@ def _classify(args: dict[str, Any], q: torch.Tensor, k: torch.Tensor, scope: _Sc
     if classified.key_padding is not None and mask in scope.outer:
         classified = dataclasses.replace(classified, key_padding=scope.bring_in(classified.key_padding))
     # the graph cannot see where the padding sits
-    if classified.key_padding is not None and padding_unchecked_refused(
-        classified.window_size[0], _may_train(node_value(args["dropout_p"]))
-    ):
+    if classified.key_padding is not None and padding_unchecked_refused(classified.window_size[0], training):
         return "fallback_mask", "padding mask with a window in a graph that may train (converted under no_grad only)"
     if classified.mask_type != "causal" or same_size(q_len, kv_len):
         return classified
@@ -274,9 +279,11 @@ def _rewrite_one(scope: _Scope, node: fx.Node, executor: str, regions: list[fx.N
         q, k, v = cast_like_sdpa((q, k, v), autocast)
     refusal = _guard(q, k, v, args)
     if refusal is None:
-        classified = _classify(args, q, k, scope)
+        dropout_p = node_value(args["dropout_p"])
+        training = _may_train(dropout_p)
+        classified = _classify(args, q, k, scope, training)
         if isinstance(classified, AttentionPlan):
-            refusal = _executor_refusal(executor, q, k, v, classified, node_value(args["dropout_p"]))
+            refusal = _executor_refusal(executor, q, k, v, classified, dropout_p, training)
         else:
             refusal = classified
     layout = _output_layout(node_value(node)) if refusal is None else None

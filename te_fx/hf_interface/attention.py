@@ -102,12 +102,13 @@ def _executor_refusal(
     v: torch.Tensor,
     plan: AttentionPlan,
     dropout: float,
+    training: bool,
     sinks: torch.Tensor | None,
 ) -> str | None:
-    """Why ``executor`` cannot run ``plan`` (with ``sinks``) on bshd q, k, v. Under torch.compile only what the
-    executor's limits say from dtype, device and head dims: TE's backend query is Python that a graph cannot hold,
-    and reading the sequence lengths would specialize the graph to them; sinks, which TE supports on fewer
-    configurations, stay off TE there."""
+    """Why ``executor`` cannot run ``plan`` (with ``sinks``, ``training`` or not) on bshd q, k, v. Under
+    torch.compile only what the executor's limits say from dtype, device and head dims: TE's backend query is Python
+    that a graph cannot hold, and reading the sequence lengths would specialize the graph to them; sinks, which TE
+    supports on fewer configurations, stay off TE there."""
     reason = qkv_mismatch_reason(q, k, v)
     if reason is not None:
         return reason
@@ -116,9 +117,8 @@ def _executor_refusal(
             return None
         reason = te_limits_reason(q.dtype, q.device.type, q.shape[-1], v.shape[-1])
         return reason if reason is not None or sinks is None else "fallback_argument"
-    tensors = (q, k, v) if sinks is None else (q, k, v, sinks)
     softmax_type = "vanilla" if sinks is None else "learnable"
-    call = AttentionCall.of_plan(q, k, v, plan, dropout, is_training(dropout, *tensors), softmax_type)
+    call = AttentionCall.of_plan(q, k, v, plan, dropout, training, softmax_type)
     return unsupported_call_reason(executor, call)
 
 
@@ -202,7 +202,7 @@ def te_attention_forward(
     else:
         executor = resolve_executor(None)
         q, k, v = (t.transpose(1, 2).contiguous() for t in (query, key, value))
-        reason = _executor_refusal(executor, q, k, v, plan, dropout, sinks)
+        reason = _executor_refusal(executor, q, k, v, plan, dropout, training, sinks)
         if reason is None:
             _count("te_hits")
             out = ops.attention(
