@@ -40,10 +40,16 @@ def _variants(batch: int, seq: int, heads: int, kv_heads: int, head_dim: int, ba
         for h in (heads, kv_heads, kv_heads)
     ]
     grad = torch.randn(batch, seq, heads * head_dim, device="cuda", dtype=torch.bfloat16)
-    te_sdpa = _make_te_sdpa(_create_te_dot_product_attention(heads, kv_heads, head_dim, softmax_scale=scale),
-                            heads, kv_heads, F.scaled_dot_product_attention, softmax_scale=scale)
-    plain_te = te.DotProductAttention(heads, head_dim, num_gqa_groups=kv_heads, qkv_format="bshd",
-                                      attn_mask_type="causal", softmax_scale=scale)
+    te_sdpa = _make_te_sdpa(
+        _create_te_dot_product_attention(heads, kv_heads, head_dim, softmax_scale=scale),
+        heads,
+        kv_heads,
+        F.scaled_dot_product_attention,
+        softmax_scale=scale,
+    )
+    plain_te = te.DotProductAttention(
+        heads, head_dim, num_gqa_groups=kv_heads, qkv_format="bshd", attn_mask_type="causal", softmax_scale=scale
+    )
 
     def run(attention):
         def step():
@@ -51,6 +57,7 @@ def _variants(batch: int, seq: int, heads: int, kv_heads: int, head_dim: int, ba
             out = attention(q, k, v).transpose(1, 2).reshape(batch, seq, -1)  # what HF does with the output
             if backward:
                 out.backward(grad)
+
         return step
 
     def te_call(q, k, v):
@@ -62,8 +69,9 @@ def _variants(batch: int, seq: int, heads: int, kv_heads: int, head_dim: int, ba
         return out.view(batch, seq, heads, head_dim).transpose(1, 2)
 
     return {
-        "sdpa": run(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
-                                                                     enable_gqa=True)),
+        "sdpa": run(
+            lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+        ),
         "te_fx": run(lambda q, k, v: te_sdpa(q, k, v, is_causal=True, scale=scale, enable_gqa=True)),
         "te_module": run(te_module),
         "te_call": run(te_call),
@@ -112,15 +120,23 @@ def main() -> None:
     print(f"device: {results['device']}  torch {results['torch']}")
     print(f"{'shape':<38} {'sdpa ms':>8} {'te_fx ms':>9} {'TE module':>10} {'TE call':>8} {'te_fx/sdpa':>11}")
     for name, r in results["shapes"].items():
-        print(f"{name:<38} {r['sdpa']:8.4f} {r['te_fx']:9.4f} {r['te_module']:10.4f} {r['te_call']:8.4f}"
-              f" {r['te_fx'] / r['sdpa']:11.2f}")
+        print(
+            f"{name:<38} {r['sdpa']:8.4f} {r['te_fx']:9.4f} {r['te_module']:10.4f} {r['te_call']:8.4f}"
+            f" {r['te_fx'] / r['sdpa']:11.2f}"
+        )
     small = results["shapes"]["B1 S128 H8 D64 causal fwd"]
     large = results["shapes"]["B2 S4096 H32 KV8 D128 causal fwd+bwd"]
     targets = [
-        ("per-call time within 1.5x of SDPA at B1 S128", small["te_fx"] / small["sdpa"] <= 1.5,
-         f"te_fx/sdpa = {small['te_fx'] / small['sdpa']:.2f}"),
-        ("at least SDPA's speed at B2 S4096 fwd+bwd", large["sdpa"] / large["te_fx"] >= 1.0,
-         f"sdpa/te_fx = {large['sdpa'] / large['te_fx']:.2f}"),
+        (
+            "per-call time within 1.5x of SDPA at B1 S128",
+            small["te_fx"] / small["sdpa"] <= 1.5,
+            f"te_fx/sdpa = {small['te_fx'] / small['sdpa']:.2f}",
+        ),
+        (
+            "at least SDPA's speed at B2 S4096 fwd+bwd",
+            large["sdpa"] / large["te_fx"] >= 1.0,
+            f"sdpa/te_fx = {large['sdpa'] / large['te_fx']:.2f}",
+        ),
     ]
     finish(results, targets, args.json)
 

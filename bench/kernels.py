@@ -350,5 +350,3 @@ def add_ratios(rows: list[dict], peak_tflops: float | None) -> None:
         if row["variant"] in TE_FX_VARIANTS and row["ms"]:
             best = best_alternative_ms(rows, row["case"], row["mode"], row["dtype"])
             row["speedup_vs_best"] = None if best is None else best / row["ms"]
-
-

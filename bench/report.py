@@ -74,8 +74,11 @@ def evaluate_targets(results: dict) -> list[dict]:
     worst = None
     for row in _rows(results, kind="causal", mode="fwd+bwd", variant="te_fx eager"):
         if row["seq"] >= 2048 and row["kv_heads"] < row["heads"] and row["ms"]:
-            sdpa = [r["ms"] for r in _rows(results, case=row["case"], mode="fwd+bwd")
-                    if r["variant"].startswith("sdpa") and r["variant"] != "sdpa HF compile mask" and r["ms"]]
+            sdpa = [
+                r["ms"]
+                for r in _rows(results, case=row["case"], mode="fwd+bwd")
+                if r["variant"].startswith("sdpa") and r["variant"] != "sdpa HF compile mask" and r["ms"]
+            ]
             if sdpa:
                 worst = min(worst or float("inf"), min(sdpa) / row["ms"])
     targets.append(_target("te_fx at least as fast as the best SDPA backend, causal GQA S >= 2048 fwd+bwd",

@@ -68,8 +68,11 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         "--seq", type=_positive_int, nargs="+", metavar="S", help="only the kernel cases of these lengths"
     )
     parser.add_argument("--merge", action="store_true", help="add to the folder's results.json instead of replacing it")
-    parser.add_argument("--resume", action="store_true",
-                        help="--merge, skipping the kernel cases and models the folder's results.json already holds")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="--merge, skipping the kernel cases and models the folder's results.json already holds",
+    )
     return parser
 
 
@@ -134,9 +137,13 @@ def merge_results(old: dict, new: dict) -> dict:
     key = lambda row: (row["case"], row["mode"], row["variant"], row["dtype"])  # noqa: E731
     measured = {key(row) for row in new["kernels"]}
     peaks = [r["matmul_peak_tflops"] for r in (old, new) if r.get("matmul_peak_tflops")]
-    merged = {**new, "profiles": list(dict.fromkeys([*old.get("profiles", []), *new["profiles"]])),
-              "kernels": [row for row in old.get("kernels", []) if key(row) not in measured] + new["kernels"],
-              "models": {**old.get("models", {}), **new["models"]}, "matmul_peak_tflops": max(peaks, default=None)}
+    merged = {
+        **new,
+        "profiles": list(dict.fromkeys([*old.get("profiles", []), *new["profiles"]])),
+        "kernels": [row for row in old.get("kernels", []) if key(row) not in measured] + new["kernels"],
+        "models": {**old.get("models", {}), **new["models"]},
+        "matmul_peak_tflops": max(peaks, default=None),
+    }
     kernels.add_ratios(merged["kernels"], merged["matmul_peak_tflops"])
     return merged
 

@@ -73,8 +73,20 @@ def test_flops_count_visible_pairs():
 
 
 def _row(case, mode, variant, ms, **fields):
-    base = {"case": case, "mode": mode, "variant": variant, "ms": ms, "family": "llama3-8b", "kind": "causal",
-            "seq": 4096, "heads": 32, "kv_heads": 8, "window": None, "peak_fraction": None, "dtype": "bfloat16"}
+    base = {
+        "case": case,
+        "mode": mode,
+        "variant": variant,
+        "ms": ms,
+        "family": "llama3-8b",
+        "kind": "causal",
+        "seq": 4096,
+        "heads": 32,
+        "kv_heads": 8,
+        "window": None,
+        "peak_fraction": None,
+        "dtype": "bfloat16",
+    }
     return {**base, **fields}
 
 
@@ -121,9 +133,16 @@ def test_te_fx_bench_command_dispatches_to_the_benchmark(capsys):
 def test_merge_keeps_what_the_new_run_did_not_measure():
     from bench.run import merge_results
 
-    old = {"device": "GPU", "profiles": ["full"], "models": {"m1": {"x": 1}, "m2": {"x": 2}}, "matmul_peak_tflops": 800,
-           "kernels": [_row("a", "fwd", "te_fx eager", 1.0, tflops=400.0),
-                       _row("a", "fwd", "te_fx eager", 3.0, dtype="float16", tflops=100.0)]}
+    old = {
+        "device": "GPU",
+        "profiles": ["full"],
+        "models": {"m1": {"x": 1}, "m2": {"x": 2}},
+        "matmul_peak_tflops": 800,
+        "kernels": [
+            _row("a", "fwd", "te_fx eager", 1.0, tflops=400.0),
+            _row("a", "fwd", "te_fx eager", 3.0, dtype="float16", tflops=100.0),
+        ],
+    }
     new = {"device": "GPU", "profiles": ["quick"], "models": {"m2": {"x": 5}}, "matmul_peak_tflops": 780,
            "kernels": [_row("a", "fwd", "te_fx eager", 2.0, tflops=200.0)]}  # fmt: skip
     merged = merge_results(old, new)
@@ -172,6 +191,7 @@ def test_a_run_cut_short_keeps_its_cases_and_resume_goes_on(tmp_path, monkeypatc
     assert {row["case"] for row in kept["kernels"]} == set(smoke_case_names[:2])
 
     measured.clear()
+
     def recorded(case, *args):
         measured.append(case.name)
         return real_run_case(case, *args)

@@ -155,6 +155,7 @@ def run_check() -> CheckResult:
 
 def format_check(result: CheckResult) -> str:
     """The report ``te-fx check`` prints."""
+
     def row(name: str, value: str) -> str:
         return f"  {name + ':':<18} {value}"
 

@@ -66,7 +66,6 @@ EAGER_SCENARIOS = {
 COMPILE_SCENARIOS = {"no_attention_mask": "no attention_mask", "attention_mask": "attention_mask (any values)"}
 
 
-
 class AnalysisError(RuntimeError):
     """The model could be read but not analysed (the CLI's exit code 1)."""
 
@@ -201,7 +200,6 @@ def _head_dim_limit(head_dim: int | None, v_head_dim: int | None) -> str | None:
         return None
     dims_text = ", ".join(map(str, bad))
     return f"fallback_head_dim: TE needs head dims that are multiples of 8 and <= 256, this layer has {dims_text}"
-
 
 
 # --------------------------------------------------------------------------------------------- the eager path
@@ -374,7 +372,12 @@ def _te_checker() -> tuple[Any, str]:
         return None, f"not run (TransformerEngine unavailable: {first_line(cause)}; see `te-fx check`)"
 
     def check(
-        layer: LayerExplanation, dtype: torch.dtype, mask_type: str, window: tuple[int, int], q_len: int, kv_len: int,
+        layer: LayerExplanation,
+        dtype: torch.dtype,
+        mask_type: str,
+        window: tuple[int, int],
+        q_len: int,
+        kv_len: int,
         training: bool,
     ) -> str | None:
         shape = (TRACE_BATCH, layer.num_heads, layer.num_kv_heads, q_len, kv_len, layer.head_dim, layer.v_head_dim)
@@ -488,11 +491,11 @@ def explain(model: str, compile_path: bool = True) -> Explanation:
         small_lefts = {
             path: _window_left(module, small_config, layer.index)
             for (path, module), layer in zip(small_attention, layers)
-        }  # fmt: skip
+        }
         windows = {
             layer.module: (small_lefts[layer.module], layer.sliding_window - 1 if layer.sliding_window else -1)
             for layer in layers
-        }  # fmt: skip
+        }
         if compile_path:
             window_map = {}
             if "sliding_window" in changed:

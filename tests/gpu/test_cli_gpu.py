@@ -34,5 +34,11 @@ def test_explain_runs_te_backend_check(capsys, tmp_path):
     assert report["te_backend_check"].startswith(f"run on {torch.cuda.get_device_name(0)}")
     for layer in report["layers"]:
         runs = {f"{path} {scenario}": d["runs"] for path in ("eager", "compile") for scenario, d in layer[path].items()}
-        assert runs == {"eager no_attention_mask": "te", "eager no_padding": "te", "eager padding": "te",
-                        "eager decode": "te", "compile no_attention_mask": "te", "compile attention_mask": "te"}, runs
+        assert runs == {
+            "eager no_attention_mask": "te",
+            "eager no_padding": "te",
+            "eager padding": "te",
+            "eager decode": "te",
+            "compile no_attention_mask": "te",
+            "compile attention_mask": "te",
+        }, runs
