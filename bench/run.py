@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from . import kernels, models
+from .args import add_arguments
 from .report import write_report
 from .timing import matmul_peak_tflops
 
@@ -47,33 +48,12 @@ class BenchUsageError(BenchError):
     exit_code = 2
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
-    return value
-
-
-def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    """The benchmark's arguments, on a new parser or on ``te-fx bench``'s subparser."""
-    parser = parser or argparse.ArgumentParser(prog="python -m bench", description=__doc__,
-                                               formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("--profile", choices=sorted(PROFILES), default="quick")
-    parser.add_argument("--only", choices=("kernels", "models", "all"), default="all")
-    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
-    parser.add_argument("--out", type=Path, help="output folder (default bench/results/<card>)")
-    parser.add_argument("--reps", type=_positive_int, help="timed repetitions per measurement (default: the profile's)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="the kernels' dtype on a GPU")
-    parser.add_argument(
-        "--seq", type=_positive_int, nargs="+", metavar="S", help="only the kernel cases of these lengths"
+def build_parser() -> argparse.ArgumentParser:
+    """``python -m bench``'s parser (``te-fx bench`` adds the same arguments to its subparser)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--merge", action="store_true", help="add to the folder's results.json instead of replacing it")
-    parser.add_argument(
-        "--resume",
-        action="store_true",
-        help="--merge, skipping the kernel cases and models the folder's results.json already holds",
-    )
-    return parser
+    return add_arguments(parser)
 
 
 def _card(device: torch.device) -> str:

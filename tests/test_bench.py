@@ -119,7 +119,7 @@ def test_targets_pass_fail_and_miss_by():
 def test_te_fx_bench_command_dispatches_to_the_benchmark(capsys):
     import torch
 
-    from te_fx.tools.cli import main
+    from te_fx_cli import main
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
@@ -227,6 +227,13 @@ def test_arguments_that_cannot_work_fail_before_measuring(problem, tmp_path, cap
     assert run(build_parser().parse_args(argv)) == 2
     assert capsys.readouterr().err.startswith("te-fx bench: ")
     assert not (tmp_path / "report.md").exists()
+
+
+def test_the_arguments_name_every_profile_and_dtype():
+    from bench.args import DTYPE_NAMES, PROFILE_NAMES
+    from bench.run import DTYPES, PROFILES
+
+    assert set(PROFILE_NAMES) == set(PROFILES) and set(DTYPE_NAMES) == set(DTYPES)
 
 
 @pytest.mark.parametrize("reps", ["0", "-3"])

@@ -1,4 +1,4 @@
-"""The ``te-fx`` command: ``check``, ``explain`` and argument errors (CPU, in-process through ``te_fx.tools.cli.main``).
+"""The ``te-fx`` command: ``check``, ``explain`` and argument errors (CPU, in-process through ``te_fx_cli.main``).
 
 ``explain``'s per-layer decisions are checked against an independent run: the tiny model itself (not explain's
 shrunk copy, at another batch size and length) injected with the reference executor, and compiled with te_attn,
@@ -20,8 +20,8 @@ import pytest
 import torch
 
 import te_fx
+import te_fx_cli as cli
 from te_fx.core.reasons import REASONS
-from te_fx.tools import cli
 from te_fx.tools.tiny_models import FAMILIES, SLIDING_WINDOW, tiny_config, tiny_model
 
 EXPLAIN_FAMILIES = ["llama_gqa", "mistral", "qwen2", "gemma3", "deepseek_v3", "phi3", "falcon"]
@@ -451,8 +451,9 @@ def _assert_usage_error(capsys, argv: list[str], *fragments: str) -> None:
 
 def test_explain_bad_input(capsys, tmp_path):
     _assert_usage_error(capsys, ["explain", "gpt5"], "unknown model 'gpt5'", "llama_gqa")
-    _assert_usage_error(capsys, ["explain", "meta-llama/Llama-3-8B"], "never downloads")
-    _assert_usage_error(capsys, ["explain", str(tmp_path / "missing" / "config.json")], "unknown model")
+    _assert_usage_error(capsys, ["explain", "meta-llama/Llama-3-8B"], "no such file or directory", "never downloads")
+    missing = str(tmp_path / "missing" / "config.json")
+    _assert_usage_error(capsys, ["explain", missing], f"{missing}: no such file or directory")
     (tmp_path / "empty").mkdir()
     _assert_usage_error(capsys, ["explain", str(tmp_path / "empty")], "has no config.json")
     broken = tmp_path / "broken.json"
@@ -469,15 +470,46 @@ def test_explain_bad_input(capsys, tmp_path):
                         "num_attention_heads 32 is not a multiple of num_key_value_heads 5")  # fmt: skip
 
 
+def _parser_error(capsys, argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
 def test_demo_and_parser_errors(capsys):
     _assert_usage_error(capsys, ["demo", "gpt5"], "unknown family gpt5")
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(["explain"])  # MODEL is required
-    assert exit_info.value.code == 2
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(["frobnicate"])
-    assert exit_info.value.code == 2
-    capsys.readouterr()
+    assert "the following arguments are required: model" in _parser_error(capsys, ["explain"])
+    assert "invalid choice: 'frobnicate'" in _parser_error(capsys, ["frobnicate"])
+    assert "unrecognized arguments: --bogus" in _parser_error(capsys, ["--bogus"])
+    assert "unrecognized arguments: --bogus" in _parser_error(capsys, ["check", "--bogus"])
+    assert "choose a command: demo, check, explain or bench" in _parser_error(capsys, [])
+
+
+@pytest.mark.parametrize(
+    ("argv", "verbose"),
+    [(["check"], False), (["-v", "check"], True), (["check", "-v"], True), (["check", "--verbose"], True),
+     (["--verbose", "explain", "llama", "--no-compile"], True), (["explain", "llama", "--verbose"], True)],
+)  # fmt: skip
+def test_verbose_before_or_after_the_command(argv, verbose):
+    args = cli.build_parser().parse_args(argv)
+    assert getattr(args, "verbose", False) is verbose
+
+
+def test_parsing_imports_no_torch():
+    """``te-fx --help`` and usage errors answer before torch, transformers or te_fx are imported (seconds)."""
+    code = (
+        "import sys, te_fx_cli\n"
+        "for argv in (['--help'], ['bench', '--help'], ['--bogus'], ['explain']):\n"
+        "    try:\n"
+        "        te_fx_cli.main(argv)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "print(sorted(name for name in ('torch', 'transformers', 'te_fx') if name in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_console_script_entry_point():
@@ -486,5 +518,5 @@ def test_console_script_entry_point():
     assert command, "the te-fx console script is not installed (pip install -e .)"
     done = subprocess.run([command, "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    for name in ("demo", "check", "explain"):
+    for name in ("demo", "check", "explain", "bench"):
         assert name in done.stdout

@@ -72,13 +72,17 @@ def load_config(model: str) -> tuple[Any, str]:
         return tiny_config(model), f"tiny config of the {model!r} family"
     path = Path(model)
     if not path.exists():
+        if os.sep not in model and "/" not in model and not model.endswith(".json"):
+            raise ModelConfigError(
+                f"unknown model {model!r}: not a tiny model family ({', '.join(FAMILIES)}), config.json or "
+                "checkpoint folder"
+            )
+        hub_id = model.count("/") == 1 and not model.startswith((".", "/", "~")) and not model.endswith(".json")
         hint = (
-            "te-fx explain never downloads: fetch the config first (`hf download ORG/NAME config.json --local-dir DIR`)"
-            if "/" in model and not model.startswith((".", "/")) else f"families: {', '.join(FAMILIES)}"
+            f" (te-fx explain never downloads: for a Hub model, fetch its config first: `hf download {model} "
+            "config.json --local-dir DIR`)" if hub_id else ""
         )  # fmt: skip
-        raise ModelConfigError(
-            f"unknown model {model!r}: not a tiny model family, config.json or checkpoint folder ({hint})"
-        )
+        raise ModelConfigError(f"{model}: no such file or directory{hint}")
     file = path / "config.json" if path.is_dir() else path
     if not file.is_file():
         raise ModelConfigError(f"{path} has no config.json")

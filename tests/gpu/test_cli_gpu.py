@@ -5,7 +5,7 @@ import json
 
 import torch
 
-from te_fx.tools import cli
+import te_fx_cli as cli
 
 LLAMA_3_8B_2_LAYERS = {
     "model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 2,
