@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any
 
 from .kernels import TE_FX_VARIANTS, VARIANTS
 
-__all__ = ["evaluate_targets", "write_report", "finish"]
+__all__ = ["evaluate_targets", "write_report", "finish", "plots_available"]
 
 
 def side_by_side_arguments(doc: str, argv: list[str] | None) -> argparse.Namespace:
@@ -141,7 +142,14 @@ def _model_table(results: dict) -> list[str]:
     return lines
 
 
+def plots_available() -> bool:
+    """Whether matplotlib is there to draw the plots (the ``bench`` extra); without it the report has none."""
+    return importlib.util.find_spec("matplotlib") is not None
+
+
 def _plots(results: dict, out: Path) -> list[str]:
+    if not plots_available():
+        return []
     import matplotlib
 
     dtypes = _dtypes(results)

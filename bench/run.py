@@ -1,10 +1,11 @@
 """``python -m bench`` / ``te-fx bench``: kernel- and model-level benchmarks, then report.md, results.json and
 plots under bench/results/<card>/ (or --out), and the targets as PASS / FAIL lines.
 
-Profiles: ``quick`` (every target's shape; one 10-minute GPU command), ``full`` (S 128 to 32768, every family and
-model), ``smoke`` (tiny shapes: CPU, CI). Long runs go in parts (``--only``, ``--seq``, ``--dtype``) with ``--merge``,
-which keeps what the folder's results.json holds for the same card and this run did not measure. results.json is
-saved after every case, so a run cut short (a time limit) keeps what it measured; ``--resume`` goes on from there.
+Profiles: ``quick`` (every target's shape; about 4 minutes on an H200, within one 10-minute command), ``full``
+(S 128 to 32768, every family and model), ``smoke`` (tiny shapes: CPU, CI). Long runs go in parts (``--only``,
+``--seq``, ``--dtype``) with ``--merge``, which keeps what the folder's results.json holds for the same card and this
+run did not measure. results.json is saved after every case, so a run cut short (a time limit) keeps what it
+measured; ``--resume`` goes on from there. Without matplotlib (the ``bench`` extra) the report has no plots.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import argparse
 import json
 import re
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -20,7 +22,7 @@ from tqdm import tqdm
 
 from . import kernels, models
 from .args import add_arguments
-from .report import write_report
+from .report import plots_available, write_report
 from .timing import matmul_peak_tflops
 
 __all__ = ["build_parser", "merge_results", "run"]
@@ -102,9 +104,14 @@ def _previous_results(out: Path, device: torch.device) -> dict | None:
 
 
 def _output_folder(out: Path) -> Path:
-    """``out``, created now so that a path that cannot be a folder fails before the measurements, not after."""
+    """``out``, created now and written to once, so that a path that cannot be the output folder (a file, a
+    read-only folder) fails before the measurements, not after."""
     try:
         out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+        if (out / "results.json").exists():
+            (out / "results.json").open("a").close()
     except OSError as error:
         raise BenchUsageError(f"--out {out}: cannot be used as the output folder ({error.strerror})") from None
     return out
@@ -158,6 +165,9 @@ def run(args: argparse.Namespace) -> int:
     except BenchError as error:
         print(f"te-fx bench: {error}", file=sys.stderr)
         return error.exit_code
+    if not plots_available():
+        print("te-fx bench: matplotlib is not installed: report.md and results.json without plots "
+              "(pip install -e '.[bench]' adds them)", file=sys.stderr)  # fmt: skip
     import transformers
 
     model_dtype = torch.bfloat16 if device.type == "cuda" else dtype  # --dtype is the kernels' dtype

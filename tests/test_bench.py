@@ -1,6 +1,7 @@
 """The benchmark's argument handling, report generation and target arithmetic on CPU (reference executor)."""
 
 import json
+import sys
 
 import pytest
 import torch
@@ -227,6 +228,37 @@ def test_arguments_that_cannot_work_fail_before_measuring(problem, tmp_path, cap
     assert run(build_parser().parse_args(argv)) == 2
     assert capsys.readouterr().err.startswith("te-fx bench: ")
     assert not (tmp_path / "report.md").exists()
+
+
+def test_a_read_only_output_folder_fails_before_measuring(tmp_path, capsys):
+    out = tmp_path / "read-only"
+    out.mkdir()
+    out.chmod(0o555)
+    try:
+        try:
+            (out / "probe").touch()
+        except PermissionError:
+            pass
+        else:
+            pytest.skip("this user writes into read-only folders (root)")
+        argv = ["--profile", "smoke", "--device", "cpu", "--out", str(out)]
+        assert run(build_parser().parse_args(argv)) == 2
+        assert capsys.readouterr().err.startswith(f"te-fx bench: --out {out}: cannot be used as the output folder")
+    finally:
+        out.chmod(0o755)
+    assert not any(out.iterdir())
+
+
+def test_without_matplotlib_the_report_has_no_plots(tmp_path, capsys, monkeypatch):
+    """The README's plain install has no matplotlib: the run says so up front and writes everything but the plots."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails as if it were not installed
+    argv = ["--profile", "smoke", "--device", "cpu", "--out", str(tmp_path), "--reps", "2", "--only", "kernels",
+            "--seq", "16"]  # fmt: skip
+    assert run(build_parser().parse_args(argv)) == 0
+    captured = capsys.readouterr()
+    assert captured.err.startswith("te-fx bench: matplotlib is not installed")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["report.md", "results.json"]
+    assert "![" not in (tmp_path / "report.md").read_text()
 
 
 def test_the_arguments_name_every_profile_and_dtype():
