@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 import te_fx
 import te_fx_cli as cli
@@ -435,6 +436,48 @@ def test_explain_real_size_sliding_window_head_dim_and_dtype(capsys, tmp_path):
         assert "fallback_head_dim" in layer["te_limit"]
         for decision in [*layer["eager"].values(), *layer["compile"].values()]:
             assert decision["runs"] == "sdpa", decision
+
+
+def test_explain_model_transformers_builds_without_sdpa(capsys, tmp_path):
+    """Gemma2 (attention softcapping) has no SDPA path in transformers: explain says what each way in does instead of
+    failing, and its attn_implementation="te" decisions are what a run of the model counts."""
+    from transformers import Gemma2Config
+
+    config = Gemma2Config(vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8)  # fmt: skip
+    config.save_pretrained(tmp_path / "gemma2")
+    report = _explain_json(capsys, str(tmp_path / "gemma2"))
+    assert report["errors"] == [] and report["backend_refused"] is None
+    assert any("Gemma2ForCausalLM with its eager attention only" in note for note in report["notes"])
+    for layer in report["layers"]:
+        assert not layer["injected"]
+        assert {d["runs"] for d in layer["backend"].values()} == {"eager"}
+        assert all(d["reason"].startswith("fallback_argument:") for d in layer["backend"].values())
+        assert {d["runs"] for path in ("eager", "compile") for d in layer[path].values()} == {"eager"}
+
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="te")
+    te_fx.reset_te_attention_stats()
+    with torch.no_grad():
+        model(torch.randint(3, 128, (2, 12)))
+    stats = te_fx.get_te_attention_stats()
+    assert (stats["fallback_argument"], stats["te_hits"]) == (config.num_hidden_layers, 0)
+
+
+def test_explain_model_with_its_own_attention_code(capsys, tmp_path):
+    """Bloom has neither SDPA nor transformers' attention interface: explain says that no way in reaches it, and
+    attn_implementation="te" refuses the model at its first forward."""
+    from transformers import BloomConfig
+
+    config = BloomConfig(vocab_size=128, hidden_size=64, n_layer=2, n_head=4)
+    config.save_pretrained(tmp_path / "bloom")
+    report = _explain_json(capsys, str(tmp_path / "bloom"))
+    assert report["errors"] == [] and report["backend_refused"].startswith("refused")
+    for layer in report["layers"]:
+        assert layer["backend"] == {} and not layer["injected"]
+        assert {d["runs"] for path in ("eager", "compile") for d in layer[path].values()} == {"eager"}
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="te")
+    with pytest.raises(ValueError, match="AttentionInterface"):  # at its first forward
+        model(torch.randint(3, 128, (1, 8)))
 
 
 # --------------------------------------------------------------------------------------------- errors

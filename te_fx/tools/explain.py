@@ -7,7 +7,8 @@ its rules:
 
 * the model's real geometry (head counts, head dims, windows, scales, which modules get injected and why the others
   do not) comes from building the model on the meta device (no memory) and running
-  :func:`te_fx.inject_te_attention` on it;
+  :func:`te_fx.inject_te_attention` on it; a model transformers builds without SDPA (Gemma2, GPT-OSS) is built with
+  its eager attention, which no SDPA-based way in reaches;
 * mask decisions depend on the masks HF builds, not on the model's widths, so they come from a *shrunk copy* of the
   config (same layer count, heads, KV heads, layer types and MLA head-dim ratios; head dim 8 and tiny MLP, vocabulary
   and expert counts; attention spans such as sliding windows longer than 8 shrunk to 4, so that they cut keys off at
@@ -72,7 +73,8 @@ class AnalysisError(RuntimeError):
 
 @dataclass
 class Decision:
-    """What one attention call does: ``runs`` "te" (with ``mask_type``/``window_size``) or "sdpa" (with ``reason``)."""
+    """What one attention call does: ``runs`` "te" (with ``mask_type``/``window_size``), "sdpa" or "eager" (the
+    model's eager attention), with ``reason``."""
 
     runs: str
     mask_type: str | None = None
@@ -83,7 +85,8 @@ class Decision:
         if self.runs == "te":
             window = f" window {tuple(self.window_size)}" if self.window_size and self.window_size[0] >= 0 else ""
             return f"TE {self.mask_type}{window}" if self.mask_type else "TE"
-        return f"SDPA ({self.reason})" if self.reason else "SDPA"
+        name = "HF eager attention" if self.runs == "eager" else "SDPA"
+        return f"{name} ({self.reason})" if self.reason else name
 
 
 @dataclass
@@ -122,6 +125,7 @@ class Explanation:
     layers: list[LayerExplanation]
     notes: list[str]
     errors: list[str]
+    backend_refused: str | None = None  # why attn_implementation="te" cannot build this model at all
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -193,6 +197,40 @@ def _not_injected_reason(path: str, module: nn.Module) -> str:
     return not_injected_reason(path, module) or "not injected"
 
 
+_NO_SDPA = "the model's eager attention runs: transformers builds this model without SDPA, so no SDPA call to take"
+_OWN_CODE = "refused: the model runs its own attention code, not through transformers' AttentionInterface"
+
+
+def _without_sdpa(config: Any) -> tuple[str, bool] | None:
+    """(model class name, whether its attention goes through transformers' AttentionInterface) when transformers
+    builds the model of ``config`` with its eager attention only (no SDPA support: Gemma2's softcapping, GPT-OSS's
+    sinks, Bloom's ALiBi), else None."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except KeyError:
+        return None
+    if getattr(model_class, "_supports_sdpa", True):
+        return None
+    return model_class.__name__, model_class.is_backend_compatible()
+
+
+def _without_sdpa_note(name: str, interface: bool) -> str:
+    """What te_fx's ways in do with a model that transformers builds without SDPA (see :func:`_without_sdpa`)."""
+    backend = (
+        'attn_implementation="te" runs it: calls with softcapping, per-token sinks or a position bias on the model\'s '
+        "eager attention (counted fallback_argument), the others on TE"
+        if interface
+        else 'its attention does not go through transformers\' AttentionInterface either, so attn_implementation="te" '
+        "refuses it: te_fx cannot run this model's attention"
+    )
+    return (
+        f"transformers builds {name} with its eager attention only (no SDPA support), so inject_te_attention and "
+        f'torch.compile(backend="te_attn") have no SDPA call to take; {backend}'
+    )
+
+
 def _head_dim_limit(head_dim: int | None, v_head_dim: int | None) -> str | None:
     dims = [d for d in (head_dim, v_head_dim) if d is not None]
     bad = [d for d in dict.fromkeys(dims) if not te_head_dims_supported(d, d)]
@@ -256,7 +294,8 @@ def _eager_decision(entry: dict[str, Any] | None, map_window: Any) -> Decision:
     if fallbacks:
         reasons = "; ".join(describe(key) for key in fallbacks)
         mixed = " (some calls ran TE)" if "te_hits" in counts else ""
-        return Decision("sdpa", reason=reasons + mixed)
+        runs = "eager" if fallbacks == ["fallback_argument"] else "sdpa"  # the backend runs the model's eager attention
+        return Decision(runs, reason=reasons + mixed)
     kinds = sorted(set(entry["calls"]))
     if not kinds:  # the attention backend: its plans are not recorded
         return Decision("te")
@@ -439,14 +478,18 @@ def explain(model: str, compile_path: bool = True) -> Explanation:
     num_layers = getattr(config, "num_hidden_layers", None)
 
     with _quiet(), offline():
+        without_sdpa = _without_sdpa(config)
+        implementation = "eager" if without_sdpa else "sdpa"
         try:
             with torch.device("meta"):
-                real = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+                real = AutoModelForCausalLM.from_config(config, attn_implementation=implementation)
         except Exception as error:  # noqa: BLE001
             raise AnalysisError(
-                f"cannot build {config.model_type} with attn_implementation='sdpa' ({first_line(error)})"
+                f"cannot build {config.model_type} with attn_implementation={implementation!r} ({first_line(error)})"
             ) from None
         architecture = type(real).__name__
+        if without_sdpa:
+            notes.append(_without_sdpa_note(*without_sdpa))
         te_attention.inject_te_attention(real, executor="reference")
         attention = _attention_modules(real)
         layer_types = getattr(config, "layer_types", None) or []
@@ -471,7 +514,9 @@ def explain(model: str, compile_path: bool = True) -> Explanation:
                 layer_type=layer_types[index] if index < len(layer_types) else None,
                 sliding_window=left + 1 if left >= 0 else None,
                 injected=te_module is not None,
-                not_injected_reason=None if te_module is not None else _not_injected_reason(path, module),
+                not_injected_reason=None if te_module is not None else (
+                    _NO_SDPA if without_sdpa else _not_injected_reason(path, module)
+                ),
                 num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, v_head_dim=v_head_dim,
                 softmax_scale=scale, te_limit=_head_dim_limit(head_dim, v_head_dim),
             ))  # fmt: skip
@@ -482,7 +527,7 @@ def explain(model: str, compile_path: bool = True) -> Explanation:
         try:
             small_config, changed, head_dims = shrink_config(config)
             torch.manual_seed(0)
-            small = AutoModelForCausalLM.from_config(small_config, attn_implementation="sdpa").float().eval()
+            small = AutoModelForCausalLM.from_config(small_config, attn_implementation=implementation).float().eval()
         except Exception as error:  # noqa: BLE001
             raise AnalysisError(f"cannot build the shrunk copy of {config.model_type} ({first_line(error)})") from None
         small_attention = _attention_modules(small)
@@ -496,7 +541,10 @@ def explain(model: str, compile_path: bool = True) -> Explanation:
             layer.module: (small_lefts[layer.module], layer.sliding_window - 1 if layer.sliding_window else -1)
             for layer in layers
         }
-        if compile_path:
+        if compile_path and without_sdpa:  # nothing for te_attn to rewrite: the graph holds the eager attention
+            for layer in layers:
+                layer.compile = {scenario: Decision("eager", reason=_NO_SDPA) for scenario in COMPILE_SCENARIOS}
+        elif compile_path:
             window_map = {}
             if "sliding_window" in changed:
                 window_map[changed["sliding_window"][1] - 1] = changed["sliding_window"][0] - 1
@@ -509,25 +557,31 @@ def explain(model: str, compile_path: bool = True) -> Explanation:
             else:
                 for layer, decisions in zip(layers, per_layer):
                     layer.compile = decisions
-        try:
-            backend = _run_eager(small, [layer.module for layer in layers], windows, backend=True)
-        except Exception as error:  # noqa: BLE001
-            problem = first_line(error)
-            errors.append(f'attn_implementation="te" not analysed: running the shrunk copy failed ({problem})')
-        else:
+        backend_refused = _OWN_CODE if without_sdpa and not without_sdpa[1] else None
+        if backend_refused is None:
+            try:
+                backend = _run_eager(small, [layer.module for layer in layers], windows, backend=True)
+            except Exception as error:  # noqa: BLE001
+                problem = first_line(error)
+                errors.append(f'attn_implementation="te" not analysed: running the shrunk copy failed ({problem})')
+            else:
+                for layer in layers:
+                    layer.backend = backend[layer.module]
+        if without_sdpa:
             for layer in layers:
-                layer.backend = backend[layer.module]
-        try:
-            eager = _run_eager(small, [layer.module for layer in layers], windows)
-        except Exception as error:  # noqa: BLE001
-            errors.append(f"eager path not analysed: running the injected shrunk copy failed ({first_line(error)})")
+                layer.eager = {scenario: Decision("eager", reason=_NO_SDPA) for scenario in EAGER_SCENARIOS}
         else:
-            for layer in layers:
-                layer.eager = eager[layer.module]
-                if not layer.injected:
-                    for decision in layer.eager.values():
-                        if decision.runs == "sdpa":
-                            decision.reason = f"not injected: {layer.not_injected_reason}"
+            try:
+                eager = _run_eager(small, [layer.module for layer in layers], windows)
+            except Exception as error:  # noqa: BLE001
+                errors.append(f"eager path not analysed: running the injected shrunk copy failed ({first_line(error)})")
+            else:
+                for layer in layers:
+                    layer.eager = eager[layer.module]
+                    if not layer.injected:
+                        for decision in layer.eager.values():
+                            if decision.runs == "sdpa":
+                                decision.reason = f"not injected: {layer.not_injected_reason}"
 
     dtype = config_dtype(config)
     dtype_note = None
@@ -571,7 +625,7 @@ def explain(model: str, compile_path: bool = True) -> Explanation:
         model=model, source=source, model_type=config.model_type, architecture=architecture,
         num_layers=num_layers if isinstance(num_layers, int) else len(layers),
         dtype=None if dtype is None else str(dtype).removeprefix("torch."), dtype_note=dtype_note,
-        te_backend_check=te_backend_check, layers=layers, notes=notes, errors=errors,
+        te_backend_check=te_backend_check, layers=layers, notes=notes, errors=errors, backend_refused=backend_refused,
     )  # fmt: skip
 
 
@@ -636,7 +690,8 @@ def format_explanation(result: Explanation) -> str:
     if windows:
         count = sum(1 for layer in layers if layer.sliding_window)
         lines.append(f"sliding window: {_distinct(windows)} on {count} of {len(layers)} layers")
-    lines.append('backend (attn_implementation="te"): every attention layer goes through te_fx')
+    backend = result.backend_refused or "every attention layer goes through te_fx"
+    lines.append(f'backend (attn_implementation="te"): {backend}')
     lines.append(f"eager path (inject_te_attention): injects {len(injected)} of {len(layers)} attention layers")
     over = [str(layer.index) for layer in layers if layer.te_limit]
     limits = "ok (multiples of 8, <= 256)" if not over else f"over TE's limits on layers {', '.join(over)}"
