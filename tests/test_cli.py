@@ -95,7 +95,7 @@ def test_check_without_gpu_or_te_says_what_is_missing(capsys):
         assert field in out
     if importlib.util.find_spec("transformer_engine") is None:
         assert "TransformerEngine: not installed" in out
-        assert "pip install 'te-fx[te]'" in out
+        assert "pip install --no-build-isolation 'transformer_engine[pytorch]'" in out
     else:  # installed without a GPU: it may import or fail; either way its version line is there
         assert "TransformerEngine: not installed" not in out
     assert "a CUDA GPU" in out
@@ -107,6 +107,17 @@ def test_check_without_gpu_or_te_says_what_is_missing(capsys):
     assert result["ok"] is False and result["cuda_available"] is False
     assert result["torch"] == torch.__version__
     assert any(what == "a CUDA GPU" for what, _ in result["missing"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the demo of a machine without a GPU")
+def test_demo_without_te_says_which_executor_ran(capsys):
+    """Without TE the demo's calls run on the reference executor: the report says so and never claims TE."""
+    code, out, err = _run(capsys, "demo", "llama_gqa")
+    assert code == 0, out + err
+    assert "executor 'reference'" in out and "TransformerEngine does not run here" in out
+    layer_lines = [line for line in out.splitlines() if "self_attn:" in line]
+    assert len(layer_lines) == 2 * 2 * 2  # two ways in, two batches, two layers
+    assert all(line.endswith(": reference executor x1") for line in layer_lines), layer_lines
 
 
 class _FakeCudaDevice:
@@ -186,7 +197,8 @@ def test_check_te_that_fails_to_import(monkeypatch, capsys):
     assert code == 1
     assert "fails to import: ImportError: libcudnn_graph.so.9: cannot open shared object file" in out
     assert "more detail" not in out
-    assert "a working TransformerEngine" in out and "pip install 'te-fx[te]'" in out
+    assert "a working TransformerEngine" in out
+    assert "pip install --no-build-isolation 'transformer_engine[pytorch]'" in out
 
 
 def test_explain_applies_te_backend_check(monkeypatch, capsys):

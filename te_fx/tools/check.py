@@ -21,7 +21,8 @@ from .model_config import first_line
 
 __all__ = ["CheckResult", "TYPICAL_SHAPE", "run_check", "format_check", "TE_INSTALL"]
 
-TE_INSTALL = "pip install 'te-fx[te]'"
+# TE's PyTorch extension ships as source: built against the installed torch (CUDA toolkit and cuDNN needed)
+TE_INSTALL = "pip install --no-build-isolation 'transformer_engine[pytorch]' (see README.md, GPU installation)"
 # (batch, heads, kv_heads, q_len, kv_len, head_dim_qk, head_dim_v): a Llama-3-8B-like layer at 4k context
 TYPICAL_SHAPE = (2, 32, 8, 4096, 4096, 128, 128)
 TYPICAL_TEXT = "bf16, batch 2, length 4096, 32 heads, 8 KV heads, head dim 128, causal"
@@ -126,7 +127,7 @@ def run_check() -> CheckResult:
 
     te_executor = None
     if not result.te_installed:
-        result.missing.append(("TransformerEngine", f"{TE_INSTALL} (needs CUDA)"))
+        result.missing.append(("TransformerEngine", f"{TE_INSTALL}; needs CUDA"))
     else:
         te_executor, result.te_error = _load_te()
         if te_executor is None:

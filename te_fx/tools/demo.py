@@ -63,10 +63,12 @@ def _per_layer_dispatch(model: nn.Module) -> Iterator[dict[str, dict[str, int]]]
             handle.remove()
 
 
-def _describe(calls: dict[str, int]) -> str:
+def _describe(calls: dict[str, int], executor: str) -> str:
+    """One layer's calls: ``te_hits`` are the calls te_fx's op ran, on TE only with the "te" executor."""
     if not calls:
         return "no SDPA call"
-    return ", ".join(("TE" if key == "te_hits" else f"SDPA ({key.removeprefix('fallback_')})") + f" x{n}"
+    ran = "TE" if executor == "te" else f"{executor} executor"
+    return ", ".join((ran if key == "te_hits" else f"SDPA ({key.removeprefix('fallback_')})") + f" x{n}"
                      for key, n in sorted(calls.items()))  # fmt: skip
 
 
@@ -74,6 +76,10 @@ def run_demo(families: tuple[str, ...] = DEMO_FAMILIES, seq_len: int = 24) -> bo
     """Run the demo and print its report; returns True when every te_fx model matched the plain one."""
     executor, why, device, dtype = pick_executor()
     print(f"te_fx demo: executor {executor!r} ({why}), {device}, {dtype}")
+    if executor != "te":
+        print("TransformerEngine does not run here: the calls te_fx takes (counted te_hits) run on the reference "
+              "executor, plain PyTorch on any device and dtype, marked 'reference executor' below; with TE they would "
+              "run on TE")  # fmt: skip
     all_match = True
     for family in families:
         torch.manual_seed(0)
@@ -101,6 +107,7 @@ def run_demo(families: tuple[str, ...] = DEMO_FAMILIES, seq_len: int = 24) -> bo
                 for name, module in model.named_modules():
                     if name.rsplit(".", 1)[-1] == "self_attn":
                         runs_te_fx = model is backend or hasattr(module, "attn_module")
-                        status = _describe(per_layer.get(name, {})) if runs_te_fx else "not injected: SDPA unchanged"
+                        calls = per_layer.get(name, {})
+                        status = _describe(calls, executor) if runs_te_fx else "not injected: SDPA unchanged"
                         print(f"      {name}: {status}")
     return all_match
