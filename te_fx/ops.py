@@ -15,7 +15,8 @@ import torch
 from torch import Tensor
 from torch.torch_version import TorchVersion
 
-from .core.plan import padding_route
+from .core.masks import padding_layout
+from .core.plan import UNKNOWN_LAYOUT, PaddingLayout, padding_route
 from .executors import EXECUTORS, get_executor, is_training, thd_mask_type
 
 __all__ = ["attention"]
@@ -123,17 +124,14 @@ def _backward(ctx: Any, d_out: Tensor, _d_stats: Tensor, _d_rng: Tensor) -> tupl
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _compact_valid_first(
-    key_padding_mask: Tensor, window_left: int
-) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor]:
-    """(order, inverse order, cu_seqlens_q, cu_seqlens_kv, rows that see a key) for a (B, S) key padding mask
-    (nonzero = keep) under causal attention with ``window_left`` (-1: none).
+def _compact_valid_first(keep: Tensor, window_left: int) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+    """(order, inverse order, cu_seqlens_q, cu_seqlens_kv) for a (B, S) bool keep mask under causal attention with
+    ``window_left`` (-1: none).
 
     A partition of each row (cumulative sums, no sort) puts its kept tokens first, in order, then the padding after
     its first kept token, in order, then the padding before it: "query i sees kept keys j <= i (and j >= i - w)"
     becomes TE's ``padding_causal`` with per-row key lengths, padding at the end of each row as TE requires, and a
     padding query after the kept tokens keeps its distance to them (which the window needs)."""
-    keep = key_padding_mask != 0
     seq = keep.shape[1]
     positions = torch.arange(seq, device=keep.device)
     kept_before = keep.cumsum(dim=1)  # kept tokens up to and including each position
@@ -146,7 +144,7 @@ def _compact_valid_first(
     # a row with no kept token still gets one key (a padding one, at the front), so that no kernel sees an empty
     # sequence and leaves its output or statistics unwritten; those rows are zeroed afterwards
     cu_seqlens_q, cu_seqlens_kv = _padded_seqlens(lengths.clamp(min=1).flatten(), window_left, seq)
-    return order, restore, cu_seqlens_q, cu_seqlens_kv, _sees_a_key(keep, window_left)
+    return order, restore, cu_seqlens_q, cu_seqlens_kv
 
 
 def _sees_a_key(keep: Tensor, window_left: int) -> Tensor:
@@ -182,19 +180,151 @@ def _gather_rows(x: Tensor, index: Tensor) -> Tensor:
     return x.reshape(batch * seq, *x.shape[2:]).index_select(0, tokens).view(x.shape)
 
 
-class _PermuteRows(torch.autograd.Function):
-    """``x[b, order[b, s]]`` for a permutation ``order``: its gradient is the gather by the inverse permutation,
-    which avoids the zero-fill and scatter-add of ``gather``'s generic backward."""
+@torch.library.custom_op("te_fx::padding_layout", mutates_args=())
+def padding_layout_on_host(keep: Tensor) -> Tensor:
+    """:func:`~te_fx.core.masks.padding_layout` of a (B, S) keep mask (nonzero = keep), copied to the host: one
+    device-to-host copy, which a compiled graph holds once per mask (the ops that read it then never sync)."""
+    return padding_layout(keep != 0).cpu()
 
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, order: Tensor, restore: Tensor) -> Tensor:
-        ctx.save_for_backward(restore)
-        return _gather_rows(x, order)
 
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple:
-        (restore,) = ctx.saved_tensors
-        return _gather_rows(grad, restore), None, None
+@padding_layout_on_host.register_fake
+def _(keep):
+    return torch.empty(3, dtype=torch.bool, device="cpu")
+
+
+@torch.library.custom_op("te_fx::padded_attention_fwd", mutates_args=())
+def padded_attention_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    keep: Tensor,
+    layout: Tensor,
+    window_left: int,
+    softmax_scale: float,
+    dropout_p: float,
+    executor: str,
+    softmax_offset: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Causal self-attention with a (B, S) key padding mask, training: (out, softmax_stats, rng_state) as
+    :func:`attention_fwd`. The route (:func:`~te_fx.core.plan.padding_route`) is chosen here, at run time, from the
+    host ``layout`` ((3,) bool, :func:`padding_layout_on_host`), so a compiled graph holds one op for every layout
+    the mask may take."""
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    route, run = padding_route(tuple(layout.tolist()), True), get_executor(executor)
+    keep = keep != 0
+    window = (window_left, 0)
+    if route == "reference":
+        stats, rng = run.fake_aux(q, "bshd", dropout_p, True)
+        out, _, seed = get_executor("reference").forward(
+            q, k, v, None, None, "bshd", "causal", window, softmax_scale, dropout_p, True, softmax_offset,
+            _key_bias(keep, q.dtype),
+        )  # fmt: skip
+        return _zero_unseeing(out, keep, window_left), stats.zero_(), seed if dropout_p > 0 else rng.zero_()
+    if route == "partition":
+        order, restore, cu_q, cu_kv = _compact_valid_first(keep, window_left)
+        q, k, v = (_gather_rows(t, order) for t in (q, k, v))
+    else:
+        cu_q, cu_kv = _route_seqlens(route, keep, window_left)
+    out, stats, rng = run.forward(
+        q, k, v, cu_q, cu_kv, "bshd", _ROUTE_MASK_TYPE[route], window, softmax_scale, dropout_p, True, softmax_offset
+    )
+    if route == "partition":
+        out = _zero_unseeing(_gather_rows(out, restore), keep, window_left)
+    return out, stats, rng
+
+
+@padded_attention_fwd.register_fake
+def _(q, k, v, keep, layout, window_left, softmax_scale, dropout_p, executor, softmax_offset=None):
+    out = q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[-1])
+    return out, *get_executor(executor).fake_aux(q, "bshd", dropout_p, True)
+
+
+@torch.library.custom_op("te_fx::padded_attention_bwd", mutates_args=())
+def padded_attention_bwd(
+    d_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    softmax_stats: Tensor,
+    rng_state: Tensor,
+    keep: Tensor,
+    layout: Tensor,
+    window_left: int,
+    softmax_scale: float,
+    dropout_p: float,
+    executor: str,
+    softmax_offset: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Backward of :func:`padded_attention_fwd`, by the route its forward took: (dq, dk, dv, d_offset)."""
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    route, run = padding_route(tuple(layout.tolist()), True), get_executor(executor)
+    keep = keep != 0
+    window = (window_left, 0)
+    d_out = d_out.contiguous()
+    if route in ("reference", "partition"):  # rows the forward zeroed after the kernel
+        d_out = _zero_unseeing(d_out, keep, window_left)
+    if route == "reference":
+        seed = rng_state if dropout_p > 0 else rng_state[:0]
+        grads = get_executor("reference").backward(
+            d_out, q, k, v, out, softmax_stats, seed, None, None, "bshd", "causal", window, softmax_scale, dropout_p,
+            softmax_offset, _key_bias(keep, q.dtype),
+        )  # fmt: skip
+    elif route == "partition":
+        order, restore, cu_q, cu_kv = _compact_valid_first(keep, window_left)
+        tensors = (_gather_rows(t, order) for t in (d_out, q, k, v, out))
+        grads = run.backward(
+            *tensors, softmax_stats, rng_state, cu_q, cu_kv, "bshd", "padding_causal", window, softmax_scale,
+            dropout_p, softmax_offset,
+        )  # fmt: skip
+        grads = (*(_gather_rows(g, restore) for g in grads[:3]), grads[3])
+    else:
+        cu_q, cu_kv = _route_seqlens(route, keep, window_left)
+        grads = run.backward(
+            d_out, q, k, v, out, softmax_stats, rng_state, cu_q, cu_kv, "bshd", _ROUTE_MASK_TYPE[route], window,
+            softmax_scale, dropout_p, softmax_offset,
+        )  # fmt: skip
+    dq, dk, dv, d_offset = grads
+    return dq, dk, dv, d_offset if d_offset is not None else q.new_empty(0, dtype=torch.float32)
+
+
+@padded_attention_bwd.register_fake
+def _(
+    d_out, q, k, v, out, softmax_stats, rng_state, keep, layout, window_left, softmax_scale, dropout_p, executor,
+    softmax_offset=None,
+):  # fmt: skip
+    offset = softmax_offset if softmax_offset is not None else q.new_empty(0, dtype=torch.float32)
+    return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v, offset))
+
+
+def _padded_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+    q, k, v, keep, layout, *config, offset = inputs
+    out, stats, rng = output
+    ctx.save_for_backward(q, k, v, out, stats, rng, keep, layout, offset)
+    ctx.config = tuple(config)  # window_left, softmax_scale, dropout_p, executor
+
+
+def _padded_backward(ctx: Any, d_out: Tensor, _d_stats: Tensor, _d_rng: Tensor) -> tuple:
+    q, k, v, out, stats, rng, keep, layout, offset = ctx.saved_tensors
+    dq, dk, dv, d_offset = padded_attention_bwd(d_out, q, k, v, out, stats, rng, keep, layout, *ctx.config, offset)
+    return dq, dk, dv, None, None, *([None] * len(ctx.config)), d_offset if offset is not None else None
+
+
+padded_attention_fwd.register_autograd(_padded_backward, setup_context=_padded_setup_context)
+
+_ROUTE_MASK_TYPE = {"causal": "causal", "rows": "padding_causal", "partition": "padding_causal"}
+
+
+def _route_seqlens(route: str, keep: Tensor, window_left: int) -> tuple[Tensor | None, Tensor | None]:
+    """(cu_seqlens_q, cu_seqlens_kv) of the "causal" (none) and "rows" routes."""
+    if route == "causal":
+        return None, None
+    return _padded_seqlens(keep.sum(dim=1), window_left, keep.shape[1])
+
+
+def _zero_unseeing(x: Tensor, keep: Tensor, window_left: int) -> Tensor:
+    """``x`` (B, S, H, D) with the rows of queries that see no kept key set to zero (SDPA's output there)."""
+    return torch.where(_sees_a_key(keep, window_left)[:, :, None, None], x, 0.0)
 
 
 def _check_arguments(
@@ -285,7 +415,7 @@ def attention(
     key_padding_mask: Tensor | None = None,
     cu_seqlens: Tensor | None = None,
     executor: str = "te",
-    key_padding_kept_first: bool = False,
+    key_padding_layout: PaddingLayout | None = None,
     softmax_offset: Tensor | None = None,
 ) -> Tensor:
     """Differentiable attention over bshd tensors with native GQA (Hkv divides H), TE mask semantics.
@@ -294,12 +424,11 @@ def attention(
 
     * ``key_padding_mask`` (B, S), nonzero = keep, with ``mask_type="causal"`` and window (-1, 0) or (w, 0): query i
       attends to kept keys j <= i (and j >= i - w), as SDPA does with HF's ``causal & attention_mask[b, kv]`` mask,
-      run as :func:`~te_fx.core.plan.padding_route` says. Rows with no such key are zero, as in SDPA, with zero
-      gradients. Exact at every position in inference (a key bias), and in training for padding before each row's
-      first or after its last kept token; in training with padding inside a row, exact at the kept positions
-      without a window, and not exact with one (the caller must not send that: the op reads no values).
-      ``key_padding_kept_first=True`` (unchecked too) says every row keeps its first keys and at least one (right
-      padding): TE's ``padding_causal`` on the rows as they are.
+      exact at every position wherever the padding sits, run as :func:`~te_fx.core.plan.padding_route` says. Rows
+      with no such key are zero, as in SDPA, with zero gradients. ``key_padding_layout``: the mask's
+      :data:`~te_fx.core.plan.PaddingLayout` where the caller checked it (unchecked: in training the op reads it
+      off the mask, one device-to-host copy per call, once per mask in a compiled graph; in inference it needs
+      none).
     * ``cu_seqlens`` (N + 1,) int32: boundaries of documents packed over the B * S flattened tokens, from 0 to B * S,
       every multiple of S among them (no document crosses a row; not checked, for the same reason). Each document
       is causal (and windowed) on its own with ``mask_type="causal"``, or sees all of itself with "no_mask". Runs
@@ -316,7 +445,7 @@ def attention(
     training = is_training(dropout_p, q, k, v, *(() if offset is None else (offset,)))
     if key_padding_mask is not None:
         return _padded_attention(
-            q, k, v, window_size, softmax_scale, dropout_p, training, key_padding_mask, key_padding_kept_first,
+            q, k, v, window_size, softmax_scale, dropout_p, training, key_padding_mask, key_padding_layout,
             executor, offset,
         )  # fmt: skip
     cu_q = cu_kv = None
@@ -341,26 +470,25 @@ def _padded_attention(
     dropout_p: float,
     training: bool,
     key_padding_mask: Tensor,
-    kept_first: bool,
+    layout: PaddingLayout | None,
     executor: str,
     softmax_offset: Tensor | None,
 ) -> Tensor:
-    """:func:`attention` with a key padding mask, as :func:`~te_fx.core.plan.padding_route` says: TE's
-    ``padding_causal`` on the rows as they are (``kept_first``) or partitioned kept-first, or the causal type with a
-    key bias; rows that see no key come back zero (SDPA's; TE leaves them unspecified or an average)."""
+    """:func:`attention` with a key padding mask: in training :func:`padded_attention_fwd`, which routes at run time;
+    in inference as :func:`~te_fx.core.plan.padding_route` says at once (an unchecked layout takes the key bias)."""
+    if training:
+        host_layout = torch.tensor(layout) if layout is not None else padding_layout_on_host(key_padding_mask)
+        return torch.ops.te_fx.padded_attention_fwd(
+            q, k, v, key_padding_mask, host_layout, window_size[0], softmax_scale, dropout_p, executor, softmax_offset
+        )[0]
     keep = key_padding_mask != 0
     config = (window_size[0], window_size[1], softmax_scale, dropout_p, training, executor, "bshd", softmax_offset)
-    route = padding_route(kept_first, training)
-    if route == "rows":
-        cu_q, cu_kv = _padded_seqlens(keep.sum(dim=1), window_size[0], keep.shape[1])
-        return torch.ops.te_fx.attention_fwd(q, k, v, cu_q, cu_kv, "padding_causal", *config)[0]
+    route = padding_route(layout or UNKNOWN_LAYOUT, training)
     if route == "key_bias":
         out = torch.ops.te_fx.attention_fwd(q, k, v, None, None, "causal", *config, _key_bias(keep, q.dtype))[0]
-        return torch.where(_sees_a_key(keep, window_size[0])[:, :, None, None], out, 0.0)
-    order, restore, cu_q, cu_kv, sees_a_key = _compact_valid_first(keep, window_size[0])
-    q, k, v = (_PermuteRows.apply(t, order, restore) for t in (q, k, v))
-    out = torch.ops.te_fx.attention_fwd(q, k, v, cu_q, cu_kv, "padding_causal", *config)[0]
-    return torch.where(sees_a_key[:, :, None, None], _PermuteRows.apply(out, restore, order), 0.0)
+        return _zero_unseeing(out, keep, window_size[0])
+    cu_q, cu_kv = _route_seqlens(route, keep, window_size[0])
+    return torch.ops.te_fx.attention_fwd(q, k, v, cu_q, cu_kv, _ROUTE_MASK_TYPE[route], *config)[0]
 
 
 def _key_bias(keep: Tensor, dtype: torch.dtype) -> Tensor:

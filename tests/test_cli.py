@@ -352,11 +352,9 @@ def test_explain_family_matches_what_runs(capsys, family):
             else:
                 assert entry["reason"] in REASONS, where
                 assert decision["reason"] == f"{entry['reason']}: {entry['detail']}", where
-            # what the design says, independently of the report: in training, padding masks with a window (whose
-            # layout a graph cannot check) stay on SDPA
-            if scenario == "attention_mask" and _sliding(config, i):
-                assert decision["runs"] == "sdpa", where
-            elif scenario == "attention_mask":
+            # what the design says, independently of the report: padding masks run te_fx's op, which reads their
+            # layout at run time, with or without a window
+            if scenario == "attention_mask":
                 assert (decision["runs"], decision["mask_type"]) == ("te", "padding_causal"), where
 
 
@@ -370,10 +368,10 @@ def test_explain_text_report(capsys):
     assert "layer 0 (sliding_attention, window 8):" in out
     assert "layer 1 (full_attention):" in out
     assert "TE causal window (7, 0)" in out and "TE padding_causal window (7, 0)" in out
-    # compile, sliding layers with an attention_mask: the reason key, then what exactly
+    # compile, sliding layers with an attention_mask: te_fx's op with the layer's window
     sliding = out.split("layer 0 (sliding_attention, window 8):")[1].split("layer 1")[0].splitlines()
     with_mask = next(line for line in sliding if "attention_mask (any values):" in line)
-    assert with_mask.split("attention_mask (any values):")[1].strip().startswith("SDPA (fallback_mask: ")
+    assert with_mask.split("attention_mask (any values):")[1].strip() == "TE padding_causal window (7, 0)"
     assert "TE dtype: float32 (not set in the config): cast the model to bf16/fp16" in out
 
     code, out, _ = _run(capsys, "explain", "phi3", "--no-compile")
@@ -437,7 +435,7 @@ def test_explain_real_size_sliding_window_head_dim_and_dtype(capsys, tmp_path):
         assert layer["sliding_window"] == 4096
         assert layer["eager"]["no_padding"]["window_size"] == [4095, 0]
         assert layer["compile"]["no_attention_mask"]["window_size"] == [4095, 0]
-        assert layer["compile"]["attention_mask"]["runs"] == "sdpa"
+        assert layer["compile"]["attention_mask"]["window_size"] == [4095, 0]
 
     odd = {
         "model_type": "llama", "hidden_size": 1600, "intermediate_size": 64, "num_hidden_layers": 2,

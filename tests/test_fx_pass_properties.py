@@ -32,7 +32,6 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 EMBED = 16
 PADDING_REASON = "fallback_mask"
 PADDING_DETAIL = "padding masks are converted for causal attention only"
-PADDING_WINDOW_DETAIL = "padding mask with a window in a graph that may train (converted under no_grad only)"
 
 
 def _examples(n: int) -> int:
@@ -302,8 +301,6 @@ def oracle(spec: Spec) -> dict:
                 _offset_mask_kind(spec.seq, 0))  # fmt: skip
             if base[0] != "causal":  # seq 1 (causal == all visible): no TE type for it
                 return {**sdpa, "reason": PADDING_REASON, "detail": PADDING_DETAIL}
-            if base[1][0] >= 0:  # a window in a graph that may train: the layout of the padding is unknown
-                return {**sdpa, "reason": PADDING_REASON, "detail": PADDING_WINDOW_DETAIL}
             decided = ("padding_causal", base[1])
     else:
         raise AssertionError(kind)
@@ -509,7 +506,7 @@ def test_oracle_sanity():
     assert oracle(Spec(**base, seq=8, mask="tril", offset=7))["mask_kind"] == "no_mask"
     assert oracle(Spec(**{**base, "v_repeat": "tile_repeat"}, seq=8, mask="none"))["num_kv_heads"] == 4
     padded_sliding = oracle(Spec(**base, seq=8, mask="padding", padding_base="sliding", window=3))
-    assert (padded_sliding["decision"], padded_sliding["detail"]) == ("sdpa", PADDING_WINDOW_DETAIL)
+    assert (padded_sliding["mask_kind"], padded_sliding["window_size"]) == ("padding_causal", (2, 0))
     assert oracle(Spec(**base, seq=1, mask="padding"))["decision"] == "sdpa"  # one token: causal is all-visible
     assert oracle(Spec(**base, seq=8, mask="padding"))["mask_kind"] == "padding_causal"
     assert oracle(Spec(**base, seq=3, mask="tril", kv_prefix=4))["mask_kind"] == "causal_bottom_right"
@@ -709,10 +706,10 @@ def test_backward_through_an_inserted_transpose():
     assert check_spec(spec)["decision"] == "te"
 
 
-def test_a_windowed_padding_mask_with_dropout_stays_on_sdpa_even_under_no_grad():
-    """Dropout makes te_fx's op train-mode (it keeps what a backward needs) whatever the grad mode, so a padding
-    mask with a window, whose layout the graph cannot see, stays on SDPA; without dropout under no_grad it runs
-    TE's key bias, exact with padding inside a row."""
+def test_a_windowed_padding_mask_inside_a_row_is_exact_with_and_without_dropout():
+    """Dropout makes te_fx's op train-mode (it keeps what a backward needs) whatever the grad mode: a padding mask
+    with a window, padded inside a row, runs the training route the op reads off the mask at run time; without
+    dropout under no_grad, TE's key bias. Both equal SDPA (a dropout of 1e-12 drops nothing)."""
     window = 3
 
     def attend(q, k, v, keep, p):
@@ -724,11 +721,11 @@ def test_a_windowed_padding_mask_with_dropout_stays_on_sdpa_even_under_no_grad()
     q, k, v = (torch.randn(2, 2, 8, 16) for _ in range(3))
     keep = torch.ones(2, 8, dtype=torch.long)
     keep[0, 3:5] = 0  # padding inside a row
-    for p, decision in ((0.0, "te"), (1e-12, "sdpa")):
+    for p in (0.0, 1e-12):
         torch._dynamo.reset()
         te_fx.reset_compile_report()
         with torch.no_grad():
             out = torch.compile(attend, backend="te_attn", options=OPTIONS)(q, k, v, keep, p)
             expected = attend(q, k, v, keep, 0.0)
-        assert [entry["decision"] for entry in te_fx.compile_report()] == [decision], p
+        assert [entry["decision"] for entry in te_fx.compile_report()] == ["te"], p
         torch.testing.assert_close(out, expected)

@@ -365,7 +365,8 @@ def _recording_aot_eager(op_calls: list):
     from torch._dynamo.backends.debugging import aot_eager
 
     def backend(gm, example_inputs):
-        op_calls.append(sum(str(node.target).startswith("te_fx.attention_fwd") for node in gm.graph.nodes))
+        ops = ("te_fx.attention_fwd", "te_fx.padded_attention_fwd")
+        op_calls.append(sum(str(node.target).startswith(ops) for node in gm.graph.nodes))
         return aot_eager(gm, example_inputs)
 
     return backend
@@ -429,17 +430,18 @@ def test_compiled_padding_anywhere_is_exact_at_every_position(family):
     assert op_calls == [te.config.num_hidden_layers]
 
 
-def test_compiled_training_keeps_sliding_layers_with_a_padding_mask_on_sdpa():
-    """In training a compiled graph cannot know that the padding sits at the ends of the rows, which the partition
-    TE's training path uses needs under a window: sliding layers given a padding mask run HF's SDPA, full-causal
-    layers te_fx's op, and the step equals "sdpa"'s."""
+def test_compiled_training_runs_every_layer_with_a_padding_mask_of_any_layout():
+    """In training a compiled graph cannot see where the padding sits; te_fx's op reads it at run time, so one graph
+    runs sliding and full-causal layers alike for a mask of ones, left padding and padding inside a row, each step
+    equal to "sdpa"'s."""
     torch._dynamo.reset()
     plain, te = _pair("gemma3")
-    ids = _ids(2, 12)
-    mask = torch.ones_like(ids)
-    mask[1, :3] = 0
     op_calls = []
     te.forward = torch.compile(te.forward, fullgraph=True, backend=_recording_aot_eager(op_calls))
-    _assert_same_training_step(plain, te, ids.masked_fill(mask == 0, 0), attention_mask=mask)
-    full_layers = te.config.layer_types.count("full_attention")
-    assert 0 < full_layers < te.config.num_hidden_layers and op_calls == [full_layers]
+    ids = _ids(2, 12)
+    for padded in ([], [(1, slice(0, 3))], [(0, slice(4, 6)), (1, slice(0, 2))]):
+        mask = torch.ones_like(ids)
+        for row, columns in padded:
+            mask[row, columns] = 0
+        _assert_same_training_step(plain, te, ids.masked_fill(mask == 0, 0), attention_mask=mask)
+    assert op_calls == [te.config.num_hidden_layers]

@@ -77,14 +77,14 @@ def check_plan_form(plan: AttentionPlan, batch: int, q_len: int, kv_len: int) ->
     assert plan.window_size[0] < kv_len - 1, f"{plan.window_size}: a window that reaches every key is full causal"
     assert (plan.mask_type == "causal") == (q_len == kv_len), "HF's causal masks are aligned bottom-right"
     assert plan.key_padding is None or plan.cu_seqlens is None
-    assert not plan.kept_first or plan.key_padding is not None
+    assert plan.key_layout is None or plan.key_padding is not None
     if plan.key_padding is not None:
         assert plan.key_padding.shape == (batch, kv_len) and plan.key_padding.dtype == torch.bool
         assert q_len == kv_len > 1 and plan.kind == "padding_causal"
-        # kept_first exactly when every row keeps its first keys and at least one (right padding)
+        # checked: padding at the ends only, kept first exactly when every row keeps its first keys and at least one
         kept = plan.key_padding.sum(-1)
         right_padded = all(row[:n].all() and not row[n:].any() for row, n in zip(plan.key_padding, kept.tolist()))
-        assert plan.kept_first == (right_padded and bool((kept > 0).all()))
+        assert plan.key_layout == (False, True, right_padded and bool((kept > 0).all()))
     if plan.cu_seqlens is not None:
         bounds = plan.cu_seqlens
         assert q_len == kv_len > 1 and plan.kind == "thd"

@@ -192,30 +192,59 @@ KEY_PADDING = {
 }
 
 
+@pytest.mark.parametrize("window", [(-1, 0), (2, 0)])
 @pytest.mark.parametrize("dtype", [torch.long, torch.bool, torch.int32])
 @pytest.mark.parametrize("padding", list(KEY_PADDING))
-def test_key_padding_mask_matches_sdpa_and_gradcheck(padding, dtype):
-    """HF's ``causal & attention_mask[b, kv]``: exact at every position for left and right padding (and rows that
-    see no key at all are zero, as in SDPA); with holes inside a row only the padding positions themselves differ."""
+def test_key_padding_mask_matches_sdpa_and_gradcheck(padding, dtype, window):
+    """HF's ``causal & attention_mask[b, kv]``, with and without a window: exact at every position wherever the
+    padding sits (rows that see no key at all are zero, as in SDPA), in training with its gradients and in
+    inference."""
     key_padding = torch.tensor(KEY_PADDING[padding]).to(dtype)
     q, k, v = _qkv(q_len=6, kv_len=6)
 
     def attention(q, k, v):
-        return ops.attention(q, k, v, mask_type="causal", window_size=(-1, 0), softmax_scale=0.5,
+        return ops.attention(q, k, v, mask_type="causal", window_size=window, softmax_scale=0.5,
                              key_padding_mask=key_padding, executor="reference")  # fmt: skip
 
     out = attention(q, k, v)
-    ref = _sdpa_reference(q, k, v, _sdpa_mask("causal", (-1, 0), 6, 6, key_padding), 0.5)
-    rows = key_padding != 0 if padding == "holes" else torch.ones(2, 6, dtype=torch.bool)
-    torch.testing.assert_close(out[rows], ref[rows])
-    if padding == "holes":  # guard: the documented difference is real, so the comparison above had to select rows
-        assert not torch.allclose(out[~rows], ref[~rows])
+    ref = _sdpa_reference(q, k, v, _sdpa_mask("causal", window, 6, 6, key_padding), 0.5)
+    torch.testing.assert_close(out, ref)
+    with torch.no_grad():
+        torch.testing.assert_close(attention(q, k, v), ref)
     weight = torch.randn_like(out)
-    grads = torch.autograd.grad((out * weight)[rows].sum(), (q, k, v))
-    ref_grads = torch.autograd.grad((ref * weight)[rows].sum(), (q, k, v))
+    grads = torch.autograd.grad((out * weight).sum(), (q, k, v))
+    ref_grads = torch.autograd.grad((ref * weight).sum(), (q, k, v))
     for grad, ref_grad in zip(grads, ref_grads):
         torch.testing.assert_close(grad, ref_grad)
     assert torch.autograd.gradcheck(attention, (q, k, v))
+
+
+def test_compiled_key_padding_takes_every_layout_without_recompiling():
+    """One compiled training graph with an unchecked key padding mask is exact for every layout it is later given
+    (no padding, right, left, inside a row, an empty row): the op reads the layout at run time."""
+    compiles = []
+
+    def backend(gm, example_inputs):
+        compiles.append(gm)
+        return gm
+
+    def attention(q, k, v, key_padding):
+        return ops.attention(q, k, v, mask_type="causal", window_size=(2, 0), softmax_scale=0.5,
+                             key_padding_mask=key_padding, executor="reference")  # fmt: skip
+
+    compiled = torch.compile(attention, backend=backend, fullgraph=True)
+    for padding in KEY_PADDING:
+        key_padding = torch.tensor(KEY_PADDING[padding])
+        q, k, v = _qkv(q_len=6, kv_len=6)
+        out = compiled(q, k, v, key_padding)
+        ref = _sdpa_reference(q, k, v, _sdpa_mask("causal", (2, 0), 6, 6, key_padding), 0.5)
+        torch.testing.assert_close(out, ref)
+        weight = torch.randn_like(out)
+        grads = torch.autograd.grad((out * weight).sum(), (q, k, v))
+        ref_grads = torch.autograd.grad((ref * weight).sum(), (q, k, v))
+        for grad, ref_grad in zip(grads, ref_grads):
+            torch.testing.assert_close(grad, ref_grad)
+    assert len(compiles) == 1
 
 
 KEPT_FIRST = {
@@ -228,7 +257,7 @@ KEPT_FIRST = {
 @pytest.mark.parametrize("window", [(-1, 0), (1, 0), (0, 0)])
 @pytest.mark.parametrize("padding", list(KEPT_FIRST))
 def test_kept_first_key_padding_runs_rows_as_they_are_and_matches_sdpa(padding, window):
-    """``key_padding_kept_first``: right padding runs without the row partition, exact at every position (the
+    """A checked right-padding layout runs without the row partition, exact at every position (the
     padding queries after the kept keys see them, within the window, as in SDPA; past the window they see none and
     are zero)."""
     key_padding = torch.tensor(KEPT_FIRST[padding])
@@ -237,7 +266,7 @@ def test_kept_first_key_padding_runs_rows_as_they_are_and_matches_sdpa(padding, 
     def attention(q, k, v):
         return ops.attention(
             q, k, v, mask_type="causal", window_size=window, softmax_scale=0.5, key_padding_mask=key_padding,
-            key_padding_kept_first=True, executor="reference",
+            key_padding_layout=(False, True, True), executor="reference",
         )  # fmt: skip
 
     out = attention(q, k, v)

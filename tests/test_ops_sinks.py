@@ -52,7 +52,7 @@ def _case(path: str) -> tuple[dict, torch.Tensor, int]:
         padding, window = path.split("_")[1], 3 if path.endswith("window") else -1
         keep = _keep(padding)
         kwargs = {"mask_type": "causal", "window_size": (window, 0), "key_padding_mask": keep,
-                  "key_padding_kept_first": padding == "right"}  # fmt: skip
+                  "key_padding_layout": (False, True, True) if padding == "right" else None}  # fmt: skip
         return kwargs, _causal(S, S, window) & keep[:, None, :], S
     lengths = torch.tensor([3, 7, 6, 4])  # "thd": documents packed over the B * S tokens
     document = torch.repeat_interleave(torch.arange(4), lengths).view(B, S)

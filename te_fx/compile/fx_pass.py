@@ -26,7 +26,7 @@ from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from .. import ops
 from ..core.autocast import autocast_dtype, cast_like_sdpa
 from ..core.guards import Refusal, is_causal_plan, sdpa_call_refusal
-from ..core.plan import AttentionPlan, padding_unchecked_refused
+from ..core.plan import AttentionPlan
 from ..executors import AttentionCall, te_terms, unsupported_call_reason
 from .fx_aliasing import written_in_place
 from .mask_subgraph import classify_mask_node, node_value, same_size
@@ -207,11 +207,9 @@ def _executor_refusal(
                     f"{tuple(plan.window_size)}")  # fmt: skip
 
 
-def _classify(
-    args: dict[str, Any], q: torch.Tensor, k: torch.Tensor, scope: _Scope, training: bool
-) -> AttentionPlan | Refusal:
-    """The plan of the call's mask (for a call that may train: ``training``), or why it has none (every such reason
-    is "fallback_mask"); its key padding a value of the call's graph."""
+def _classify(args: dict[str, Any], q: torch.Tensor, k: torch.Tensor, scope: _Scope) -> AttentionPlan | Refusal:
+    """The plan of the call's mask, or why it has none (every such reason is "fallback_mask"); its key padding a
+    value of the call's graph."""
     batch, q_len, kv_len = q.shape[0], q.shape[2], k.shape[2]
     mask = args["attn_mask"]
     if mask is None:
@@ -234,9 +232,6 @@ def _classify(
         return "fallback_mask", classified
     if classified.key_padding is not None and mask in scope.outer:
         classified = dataclasses.replace(classified, key_padding=scope.bring_in(classified.key_padding))
-    # the graph cannot see where the padding sits
-    if classified.key_padding is not None and padding_unchecked_refused(classified.window_size[0], training):
-        return "fallback_mask", "padding mask with a window in a graph that may train (converted under no_grad only)"
     if classified.mask_type != "causal" or same_size(q_len, kv_len):
         return classified
     # HF's causal masks sit at the bottom right when there are fewer queries than keys (a KV cache)
@@ -281,7 +276,7 @@ def _rewrite_one(scope: _Scope, node: fx.Node, executor: str, regions: list[fx.N
     if refusal is None:
         dropout_p = node_value(args["dropout_p"])
         training = _may_train(dropout_p)
-        classified = _classify(args, q, k, scope, training)
+        classified = _classify(args, q, k, scope)
         if isinstance(classified, AttentionPlan):
             refusal = _executor_refusal(executor, q, k, v, classified, dropout_p, training)
         else:

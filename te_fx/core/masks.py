@@ -252,7 +252,8 @@ def _classify(mask: torch.Tensor, batch: int, q_len: int, kv_len: int) -> Attent
     padding_results, document_results = row_results[:2], row_results[2:]
     for left, matched in zip(lefts, padding_results):
         if matched:
-            return AttentionPlan("causal", (left, 0), key_padding=keep.expand(batch, -1), kept_first=bool(results[-2]))
+            layout = (False, True, bool(results[-2]))
+            return AttentionPlan("causal", (left, 0), key_padding=keep.expand(batch, -1), key_layout=layout)
     for left, matched in zip(lefts, document_results):
         if matched:
             count = results[-1] * (batch if starts.shape[0] == 1 else 1)  # a mask broadcast over the batch

@@ -9,30 +9,39 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["AttentionPlan", "NO_MASK", "CAUSAL", "padding_route", "padding_unchecked_refused"]
+__all__ = ["AttentionPlan", "NO_MASK", "CAUSAL", "PaddingLayout", "UNKNOWN_LAYOUT", "padding_route"]
 
 
-def padding_route(kept_first: bool, training: bool) -> str:
-    """How te_fx's op runs key padding under a causal pattern (with or without a window):
+PaddingLayout = tuple[bool, bool, bool]
+"""(every key kept, padding only before each row's first or after its last kept token, right padding only: every
+row keeps its first keys and at least one), as :func:`~te_fx.core.masks.padding_layout` reads it off a keep mask."""
 
-    * "rows" (``kept_first``: right padding): TE's ``padding_causal`` on the rows as they are; exact everywhere.
-    * "key_bias" (not ``training``): TE's causal type with a post-scale bias that hides the padded keys, a row at a
-      time; exact everywhere, wherever the padding sits. Not for training: TE's backward with that bias returns
-      zero gradients (TE 2.20, cuDNN 9.19 on an H200).
-    * "partition" (training): ``padding_causal`` on each row partitioned kept-first. Exact everywhere when a row's
-      padding lies before its first or after its last kept token; with padding inside a row, exact at the kept
-      positions without a window and wrong with one (the partition keeps ranks, the window counts positions): the
-      ways in send such a mask only where they know its layout (:func:`padding_unchecked_refused`).
-    """
+UNKNOWN_LAYOUT: PaddingLayout = (False, False, False)
+
+
+def padding_route(layout: PaddingLayout, training: bool) -> str:
+    """How te_fx's op runs key padding of ``layout`` under a causal pattern (with or without a window); each route is
+    exact at every position:
+
+    * "causal": no padding: TE's causal type as for no mask.
+    * "rows" (right padding): TE's ``padding_causal`` on the rows as they are.
+    * "key_bias" (inference): TE's causal type with a post-scale bias that hides the padded keys, a row at a time,
+      wherever the padding sits. Not for training: TE's backward with that bias gives wrong gradients (TE 2.20,
+      cuDNN 9.19 on an H200, through TE's own DotProductAttention too).
+    * "partition" (training, padding only at a row's ends): ``padding_causal`` on each row partitioned kept-first.
+    * "reference" (training, padding inside a row): the reference kernels on the device, in float32; TE has no
+      exact kernel for it (the partition keeps ranks where the window and the padded queries need positions).
+
+    In training the op reads the layout off the mask on the device when the caller did not check it, once per mask
+    and forward; in inference an unknown layout (``UNKNOWN_LAYOUT``) takes the key bias."""
+    all_kept, outer, kept_first = layout
+    if all_kept:
+        return "causal"
     if kept_first:
         return "rows"
-    return "partition" if training else "key_bias"
-
-
-def padding_unchecked_refused(window_left: int, training: bool) -> bool:
-    """Whether key padding whose layout nobody checked (a compiled graph cannot read it) must stay off te_fx: with a
-    window in training, where :func:`padding_route` partitions and padding inside a row would be wrong."""
-    return window_left >= 0 and training
+    if not training:
+        return "key_bias"
+    return "partition" if outer else "reference"
 
 
 @dataclass(frozen=True)
@@ -41,9 +50,8 @@ class AttentionPlan:
     which keys a query sees in a row of tokens; at most one of these refines it:
 
     * ``key_padding``: a (B, S_kv) keep mask (nonzero = keep) ANDed into a causal pattern (q_len == kv_len), the
-      padding anywhere in a row for full causal attention; with a window in training only before each row's first
-      or after its last kept token. ``kept_first``: every row keeps its first keys and at least one (right
-      padding, which the eager ways in check once per mask). :func:`padding_route` says how TE runs it.
+      padding anywhere in a row. ``key_layout``: its :data:`PaddingLayout` where a way in checked it (the eager ways
+      in, once per mask), else None. :func:`padding_route` says how TE runs it.
     * ``cu_seqlens``: (N + 1,) int32 document boundaries over the B * S flattened tokens (every row boundary is one):
       packed documents, each causal (and windowed) on its own. TE runs it in the ``thd`` format.
 
@@ -56,7 +64,7 @@ class AttentionPlan:
     key_padding: Any = None
     cu_seqlens: Any = None
     softmax_scale: float | None = None
-    kept_first: bool = False
+    key_layout: PaddingLayout | None = None
 
     @property
     def kind(self) -> str:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from ..core.plan import padding_route
+from ..core.plan import UNKNOWN_LAYOUT, padding_route
 
 if TYPE_CHECKING:
     from ..core.plan import AttentionPlan
@@ -94,7 +94,7 @@ def te_terms(plan: AttentionPlan, training: bool) -> tuple[str, str, bool]:
     :func:`~te_fx.core.plan.padding_route` says (``padding_causal``, or the plan's causal type with a key bias),
     packed documents in thd, anything else as the plan's mask type in bshd."""
     if plan.key_padding is not None:
-        key_bias = padding_route(plan.kept_first, training) == "key_bias"
+        key_bias = padding_route(plan.key_layout or UNKNOWN_LAYOUT, training) == "key_bias"
         return (plan.mask_type, "bshd", True) if key_bias else ("padding_causal", "bshd", False)
     if plan.cu_seqlens is not None:
         return thd_mask_type(plan.mask_type), "thd", False
@@ -345,5 +345,5 @@ class ExecutorModule(nn.Module):
         return attention(
             q, k, v, mask_type=plan.mask_type, window_size=plan.window_size, softmax_scale=scale,
             dropout_p=self._dropout_p(), key_padding_mask=plan.key_padding, cu_seqlens=plan.cu_seqlens,
-            executor=executor, key_padding_kept_first=plan.kept_first,
+            executor=executor, key_padding_layout=plan.key_layout,
         )  # fmt: skip

@@ -273,8 +273,8 @@ def _softmax_args(softmax_offset: torch.Tensor | None) -> dict[str, Any]:
 
 
 _NO_KEY_BIAS_BACKWARD = (
-    "te_fx's TE executor runs a key bias in inference only: TE's fused backward with a post-scale bias returned "
-    "zero gradients (TE 2.20, cuDNN 9.19, H200); te_fx.ops.attention partitions padded rows in training instead"
+    "te_fx's TE executor runs a key bias in inference only: TE's fused backward with a post-scale bias gave wrong "
+    "gradients (TE 2.20, cuDNN 9.19, H200); te_fx.ops.attention routes padded rows otherwise in training"
 )
 
 

@@ -24,7 +24,7 @@ from .. import ops
 from ..core import stats
 from ..core.autocast import autocast_dtype, cast_like_sdpa
 from ..core.masks import plan_mask
-from ..core.plan import AttentionPlan, padding_unchecked_refused
+from ..core.plan import AttentionPlan
 from ..executors import (
     AttentionCall,
     is_training,
@@ -63,7 +63,7 @@ def _plan(mask: Any, causal: bool, sliding_window: int | None, q_len: int, kv_le
     if info is None:
         return AttentionPlan(mask_type, (window_left, 0))
     return AttentionPlan(
-        mask_type, (window_left, 0), key_padding=info.keep, cu_seqlens=info.cu_seqlens, kept_first=info.kept_first
+        mask_type, (window_left, 0), key_padding=info.keep, cu_seqlens=info.cu_seqlens, key_layout=info.layout
     )
 
 
@@ -86,13 +86,10 @@ def _collator_plan(
     return AttentionPlan("causal", (window_left, 0), cu_seqlens=cu_seqlens.to(torch.int32))
 
 
-def _op_refusal(plan: AttentionPlan, mask: Any, q_len: int, kv_len: int, training: bool) -> bool:
-    """Whether te_fx's op cannot take ``plan`` exactly: key padding or packed documents with a KV cache (the op
-    pads and packs self-attention only), or a padding mask whose layout te_mask could not check (under
-    torch.compile) where the op needs it (:func:`~te_fx.core.plan.padding_unchecked_refused`)."""
-    unchecked = plan.key_padding is not None and mask.dtype == torch.bool and torch.compiler.is_compiling()
-    cache = (plan.key_padding is not None or plan.cu_seqlens is not None) and q_len != kv_len
-    return cache or (unchecked and padding_unchecked_refused(plan.window_size[0], training))
+def _op_refusal(plan: AttentionPlan, q_len: int, kv_len: int) -> bool:
+    """Whether te_fx's op cannot take ``plan``: key padding or packed documents with a KV cache (the op pads and
+    packs self-attention only)."""
+    return (plan.key_padding is not None or plan.cu_seqlens is not None) and q_len != kv_len
 
 
 def _executor_refusal(
@@ -195,7 +192,7 @@ def te_attention_forward(
     unsupported = unsupported or (kwargs.get("s_aux") is not None and sinks is None)
     eager = unsupported or sinks is not None  # what SDPA cannot apply either
     training = is_training(dropout, query, key, value, *(() if sinks is None else (sinks,)))
-    if plan is None or _op_refusal(plan, attention_mask, q_len, kv_len, training):
+    if plan is None or _op_refusal(plan, q_len, kv_len):
         reason = "fallback_mask"
     elif unsupported:
         reason = "fallback_argument"
@@ -209,7 +206,7 @@ def te_attention_forward(
                 q, k, v, mask_type=plan.mask_type, window_size=plan.window_size,
                 softmax_scale=scaling if scaling is not None else query.shape[-1] ** -0.5, dropout_p=dropout,
                 key_padding_mask=plan.key_padding, cu_seqlens=plan.cu_seqlens, executor=executor,
-                key_padding_kept_first=plan.kept_first, softmax_offset=sinks,
+                key_padding_layout=plan.key_layout, softmax_offset=sinks,
             )  # fmt: skip
             return out, None
     _count(reason)

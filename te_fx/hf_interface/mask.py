@@ -9,13 +9,14 @@ what the attention function needs in one small tensor, :func:`read_mask` reads i
 * (B or 1, W, kv_len), W = window_left + 2: the keep mask of each row's keys, repeated (a stride-0 view) W times
   so that its size carries the window; int8 for no padding, uint8 when every row keeps its first keys and at least
   one (right padding), bool for padding before the first or after the last kept token (outside torch.compile,
-  where it is checked) or anywhere (under it, where it is not);
+  where it is checked) or anywhere (under it, where te_fx's op reads the layout at run time);
 * (W, N + 1) int32: the boundaries of packed documents over the B * S tokens (outside torch.compile: HF's packed
   mask function is recognised by its closure, which a compiled graph cannot read).
 
 Anything else gets HF's own SDPA mask (a custom overlay, a chunked or bidirectional pattern, queries that do not
 end at the last key as in a static cache, packed documents under torch.compile, and whatever a caller asks to see
-materialized). Outside torch.compile the values above cost one host sync per call; under it, none.
+materialized). Outside torch.compile the values above cost one host sync per call; under it, none in inference
+and, in training with a padding mask, one per mask kind and forward (te_fx's op reading the layout).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch
 from transformers import masking_utils
 
 from ..core.masks import document_boundaries, padding_layout
+from ..core.plan import PaddingLayout
 
 __all__ = ["MaskInfo", "read_mask", "te_mask"]
 
@@ -42,11 +44,11 @@ _REMAP = _REMAP(masking_utils.causal_mask_function, None).__code__ if _REMAP els
 @dataclass(frozen=True)
 class MaskInfo:
     """What :func:`te_mask` passed on: the mask's left window (-1: full causal) and at most one of key padding
-    (``keep``, with ``kept_first``) and packed documents (``cu_seqlens``)."""
+    (``keep``, with its ``layout`` where te_mask checked it) and packed documents (``cu_seqlens``)."""
 
     window_left: int
     keep: torch.Tensor | None = None
-    kept_first: bool = False
+    layout: PaddingLayout | None = None
     cu_seqlens: torch.Tensor | None = None
 
 
@@ -55,8 +57,11 @@ def read_mask(mask: Any) -> MaskInfo | None:
     if not isinstance(mask, torch.Tensor):
         return None
     if mask.dim() == 3 and mask.dtype in (torch.int8, torch.uint8, torch.bool):
-        keep = None if mask.dtype == torch.int8 else mask[:, 0]
-        return MaskInfo(mask.shape[1] - 2, keep, kept_first=mask.dtype == torch.uint8)
+        if mask.dtype == torch.int8:
+            return MaskInfo(mask.shape[1] - 2)
+        checked = mask.dtype == torch.uint8 or not torch.compiler.is_compiling()
+        layout = (False, True, mask.dtype == torch.uint8) if checked else None
+        return MaskInfo(mask.shape[1] - 2, mask[:, 0], layout)
     if mask.dim() == 2 and mask.dtype == torch.int32:
         return MaskInfo(mask.shape[0] - 2, cu_seqlens=mask[0])
     return None

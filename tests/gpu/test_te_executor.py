@@ -453,6 +453,58 @@ def test_key_padding_anywhere_in_inference_on_te_matches_a_brute_force_float64_o
     assert error < (2e-2 if dtype == torch.bfloat16 else 3e-3), error
 
 
+TRAINING_LAYOUTS = ("ones", "right", "left", "both_ends", "inside")
+
+
+@pytest.mark.parametrize("layout", TRAINING_LAYOUTS)
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("window_left", [-1, 100])
+def test_key_padding_in_training_on_te_matches_a_float64_oracle(layout, batch, window_left):
+    """Training with an unchecked key padding mask: the op reads the layout off the mask and runs the causal kernel,
+    the rows as they are, the row partition or (padding inside a row) the reference kernels; output and gradients
+    at every position against float64 autograd, within twice bf16 SDPA's own error."""
+    from te_fx import ops
+
+    seq = 384
+    q, k, v = _inputs(batch, seq, seq, 8, 2, 128, torch.bfloat16)
+    positions = torch.arange(seq, device="cuda")
+    keep = torch.ones(batch, seq, dtype=torch.bool, device="cuda")
+    if layout == "right":
+        keep[0, 300:] = False
+    elif layout == "left":
+        keep[-1, :70] = False
+    elif layout == "both_ends":
+        keep[0, :20] = False
+        keep[-1, 330:] = False
+    elif layout == "inside":
+        keep[0, 150:190] = False
+        keep[-1, :10] = False
+    visible = (positions[None, :] <= positions[:, None]) & keep[:, None, :]
+    if window_left >= 0:
+        visible &= positions[None, :] >= positions[:, None] - window_left
+    sees = visible.any(-1)
+    d_out = torch.randn(batch, seq, 8, 128, device="cuda", dtype=torch.bfloat16)
+    out = ops.attention(q, k, v, mask_type="causal", window_size=(window_left, 0), softmax_scale=0.1,
+                        key_padding_mask=keep, executor="te")  # fmt: skip
+    grads = torch.autograd.grad(out, (q, k, v), d_out)
+    # rows that see no key: zero in both oracles, which let them see every key to stay finite, then drop them
+    safe = visible | ~sees[:, :, None]
+
+    def oracle(dtype):
+        inputs = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        qh, kh, vh = (t.transpose(1, 2) for t in inputs)
+        kh, vh = kh.repeat_interleave(4, 1), vh.repeat_interleave(4, 1)
+        result = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, attn_mask=safe[:, None], scale=0.1)
+        result = result.transpose(1, 2) * sees[:, :, None, None]
+        return result, torch.autograd.grad(result, inputs, d_out.to(dtype))
+
+    ref, ref_grads = oracle(torch.float64)
+    sdpa, sdpa_grads = oracle(torch.bfloat16)
+    for name, got, base, want in zip(("out", "dq", "dk", "dv"), (out, *grads), (sdpa, *sdpa_grads), (ref, *ref_grads)):
+        error, sdpa_error = ((t.double() - want).abs().max().item() for t in (got, base))
+        assert error <= 2 * sdpa_error + 1e-3, (name, error, sdpa_error)
+
+
 def test_te_module_runs_key_padding_and_packed_plans(rel_error):
     import transformer_engine.pytorch as te
     from transformer_engine.common.recipe import DelayedScaling
@@ -497,7 +549,7 @@ SINK_PLANS = {
     "causal": dict(mask_type="causal", window_size=(-1, 0)),
     "window": dict(mask_type="causal", window_size=(127, 0)),
     "bottom_right": dict(mask_type="causal_bottom_right", window_size=(-1, 0)),
-    "right_padding": dict(mask_type="causal", window_size=(-1, 0), key_padding_kept_first=True),
+    "right_padding": dict(mask_type="causal", window_size=(-1, 0), key_padding_layout=(False, True, True)),
     "left_padding_window": dict(mask_type="causal", window_size=(31, 0)),
     "packed": dict(mask_type="causal", window_size=(-1, 0)),
 }
