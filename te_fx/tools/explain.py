@@ -610,7 +610,9 @@ def explain(model: str, compile_path: bool = True) -> Explanation:
     )
     if compile_path:
         notes.append(
-            "compile: decided once per compiled graph from the subgraph that builds the mask, whatever its values"
+            "compile: decided once per compiled graph from the subgraph that builds the mask, whatever its values; "
+            "with a padding mask te_fx's op picks its kernel at run time: in training TE for padding at the ends of "
+            "rows and its reference kernels for padding inside a row, in inference TE with a key bias"
         )
         from ..compile.mask_subgraph import _MAX_SAMPLE
 
