@@ -5,6 +5,7 @@ SDPA (the oracle) and the report must show the expected decision (CPU, reference
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -358,3 +359,46 @@ def test_a_mask_too_large_to_sample_stays_on_sdpa(monkeypatch):
                                    atol=ATOL, rtol=RTOL)  # fmt: skip
     last = te_fx.compile_report()[-1]
     assert last["reason"] == "fallback_mask" and "too large to evaluate" in last["detail"], last
+
+
+def _write_through(view):
+    """A causal mask written in place through ``view`` (a function of the (S, S) mask returning a view to fill)."""
+
+    def attend(q, k, v):
+        mask = _causal(q.shape[2]).to(torch.uint8)
+        view(mask).fill_(1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[None, None].bool())
+
+    return attend
+
+
+ALIASING_VIEWS = {
+    "ravel": lambda m: m.ravel()[1:3],
+    "broadcast_to": lambda m: m.broadcast_to(m.shape)[0, 1:3],
+    "hsplit": lambda m: torch.hsplit(m, 2)[1][:2],
+    "vsplit": lambda m: torch.vsplit(m, 2)[0][:, -1],
+    "unsafe_split": lambda m: m.unsafe_split(4, dim=1)[1][0],
+    "mH": lambda m: m.mH[5, 0:2],
+    "adjoint": lambda m: m.adjoint()[5, 0:2],
+    "conj": lambda m: m.conj()[0, 1:3],
+    "atleast_3d": lambda m: torch.atleast_3d(m)[0, 1:3],
+    "view_as": lambda m: m.view_as(m)[0, 1:3],
+}
+
+
+@pytest.mark.parametrize("name", list(ALIASING_VIEWS))
+def test_a_mask_written_through_any_view_stays_on_sdpa(name):
+    """An in-place write through a view of the mask (whatever op made the view) makes the mask one the pass cannot
+    evaluate from its subgraph: the call stays on SDPA, and the output equals the stock backend's (eager's, except
+    for ``unsafe_split``, whose views PyTorch's functionalization does not track)."""
+    attend, qkv = _write_through(ALIASING_VIEWS[name]), _qkv()
+    torch._dynamo.reset()
+    te_fx.reset_compile_report()
+    stock = torch.compile(attend, backend="aot_eager", fullgraph=True)(*qkv)
+    if name != "unsafe_split":
+        torch.testing.assert_close(stock, attend(*qkv))
+    torch._dynamo.reset()
+    out = torch.compile(attend, backend="te_attn", options=OPTIONS, fullgraph=True)(*qkv)
+    torch.testing.assert_close(out, stock, atol=ATOL, rtol=RTOL)
+    (entry,) = te_fx.compile_report()
+    assert entry["decision"] == "sdpa" and entry["reason"] == "fallback_mask", entry

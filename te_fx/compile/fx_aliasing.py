@@ -2,14 +2,17 @@
 
 The FX pass re-evaluates a mask's subgraph without its in-place writes, and hands te_fx's op the inputs of
 ``repeat_kv`` or of the mask at the SDPA call rather than the copies SDPA received; both are exact only if nothing
-writes those values (or a view of them) in place. The analysis is conservative: an op counts as a view of its first
-argument if it can return one (``reshape``, ``contiguous``, ``to`` and casts included).
+writes those values (or a view of them) in place. The analysis is conservative: an op counts as a view of its tensor
+arguments unless it is known to return a new tensor (an operator's arithmetic, or an ATen op none of whose overloads
+returns an alias); ``reshape``, ``contiguous``, ``to`` and casts are views, and so is any op the analysis cannot name.
 """
 
 from __future__ import annotations
 
+import functools
 import operator
 
+import torch
 import torch.fx as fx
 
 __all__ = ["written_in_place"]
@@ -36,8 +39,40 @@ def _name(node: fx.Node) -> str:
     return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
 
 
+@functools.cache
+def _aten_returns_new(name: str) -> bool:
+    """Whether ATen's op ``name`` exists and none of its overloads returns an alias of an argument."""
+    packet = getattr(torch.ops.aten, name, None)
+    if not isinstance(packet, torch._ops.OpOverloadPacket):
+        return False
+    schemas = [getattr(packet, overload)._schema for overload in packet.overloads()]
+    return all(ret.alias_info is None for schema in schemas for ret in schema.returns)
+
+
+def _storages(value: object) -> set[int] | None:
+    """The storages of a traced example value (a tensor or a sequence of them), None where there is none."""
+    if isinstance(value, torch.Tensor):
+        return {value.untyped_storage()._cdata}
+    if isinstance(value, (list, tuple)) and value:
+        parts = [_storages(item) for item in value]
+        return None if None in parts else set().union(*parts)
+    return None
+
+
 def _is_view(node: fx.Node) -> bool:
-    return node.op in ("call_function", "call_method") and _name(node) in _VIEW_OPS
+    """Whether ``node`` may return a view of one of its tensor arguments: by name, else by the traced example values
+    (Dynamo's fake tensors share storages as the real ones would), else unless ATen's schema says it cannot."""
+    if node.op not in ("call_function", "call_method"):
+        return False
+    name = _name(node)
+    if name in _VIEW_OPS:
+        return True
+    out = _storages(node.meta.get("example_value"))
+    inputs = [_storages(arg.meta.get("example_value")) for arg in node.all_input_nodes]
+    if out is not None and all(storages is not None or not arg.meta for storages, arg in
+                               zip(inputs, node.all_input_nodes)):  # fmt: skip
+        return bool(out & set().union(*(storages for storages in inputs if storages)))
+    return not _aten_returns_new(name)
 
 
 def _written_targets(node: fx.Node) -> list[fx.Node]:
@@ -69,15 +104,13 @@ def written_in_place(graph: fx.Graph) -> set[fx.Node]:
     of, and every view of those."""
     bases: list[fx.Node] = []
     for node in graph.nodes:
-        for target in _written_targets(node):
-            while _is_view(target) and isinstance(target.args[0], fx.Node):
-                bases.append(target)
-                target = target.args[0]
-            bases.append(target)
+        bases += _written_targets(node)
     written: set[fx.Node] = set()
     while bases:
         node = bases.pop()
         if node not in written:
             written.add(node)
             bases.extend(user for user in node.users if _is_view(user))
+            if _is_view(node):
+                bases.extend(node.all_input_nodes)
     return written
