@@ -91,6 +91,32 @@ def test_opcheck_attention_bwd():
     assert set(result.values()) == {"SUCCESS"}, result
 
 
+PADDED_LAYOUTS = {  # keep mask of a (2, 5) batch: the route padding_route gives its layout in training
+    "causal": [[1, 1, 1, 1, 1], [1, 1, 1, 1, 1]],
+    "rows": [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]],
+    "partition": [[0, 0, 1, 1, 1], [1, 1, 1, 1, 0]],
+    "reference": [[1, 0, 1, 1, 0], [0, 1, 1, 0, 1]],
+}
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+@pytest.mark.parametrize("route", list(PADDED_LAYOUTS))
+def test_opcheck_padded_attention(route, dropout_p):
+    """te_fx::padded_attention_fwd on each route it picks at run time (and its backward through AOT dispatch), with
+    and without dropout, with sinks."""
+    from te_fx.core.masks import padding_layout
+    from te_fx.core.plan import padding_route
+
+    q, k, v = _qkv()
+    keep = torch.tensor(PADDED_LAYOUTS[route], dtype=torch.bool)
+    layout = padding_layout(keep)
+    assert padding_route(tuple(layout.tolist()), True) == route
+    sinks = torch.randn(q.shape[2], dtype=F64, requires_grad=True)
+    args = (q, k, v, keep, layout, 1, 0.4, dropout_p, "reference", sinks)
+    result = opcheck(torch.ops.te_fx.padded_attention_fwd.default, args, test_utils=NO_DROPOUT_UTILS)
+    assert set(result.values()) == {"SUCCESS"}, result
+
+
 def test_opcheck_attention_fwd_non_contiguous_inputs():
     """q/k/v views with (B, H, S, D) memory, as the FX pass produces when it inserts transpose(1, 2)."""
     q, k, v = (t.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for t in _qkv())
