@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.torch_version import TorchVersion
 
-from .core.masks import padding_layout
+from .core.masks import document_boundaries, padding_layout, position_starts
 from .core.plan import UNKNOWN_LAYOUT, PaddingLayout, padding_route
 from .executors import EXECUTORS, get_executor, is_training, thd_mask_type
 
@@ -312,6 +312,100 @@ def _padded_backward(ctx: Any, d_out: Tensor, _d_stats: Tensor, _d_rng: Tensor) 
 
 padded_attention_fwd.register_autograd(_padded_backward, setup_context=_padded_setup_context)
 
+@torch.library.custom_op("te_fx::document_count", mutates_args=())
+def document_count_on_host(position_ids: Tensor) -> Tensor:
+    """How many packed documents (B, S) ``position_ids`` hold (:func:`~te_fx.core.masks.position_starts`), as a
+    host int64 scalar: one device-to-host copy, which a compiled graph holds once per forward."""
+    return position_starts(position_ids).sum().cpu()
+
+
+@document_count_on_host.register_fake
+def _(position_ids):
+    return torch.empty((), dtype=torch.int64, device="cpu")
+
+
+@torch.library.custom_op("te_fx::packed_attention_fwd", mutates_args=())
+def packed_attention_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    position_ids: Tensor,
+    count: Tensor,
+    mask_type: str,
+    window_left: int,
+    window_right: int,
+    softmax_scale: float,
+    dropout_p: float,
+    training: bool,
+    executor: str,
+    softmax_offset: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Self-attention within the packed documents of ``position_ids`` (``count`` of them, on the host): their
+    boundaries are found here, at run time, and the executor runs the thd format; as :func:`attention_fwd`."""
+    cu_seqlens = document_boundaries(position_starts(position_ids), int(count))
+    return attention_fwd(
+        q, k, v, cu_seqlens, cu_seqlens, thd_mask_type(mask_type), window_left, window_right, softmax_scale,
+        dropout_p, training, executor, "thd", softmax_offset,
+    )  # fmt: skip
+
+
+@packed_attention_fwd.register_fake
+def _(q, k, v, position_ids, count, mask_type, window_left, window_right, softmax_scale, dropout_p, training,
+      executor, softmax_offset=None):  # fmt: skip
+    out = q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[-1])
+    return out, *get_executor(executor).fake_aux(q, "thd", dropout_p, training)
+
+
+@torch.library.custom_op("te_fx::packed_attention_bwd", mutates_args=())
+def packed_attention_bwd(
+    d_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    softmax_stats: Tensor,
+    rng_state: Tensor,
+    position_ids: Tensor,
+    count: Tensor,
+    mask_type: str,
+    window_left: int,
+    window_right: int,
+    softmax_scale: float,
+    dropout_p: float,
+    executor: str,
+    softmax_offset: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Backward of :func:`packed_attention_fwd`, the boundaries found again: as :func:`attention_bwd`."""
+    cu_seqlens = document_boundaries(position_starts(position_ids), int(count))
+    return attention_bwd(
+        d_out, q, k, v, out, softmax_stats, rng_state, cu_seqlens, cu_seqlens, thd_mask_type(mask_type), window_left,
+        window_right, softmax_scale, dropout_p, executor, "thd", softmax_offset,
+    )  # fmt: skip
+
+
+@packed_attention_bwd.register_fake
+def _(d_out, q, k, v, out, softmax_stats, rng_state, position_ids, count, mask_type, window_left, window_right,
+      softmax_scale, dropout_p, executor, softmax_offset=None):  # fmt: skip
+    offset = softmax_offset if softmax_offset is not None else q.new_empty(0, dtype=torch.float32)
+    return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v, offset))
+
+
+def _packed_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+    q, k, v, position_ids, count, *config, training, executor, offset = inputs
+    out, stats, rng = output
+    ctx.save_for_backward(q, k, v, out, stats, rng, position_ids, count, offset)
+    ctx.config = (*config, executor)  # mask_type ... dropout_p, executor
+
+
+def _packed_backward(ctx: Any, d_out: Tensor, _d_stats: Tensor, _d_rng: Tensor) -> tuple:
+    q, k, v, out, stats, rng, position_ids, count, offset = ctx.saved_tensors
+    dq, dk, dv, d_offset = packed_attention_bwd(d_out, q, k, v, out, stats, rng, position_ids, count, *ctx.config,
+                                                offset)  # fmt: skip
+    return dq, dk, dv, *([None] * (len(ctx.config) + 3)), d_offset if offset is not None else None
+
+
+packed_attention_fwd.register_autograd(_packed_backward, setup_context=_packed_setup_context)
+
 _ROUTE_MASK_TYPE = {"causal": "causal", "rows": "padding_causal", "partition": "padding_causal"}
 
 
@@ -336,6 +430,7 @@ def _check_arguments(
     dropout_p: float,
     key_padding_mask: Tensor | None,
     cu_seqlens: Tensor | None,
+    position_ids: Tensor | None,
     executor: str,
     softmax_offset: Tensor | None,
 ) -> None:
@@ -352,8 +447,8 @@ def _check_arguments(
     # the two agree only for q_len == kv_len
     if not mask_type.startswith("causal") and tuple(window_size) != (-1, -1) and q.shape[1] != k.shape[1]:
         raise ValueError(f"window_size {tuple(window_size)} with mask_type {mask_type!r} needs q_len == kv_len")
-    if key_padding_mask is not None and cu_seqlens is not None:
-        raise ValueError("pass key_padding_mask or cu_seqlens, not both")
+    if sum(refinement is not None for refinement in (key_padding_mask, cu_seqlens, position_ids)) > 1:
+        raise ValueError("pass at most one of key_padding_mask, cu_seqlens and position_ids")
     if softmax_offset is not None:
         offset = softmax_offset
         if offset.dim() != 1 or not offset.is_floating_point() or offset.device != q.device:
@@ -362,8 +457,8 @@ def _check_arguments(
         _check_size(offset.shape[0] == q.shape[2], "softmax_offset must hold one logit per query head")
     if key_padding_mask is not None:
         _check_key_padding(q, k, mask_type, window_size, key_padding_mask)
-    if cu_seqlens is not None:
-        _check_cu_seqlens(q, k, mask_type, window_size, cu_seqlens)
+    if cu_seqlens is not None or position_ids is not None:
+        _check_documents(q, k, mask_type, window_size, cu_seqlens, position_ids)
 
 
 def _check_key_padding(
@@ -380,15 +475,30 @@ def _check_key_padding(
     _check_size(key_padding_mask.shape[1] == k.shape[1], wrong_size.format("length", "keys'"))
 
 
-def _check_cu_seqlens(q: Tensor, k: Tensor, mask_type: str, window_size: tuple[int, int], cu_seqlens: Tensor) -> None:
+def _check_documents(
+    q: Tensor,
+    k: Tensor,
+    mask_type: str,
+    window_size: tuple[int, int],
+    cu_seqlens: Tensor | None,
+    position_ids: Tensor | None,
+) -> None:
+    name = "cu_seqlens" if cu_seqlens is not None else "position_ids"
     if mask_type not in ("causal", "no_mask") or q.shape[1] != k.shape[1]:
-        raise ValueError("cu_seqlens needs self-attention (q_len == kv_len) with mask_type 'causal' or 'no_mask', "
+        raise ValueError(f"{name} needs self-attention (q_len == kv_len) with mask_type 'causal' or 'no_mask', "
                          f"got {mask_type!r}")  # fmt: skip
     if mask_type == "causal" and (window_size[1] != 0 or window_size[0] < -1):
-        raise ValueError(f"cu_seqlens with causal attention takes window_size (w, 0), got {tuple(window_size)}")
-    if cu_seqlens.dim() != 1 or cu_seqlens.dtype != torch.int32 or cu_seqlens.device != q.device:
+        raise ValueError(f"{name} with causal attention takes window_size (w, 0), got {tuple(window_size)}")
+    if cu_seqlens is not None and (cu_seqlens.dim() != 1 or cu_seqlens.dtype != torch.int32
+                                   or cu_seqlens.device != q.device):  # fmt: skip
         raise ValueError(f"cu_seqlens must be a 1D int32 tensor on the query's device, got {cu_seqlens.dim()}D "
                          f"{cu_seqlens.dtype} on {cu_seqlens.device}")  # fmt: skip
+    if position_ids is not None:
+        if position_ids.dim() != 2 or position_ids.is_floating_point() or position_ids.device != q.device:
+            raise ValueError("position_ids must be a (B, S) integer tensor on the query's device, got "
+                             f"{position_ids.dim()}D {position_ids.dtype} on {position_ids.device}")  # fmt: skip
+        _check_size(position_ids.shape[0] == q.shape[0], "position_ids must be (B, S): its batch differs from q's")
+        _check_size(position_ids.shape[1] == q.shape[1], "position_ids must be (B, S): its length differs from q's")
 
 
 _DYNAMO_TRACES_CHECK_MESSAGES = TorchVersion(torch.__version__) >= (2, 13)
@@ -414,6 +524,7 @@ def attention(
     dropout_p: float = 0.0,
     key_padding_mask: Tensor | None = None,
     cu_seqlens: Tensor | None = None,
+    position_ids: Tensor | None = None,
     executor: str = "te",
     key_padding_layout: PaddingLayout | None = None,
     softmax_offset: Tensor | None = None,
@@ -433,6 +544,10 @@ def attention(
       every multiple of S among them (no document crosses a row; not checked, for the same reason). Each document
       is causal (and windowed) on its own with ``mask_type="causal"``, or sees all of itself with "no_mask". Runs
       TE's thd format.
+    * ``position_ids`` (B, S): packed documents as their positions give them
+      (:func:`~te_fx.core.masks.position_starts`), for a caller that cannot build ``cu_seqlens`` (a compiled graph):
+      the op finds the boundaries at run time, one device-to-host copy per call (once per mask in a compiled
+      graph), and runs them as ``cu_seqlens``.
 
     ``softmax_offset`` (H,): attention sinks, one logit per query head added to every softmax's denominator, as
     GPT-OSS's ``sinks`` (TE's "learnable" softmax); differentiable, computed in float32 (float64 for float64 q).
@@ -440,7 +555,8 @@ def attention(
     ``executor`` "te" needs CUDA fp16/bf16 tensors that TE's F16 fused backend supports; "reference" runs anywhere.
     Dropout draws fresh randomness per call; the backward reuses the forward's.
     """
-    _check_arguments(q, k, v, mask_type, window_size, dropout_p, key_padding_mask, cu_seqlens, executor, softmax_offset)
+    _check_arguments(q, k, v, mask_type, window_size, dropout_p, key_padding_mask, cu_seqlens, position_ids, executor,
+                     softmax_offset)  # fmt: skip
     offset = None if softmax_offset is None else softmax_offset.to(torch.promote_types(q.dtype, torch.float32))
     training = is_training(dropout_p, q, k, v, *(() if offset is None else (offset,)))
     if key_padding_mask is not None:
@@ -448,6 +564,11 @@ def attention(
             q, k, v, window_size, softmax_scale, dropout_p, training, key_padding_mask, key_padding_layout,
             executor, offset,
         )  # fmt: skip
+    if position_ids is not None:
+        return torch.ops.te_fx.packed_attention_fwd(
+            q, k, v, position_ids, document_count_on_host(position_ids), mask_type, window_size[0], window_size[1],
+            softmax_scale, dropout_p, training, executor, offset,
+        )[0]  # fmt: skip
     cu_q = cu_kv = None
     qkv_format = "bshd"
     if cu_seqlens is not None:

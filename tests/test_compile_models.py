@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 
 import pytest
 import torch
@@ -504,3 +505,62 @@ def test_gradient_checkpointing_keeps_te(reentrant):
     for (name, param), ref_param in zip(model.named_parameters(), plain.parameters()):
         torch.testing.assert_close(param.grad, ref_param.grad, **GRAD_TOL, msg=lambda m, n=name: f"grad of {n}: {m}")
     torch._dynamo.reset()
+
+
+# --------------------------------------------------------------------------------------------- packed rows
+
+PACKED = [
+    [[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4], list(range(16))],
+    [[0, 1, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1, 2, 3], [0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]],
+]
+
+
+@pytest.mark.parametrize("case", ["llama_gqa", "mistral", "qwen2", "gemma3"])
+def test_packed_rows_from_position_ids_run_documents(case):
+    """Packed rows (position_ids restarting, no attention_mask, use_cache=False): HF's packed-documents mask
+    subgraph becomes te_fx's thd plan with each layer's window; one graph serves other packings, each step equal
+    to eager's (logits and every gradient)."""
+    family, overrides = CASES[case]
+    torch.manual_seed(0)
+    model = tiny_model(family, **overrides).train()
+    torch._dynamo.reset()
+    te_fx.reset_compile_report()
+    records: list[GraphRecord] = []
+    compiled = torch.compile(model, backend=_spy_backend(records), fullgraph=True)
+    ids = torch.randint(3, model.config.vocab_size, (BATCH, SEQ))
+    for packing in PACKED:
+        position_ids = torch.tensor(packing)
+        packed = functools.partial(model, position_ids=position_ids, use_cache=False)
+        ref_logits, ref_grads = _forward_backward(packed, model, ids, None, ids)
+        packed = functools.partial(compiled, position_ids=position_ids, use_cache=False)
+        logits, grads = _forward_backward(packed, model, ids, None, ids)
+        torch.testing.assert_close(logits, ref_logits, **LOGIT_TOL)
+        assert grads.keys() == ref_grads.keys()
+        for name, grad in ref_grads.items():
+            torch.testing.assert_close(grads[name], grad, **GRAD_TOL, msg=lambda m, n=name: f"grad of {n}: {m}")
+    assert len(records) == 1
+    windows = [(SLIDING_WINDOW - 1, 0) if sliding else (-1, 0) for sliding in _sliding_layers(model.config)]
+    assert [(e["decision"], e["mask_kind"], e["window_size"]) for e in records[0].entries] == [
+        ("te", "thd", window) for window in windows
+    ]
+
+
+def test_positions_read_by_another_rule_stay_on_sdpa():
+    """A mask whose documents start only where a position is 0 (not HF's rule: a jump also starts one) is not
+    taken for packed documents."""
+
+    def attend(q, k, v, position_ids):
+        document = (position_ids == 0).cumsum(-1)
+        i = torch.arange(q.shape[2])
+        mask = (i[None, :] <= i[:, None])[None] & (document[:, :, None] == document[:, None, :])
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 8, 16) for _ in range(3))
+    position_ids = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4], [0, 1, 2, 3, 4, 5, 6, 7]])
+    torch._dynamo.reset()
+    te_fx.reset_compile_report()
+    out = torch.compile(attend, backend="te_attn", options=OPTIONS, fullgraph=True)(q, k, v, position_ids)
+    torch.testing.assert_close(out, attend(q, k, v, position_ids))
+    (entry,) = te_fx.compile_report()
+    assert entry["decision"] == "sdpa" and entry["reason"] == "fallback_mask", entry

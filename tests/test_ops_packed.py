@@ -130,7 +130,7 @@ def test_a_document_crossing_a_row_is_refused_by_the_reference():
         (dict(cu_seqlens=_cu_seqlens(DOCUMENTS["unequal"])[None]), "1D"),
         (dict(mask_type="causal_bottom_right"), "'causal' or 'no_mask'"),
         (dict(window_size=(2, 1)), r"window_size \(w, 0\)"),
-        (dict(key_padding_mask=torch.ones(2, 8, dtype=torch.bool)), "not both"),
+        (dict(key_padding_mask=torch.ones(2, 8, dtype=torch.bool)), "at most one of"),
         (dict(k=lambda k: k[:, :4], v=lambda v: v[:, :4]), "q_len == kv_len"),
     ],
 )
@@ -387,3 +387,44 @@ def test_reference_module_thd_format_is_te_call_contract():
     torch.testing.assert_close(out, ref.flatten(0, 1).flatten(1))
     with pytest.raises(ValueError, match="cu_seqlens_q and cu_seqlens_kv"):
         module(*(t.flatten(0, 1) for t in (q, k, v)))
+
+
+def _document_visibility(position_ids: torch.Tensor, window_left: int) -> torch.Tensor:
+    """(B, S, S) brute force: query i sees key j <= i (and >= i - w) of the same maximal run of +1 positions."""
+    batch, seq = position_ids.shape
+    visible = torch.zeros(batch, seq, seq, dtype=torch.bool)
+    for b in range(batch):
+        start = 0
+        for i in range(seq):
+            if i and position_ids[b, i] != position_ids[b, i - 1] + 1:
+                start = i
+            for j in range(start, i + 1):
+                visible[b, i, j] = window_left < 0 or i - j <= window_left
+    return visible
+
+
+@pytest.mark.parametrize("window_left", [-1, 2])
+def test_position_ids_run_the_documents_they_give(window_left):
+    """``position_ids``: documents wherever a position is not the previous one plus 1 (restarts and jumps alike),
+    each causal (and windowed) on its own: output and gradients against SDPA with a brute-force mask."""
+    position_ids = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 0, 1, 2], [5, 6, 7, 9, 10, 11, 12, 13, 14, 15]])
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 10, heads, 8, dtype=torch.float64, requires_grad=True) for heads in (4, 2, 2))
+
+    def attention(q, k, v):
+        return ops.attention(q, k, v, mask_type="causal", window_size=(window_left, 0), softmax_scale=0.3,
+                             position_ids=position_ids, executor="reference")  # fmt: skip
+
+    visible = _document_visibility(position_ids, window_left)
+    ref = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.repeat_interleave(2, 2).transpose(1, 2), v.repeat_interleave(2, 2).transpose(1, 2),
+        attn_mask=visible[:, None], scale=0.3,
+    ).transpose(1, 2)  # fmt: skip
+    out = attention(q, k, v)
+    torch.testing.assert_close(out, ref)
+    for grad, ref_grad in zip(torch.autograd.grad(out.sum(), (q, k, v)), torch.autograd.grad(ref.sum(), (q, k, v))):
+        torch.testing.assert_close(grad, ref_grad)
+    assert torch.autograd.gradcheck(attention, (q, k, v))
+    args = (q, k, v, position_ids, torch.tensor(5), "causal", window_left, 0, 0.3, 0.0, True, "reference")
+    result = torch.library.opcheck(torch.ops.te_fx.packed_attention_fwd.default, args)
+    assert set(result.values()) == {"SUCCESS"}, result

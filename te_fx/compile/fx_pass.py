@@ -230,13 +230,15 @@ def _classify(args: dict[str, Any], q: torch.Tensor, k: torch.Tensor, scope: _Sc
         return "fallback_mask", f"mask classification failed ({type(error).__name__})"
     if isinstance(classified, str):
         return "fallback_mask", classified
-    if classified.key_padding is not None and mask in scope.outer:
-        classified = dataclasses.replace(classified, key_padding=scope.bring_in(classified.key_padding))
+    if mask in scope.outer:  # the row input of a mask classified in the outer graph, as the region's operand
+        rows = {name: scope.bring_in(getattr(classified, name)) for name in ("key_padding", "position_ids")
+                if getattr(classified, name) is not None}  # fmt: skip
+        classified = dataclasses.replace(classified, **rows)
     if classified.mask_type != "causal" or same_size(q_len, kv_len):
         return classified
     # HF's causal masks sit at the bottom right when there are fewer queries than keys (a KV cache)
-    if classified.key_padding is not None:
-        return "fallback_mask", "padding mask with q_len != kv_len"
+    if classified.key_padding is not None or classified.position_ids is not None:
+        return "fallback_mask", "padding or packed-documents mask with q_len != kv_len"
     return AttentionPlan("causal_bottom_right", classified.window_size)
 
 
@@ -309,6 +311,7 @@ def _rewrite_one(scope: _Scope, node: fx.Node, executor: str, regions: list[fx.N
             softmax_scale=scale,
             dropout_p=args["dropout_p"],
             key_padding_mask=classified.key_padding,
+            position_ids=classified.position_ids,
             executor=executor,
         )
         out = graph.call_function(ops.attention, tuple(operands), kwargs)

@@ -7,7 +7,10 @@ symbolic sizes, at several sample sizes:
 
 * with the 2D input mask all ones, the result must be exactly a canonical pattern (causal with some window, or all
   visible) at every sample size;
-* with random 2D input masks, the result must be exactly that pattern AND ``input_mask[b, kv] != 0``.
+* with random 2D input masks, the result must be exactly that pattern AND ``input_mask[b, kv] != 0``;
+* or, the 2D input read as position ids (HF's packed rows, built from ``position_ids`` where no attention_mask is
+  given): with positions counting up in each row, exactly a causal pattern; with random packed rows, that pattern
+  within each document (:func:`~te_fx.core.masks.position_starts`).
 
 Anything else (other inputs, float masks, half-precision arithmetic, in-place writes, dynamic integers other than the
 batch and sequence sizes, a mismatch anywhere) leaves the SDPA node untouched.
@@ -21,7 +24,7 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
-from ..core.masks import causal_pattern, classify_mask
+from ..core.masks import causal_pattern, classify_mask, position_starts
 from ..core.plan import AttentionPlan
 
 __all__ = ["classify_mask_node", "node_value", "same_size"]
@@ -287,7 +290,10 @@ def classify_mask_node(
         numbers = [number for node in ancestors for number in _numbers(node.args, node.kwargs)]
         values = _padding_trial_values(node_value(padding).dtype, numbers, generator)
         if not all(_padding_consistent(module, args, index, ones, values, generator) for args, ones in samples):
-            return "mask combines its input with the pattern in a way other than key padding"
+            window = _documents_window(module, index, [args for args, _ in samples], generator)
+            if window is None:
+                return "mask combines its input with the pattern in a way other than key padding or packed documents"
+            return AttentionPlan("causal", (window, 0), position_ids=padding)
     window_size = (-1, -1) if mask_type == "no_mask" else (window, 0)
     return AttentionPlan(mask_type, window_size, key_padding=padding)
 
@@ -336,3 +342,46 @@ def _padding_consistent(
         if result.shape != expected.shape or not torch.equal(result, expected):
             return False
     return True
+
+
+def _documents_window(
+    module: fx.GraphModule, index: int, samples: list[list], generator: torch.Generator
+) -> int | None:
+    """The left window w where the subgraph computes causal attention (window w) within the documents of its input
+    ``index`` read as (B, S) position ids, at every sample's sizes (``samples``: its argument lists), else None:
+    positions counting up from 0 give one document per row, random packed rows (and random positions) several."""
+    results = []
+    for args in samples:
+        template = args[index]
+        batch, seq = template.shape
+        if template.dtype == torch.bool:
+            return None
+        trial = list(args)
+        trial[index] = torch.arange(seq, dtype=template.dtype, device=template.device).expand(batch, seq)
+        with torch.no_grad():
+            results.append(_run(module, trial))
+    kind = _classify_evaluated(max(results, key=lambda result: result.shape[-1]))
+    if kind is None or kind[0] != "causal":
+        return None
+    window = kind[1]
+    for args, result in zip(samples, results):
+        template = args[index]
+        batch, seq = template.shape
+        pattern = causal_pattern(seq, seq, window, template.device)
+        if result.shape[-2:] != (seq, seq) or not torch.equal(result, pattern.expand_as(result)):
+            return None
+        for trial in range(_RANDOM_TRIALS):
+            starts = torch.rand(batch, seq, generator=generator) < 0.3
+            positions = torch.arange(seq).expand(batch, seq) - torch.cummax(starts * torch.arange(seq), 1).values
+            if trial == _RANDOM_TRIALS - 1:  # positions that jump anywhere, as a model may be given
+                positions = torch.randint(-2, 4, (batch, seq), generator=generator).cumsum(1)
+            data = positions.to(device=template.device, dtype=template.dtype)
+            trial_args = list(args)
+            trial_args[index] = data
+            with torch.no_grad():
+                result = _run(module, trial_args)
+            document = position_starts(data).cumsum(1)
+            expected = pattern & (document[:, :, None] == document[:, None, :])
+            if result.shape != (batch, 1, seq, seq) or not torch.equal(result, expected[:, None]):
+                return None
+    return window

@@ -216,6 +216,15 @@ def _row_checks(
     return padding, documents, keep, kept_first, starts
 
 
+def position_starts(position_ids: torch.Tensor) -> torch.Tensor:
+    """(B, S) bool: where a document starts in rows of packed documents given by their (B, S) position ids, as
+    HF reads them (``find_packed_sequence_indices``): at a row's first token and wherever a position is not the one
+    before it plus 1."""
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    return starts
+
+
 def document_boundaries(starts: torch.Tensor, count: int) -> torch.Tensor:
     """(count + 1,) int32 document boundaries over the flattened (B, S) tokens, from the start flags (``count`` of
     them are set: the caller's one host sync)."""

@@ -54,6 +54,9 @@ class AttentionPlan:
       in, once per mask), else None. :func:`padding_route` says how TE runs it.
     * ``cu_seqlens``: (N + 1,) int32 document boundaries over the B * S flattened tokens (every row boundary is one):
       packed documents, each causal (and windowed) on its own. TE runs it in the ``thd`` format.
+    * ``position_ids``: (B, S) positions of packed documents (:func:`~te_fx.core.masks.position_starts` says where
+      each starts), for a way in that cannot read the boundaries when it plans (a compiled graph): te_fx's op finds
+      them at run time and runs the ``thd`` format.
 
     In the compile path these fields hold the graph nodes that compute them. ``softmax_scale`` is the call's scale
     where it differs from the attention module's (None: the module's), as for OPT, which scales the query itself.
@@ -63,6 +66,7 @@ class AttentionPlan:
     window_size: tuple[int, int]
     key_padding: Any = None
     cu_seqlens: Any = None
+    position_ids: Any = None
     softmax_scale: float | None = None
     key_layout: PaddingLayout | None = None
 
@@ -71,7 +75,7 @@ class AttentionPlan:
         """A short name for reports: the TE mask type, or "padding_causal" / "thd" where the plan refines it."""
         if self.key_padding is not None:
             return "padding_causal"
-        if self.cu_seqlens is not None:
+        if self.cu_seqlens is not None or self.position_ids is not None:
             return "thd"
         return self.mask_type
 

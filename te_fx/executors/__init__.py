@@ -96,7 +96,7 @@ def te_terms(plan: AttentionPlan, training: bool) -> tuple[str, str, bool]:
     if plan.key_padding is not None:
         key_bias = padding_route(plan.key_layout or UNKNOWN_LAYOUT, training) == "key_bias"
         return (plan.mask_type, "bshd", True) if key_bias else ("padding_causal", "bshd", False)
-    if plan.cu_seqlens is not None:
+    if plan.cu_seqlens is not None or plan.position_ids is not None:
         return thd_mask_type(plan.mask_type), "thd", False
     return plan.mask_type, "bshd", False
 
