@@ -1031,7 +1031,8 @@ def test_te_executor_without_transformer_engine(monkeypatch, executor):
         te_fx.inject_te_attention(model, executor=executor)
     assert isinstance(info.value, ImportError)
     message = str(info.value)
-    assert "pip install 'te-fx[te]'" in message and "executor='reference'" in message and "TE_FX_EXECUTOR" in message
+    assert "pip install --no-build-isolation 'transformer_engine[pytorch]'" in message
+    assert "executor='reference'" in message and "TE_FX_EXECUTOR" in message
     assert not any(hasattr(attn, "attn_module") for attn in attention_modules(model))
     assert not getattr(model, "_te_attention_injected", False)
     # TE is imported only when the real factory runs: a model without attention modules needs none

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 __all__ = [
     "EXECUTORS",
     "QKV_FORMATS",
+    "TE_INSTALL",
     "AttentionCall",
     "Executor",
     "ExecutorModule",
@@ -48,6 +49,7 @@ __all__ = [
 EXECUTORS = ("te", "reference")
 QKV_FORMATS = ("bshd", "thd")
 ENV_EXECUTOR = "TE_FX_EXECUTOR"
+TE_INSTALL = "pip install --no-build-isolation 'transformer_engine[pytorch]' (see README.md, GPU installation)"
 
 
 def te_head_dims_supported(head_dim_qk: int, head_dim_v: int) -> bool:
@@ -135,7 +137,7 @@ def load_te_executor() -> ModuleType:
     except ImportError as error:  # TE missing, or its CUDA extension failed to load
         raise TEUnavailableError(
             f"te_fx's 'te' executor needs TransformerEngine with PyTorch support, which failed to import ({error}). "
-            "Install it with `pip install 'te-fx[te]'` (needs CUDA), or pass executor='reference' "
+            f"Install it with `{TE_INSTALL}` (needs CUDA), or pass executor='reference' "
             f"(or set {ENV_EXECUTOR}=reference) to run the pure-PyTorch reference executor."
         ) from error
     return te

@@ -147,7 +147,8 @@ def te_mask(
     if outside is not None:
         raise ValueError(
             f'attn_implementation="te" needs a model whose attention goes through transformers\' AttentionInterface; '
-            f"{outside} runs its own attention code. Use attn_implementation='sdpa' (or te_fx.inject_te_attention)"
+            f"{outside} runs its own attention code. Load it with the attention transformers gives it by default (no "
+            "attn_implementation); te_fx.inject_te_attention takes its SDPA calls where it makes any"
         )
     if read_mask(attention_mask) is not None:  # passed on before, as generate() does for the steps it prepares
         return attention_mask

@@ -17,12 +17,12 @@ from typing import Any
 
 import torch
 
+from ..executors import TE_INSTALL
 from .model_config import first_line
 
-__all__ = ["CheckResult", "TYPICAL_SHAPE", "run_check", "format_check", "TE_INSTALL"]
+__all__ = ["CheckResult", "TYPICAL_SHAPE", "run_check", "format_check"]
 
 # TE's PyTorch extension ships as source: built against the installed torch (CUDA toolkit and cuDNN needed)
-TE_INSTALL = "pip install --no-build-isolation 'transformer_engine[pytorch]' (see README.md, GPU installation)"
 # (batch, heads, kv_heads, q_len, kv_len, head_dim_qk, head_dim_v): a Llama-3-8B-like layer at 4k context
 TYPICAL_SHAPE = (2, 32, 8, 4096, 4096, 128, 128)
 TYPICAL_TEXT = "bf16, batch 2, length 4096, 32 heads, 8 KV heads, head dim 128, causal"
