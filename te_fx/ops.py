@@ -312,6 +312,7 @@ def _padded_backward(ctx: Any, d_out: Tensor, _d_stats: Tensor, _d_rng: Tensor) 
 
 padded_attention_fwd.register_autograd(_padded_backward, setup_context=_padded_setup_context)
 
+
 @torch.library.custom_op("te_fx::document_count", mutates_args=())
 def document_count_on_host(position_ids: Tensor) -> Tensor:
     """How many packed documents (B, S) ``position_ids`` hold (:func:`~te_fx.core.masks.position_starts`), as a

@@ -5,7 +5,12 @@ import torch
 
 
 def visible_keys(
-    mask_type: str, window: tuple[int, int], i: int, q_len: int, kv_len: int, sq: int | None = None,
+    mask_type: str,
+    window: tuple[int, int],
+    i: int,
+    q_len: int,
+    kv_len: int,
+    sq: int | None = None,
     skv: int | None = None,
 ) -> list[int]:
     """Keys query ``i`` sees under TE's semantics (sq/skv: the row's actual lengths, for the padding types)."""
@@ -128,8 +133,10 @@ def representable(attend: torch.Tensor) -> set[str]:
             any(bool((attend[b] == causal & keep[None, :]).all()) for keep in keeps) for b in range(batch)
         ):
             found.add("padding")
-        if "documents" not in found and window != 0 and all(
-            any(bool((attend[b] == causal & same).all()) for same in same_doc) for b in range(batch)
+        if (
+            "documents" not in found
+            and window != 0
+            and all(any(bool((attend[b] == causal & same).all()) for same in same_doc) for b in range(batch))
         ):
             found.add("documents")
     return found

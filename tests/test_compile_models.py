@@ -171,9 +171,7 @@ def _sliding_layers(config) -> list[bool]:
     return [getattr(config, "sliding_window", None) is not None] * config.num_hidden_layers
 
 
-def _check_record(
-    record: GraphRecord, case: str, config, has_mask: bool, seq: int = SEQ
-) -> None:
+def _check_record(record: GraphRecord, case: str, config, has_mask: bool, seq: int = SEQ) -> None:
     """The report of one compiled graph (first run at length ``seq``) is what its SDPA nodes allow, layer by
     layer."""
     sliding = _sliding_layers(config)

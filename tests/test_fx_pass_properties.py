@@ -426,9 +426,7 @@ KV_PREFIXES = st.sampled_from([0, 0, 3, 1, 6])
 @st.composite
 def layout_specs(draw, layout: str) -> Spec:
     mask = draw(st.sampled_from(["none", "is_causal", "tril", "sliding"]))
-    return Spec(
-        **_base(draw), layout=layout, mask=mask, window=draw(st.integers(1, 6)), kv_prefix=draw(KV_PREFIXES)
-    )
+    return Spec(**_base(draw), layout=layout, mask=mask, window=draw(st.integers(1, 6)), kv_prefix=draw(KV_PREFIXES))
 
 
 @st.composite
@@ -568,7 +566,9 @@ def test_rank_2_mask_is_left_to_sdpa():
     torch.testing.assert_close(out, attend(q, k, v), **TOL)
     (entry,) = te_fx.compile_report()
     assert (entry["decision"], entry["reason"], entry["detail"]) == (
-        "sdpa", "fallback_mask", "mask does not have the query/key shape"
+        "sdpa",
+        "fallback_mask",
+        "mask does not have the query/key shape",
     ), entry
 
 

@@ -50,8 +50,8 @@ def test_mask_edited_in_place_after_it_was_built_stays_on_sdpa():
     for fn in (prefix_lm, prefix_lm_masked_fill):
         (entry,) = _compile_and_compare(fn, *_qkv())
         assert (
-        entry["decision"] == "sdpa" and entry["reason"] == "fallback_mask" and "written in place" in entry["detail"]
-    ), entry
+            entry["decision"] == "sdpa" and entry["reason"] == "fallback_mask" and "written in place" in entry["detail"]
+        ), entry
 
 
 def test_mask_written_by_an_aten_overload_stays_on_sdpa():
@@ -89,8 +89,8 @@ def test_padding_input_written_in_place_stays_on_sdpa():
     for fn in (edited_padding, cleared_after_use, foreach_cleared):
         (entry,) = _compile_and_compare(fn, *_qkv(), pad)
         assert (
-        entry["decision"] == "sdpa" and entry["reason"] == "fallback_mask" and "written in place" in entry["detail"]
-    ), entry
+            entry["decision"] == "sdpa" and entry["reason"] == "fallback_mask" and "written in place" in entry["detail"]
+        ), entry
 
 
 def test_repeat_kv_source_written_after_the_copy_is_not_elided():
@@ -169,9 +169,9 @@ def test_positions_in_a_low_precision_float_stay_on_sdpa():
         return F.scaled_dot_product_attention(q, k, v, attn_mask=(pos[None, :] <= pos[:, None])[None, None])
 
     (entry,) = _compile_and_compare(bf16_positions, *_qkv(seq=300, batch=1, dim=8))
-    assert (
-        entry["decision"] == "sdpa" and entry["reason"] == "fallback_mask" and "floating-point" in entry["detail"]
-    ), entry
+    assert entry["decision"] == "sdpa" and entry["reason"] == "fallback_mask" and "floating-point" in entry["detail"], (
+        entry
+    )
 
 
 def test_dropout_of_one_stays_on_sdpa():
@@ -179,9 +179,9 @@ def test_dropout_of_one_stays_on_sdpa():
         return F.scaled_dot_product_attention(q, k, v, dropout_p=1.0, is_causal=True)
 
     (entry,) = _compile_and_compare(all_dropped, *_qkv())
-    assert (
-        entry["decision"] == "sdpa" and entry["reason"] == "fallback_dropout" and "dropout_p" in entry["detail"]
-    ), entry
+    assert entry["decision"] == "sdpa" and entry["reason"] == "fallback_dropout" and "dropout_p" in entry["detail"], (
+        entry
+    )
 
 
 def test_symbolic_batch_with_a_batch_free_mask_compiles():
@@ -275,9 +275,9 @@ def test_kv_batch_broadcast_over_the_queries_stays_on_sdpa():
     attention_mask = torch.ones(3, 8, dtype=torch.long)
     attention_mask[0, 6:] = 0
     (entry,) = _compile_and_compare(shared_memory, q, k, v, attention_mask)
-    assert (
-        entry["decision"] == "sdpa" and entry["reason"] == "fallback_layout" and "K/V batch" in entry["detail"]
-    ), entry
+    assert entry["decision"] == "sdpa" and entry["reason"] == "fallback_layout" and "K/V batch" in entry["detail"], (
+        entry
+    )
 
 
 def test_output_viewed_as_sdpa_laid_it_out():
@@ -333,7 +333,6 @@ def test_storage_read_after_the_transpose_back_sees_sdpa_layout():
 
     (entry,) = _compile_and_compare(flat_storage, *_qkv())
     assert entry["decision"] == "te", entry
-
 
 
 def test_a_mask_too_large_to_sample_stays_on_sdpa(monkeypatch):

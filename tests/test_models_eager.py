@@ -507,8 +507,12 @@ def test_user_mask_rewritten_between_calls_of_the_decoder_or_of_one_module_is_cl
             model.model(ids, attention_mask=mask)
             te_fx.reset_te_attention_stats()
             mask.data[0, 0, :, half] = False  # padding inside the row, invisible to mask._version
-            torch.testing.assert_close(model.model(ids, attention_mask=mask).last_hidden_state,
-                                       plain.model(ids, attention_mask=mask).last_hidden_state, atol=ATOL, rtol=RTOL)
+            torch.testing.assert_close(
+                model.model(ids, attention_mask=mask).last_hidden_state,
+                plain.model(ids, attention_mask=mask).last_hidden_state,
+                atol=ATOL,
+                rtol=RTOL,
+            )
         assert te_fx.get_te_attention_stats() == {**ZERO_STATS, "fallback_mask": _num_layers(model)}
 
 
@@ -629,8 +633,11 @@ def test_data_parallel_replication_of_an_injected_model_is_refused(monkeypatch):
     replicate_module = importlib.import_module("torch.nn.parallel.replicate")  # the package exports the function
 
     monkeypatch.setattr(replicate_module, "_get_device_index", lambda device, optional=False: 0)
-    monkeypatch.setattr(replicate_module, "_broadcast_coalesced_reshape",
-                        lambda tensors, devices, detach=False: [[t.detach().clone() for t in tensors] for _ in devices])
+    monkeypatch.setattr(
+        replicate_module,
+        "_broadcast_coalesced_reshape",
+        lambda tensors, devices, detach=False: [[t.detach().clone() for t in tensors] for _ in devices],
+    )
     plain, injected = _pair("llama")
     assert replicate_module.replicate(plain, [0], detach=True)  # the emulation works for a plain model
     with pytest.raises(RuntimeError, match="DistributedDataParallel"):

@@ -343,14 +343,23 @@ GRAD_CASES = {
     "no_mask_mha": dict(mask_kind="none", kv_mode="plain", n_rep=1, q_len=4, kv_len=4),
     # per-row plans: key padding (full causal and the layer's window) and packed documents
     "pad_left_gqa": dict(mask_kind="pad_left", kv_mode="repeat_kv", n_rep=2, q_len=7, kv_len=7, pads=[0, 3]),
-    "pad_right_inf": dict(mask_kind="pad_right", kv_mode="enable_gqa", n_rep=2, q_len=7, kv_len=7, pads=[2, 0],
-                          encoding="inf"),
-    "pad_both_windowed": dict(mask_kind="pad_both", kv_mode="repeat_kv", n_rep=2, q_len=8, kv_len=8, pads=[1, 2],
-                              pads_right=[2, 0], base_window=2),
-    "packed_documents": dict(mask_kind="packed", kv_mode="enable_gqa", n_rep=2, q_len=8, kv_len=8,
-                             cuts=[[3, 5], [4]]),
-    "packed_windowed": dict(mask_kind="packed", kv_mode="plain", n_rep=1, q_len=8, kv_len=8, cuts=[[5], [1, 2]],
-                            base_window=2),
+    "pad_right_inf": dict(
+        mask_kind="pad_right", kv_mode="enable_gqa", n_rep=2, q_len=7, kv_len=7, pads=[2, 0], encoding="inf"
+    ),
+    "pad_both_windowed": dict(
+        mask_kind="pad_both",
+        kv_mode="repeat_kv",
+        n_rep=2,
+        q_len=8,
+        kv_len=8,
+        pads=[1, 2],
+        pads_right=[2, 0],
+        base_window=2,
+    ),
+    "packed_documents": dict(mask_kind="packed", kv_mode="enable_gqa", n_rep=2, q_len=8, kv_len=8, cuts=[[3, 5], [4]]),
+    "packed_windowed": dict(
+        mask_kind="packed", kv_mode="plain", n_rep=1, q_len=8, kv_len=8, cuts=[[5], [1, 2]], base_window=2
+    ),
 }
 
 

@@ -56,7 +56,6 @@ def node_value(node: object) -> object:
     return node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else node
 
 
-
 def _extract(mask: fx.Node, nodes: list[fx.Node]) -> tuple[fx.GraphModule, list[fx.Node]] | None:
     """A standalone GraphModule computing ``mask`` from the placeholders it depends on (returned in order);
     ``nodes`` are its :func:`_ancestors`."""
@@ -239,6 +238,7 @@ def classify_mask_node(
             batch_symbols |= padding_batch - _free_symbols(q_len) - _free_symbols(kv_len)
         if 2 * largest + 3 > (_MAX_SAMPLE if independent_batch else 64):
             return "mask subgraph has constants too large to check at every sequence length"
+
         def sizes_at(n: int, batch_size: int | None = None) -> dict:
             return {s: (batch_size or min(n, 3)) if s in batch_symbols else n for s in symbols}
 

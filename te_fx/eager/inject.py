@@ -31,7 +31,7 @@ _SCOPE_PARENT = "_te_fx_mask_scope_parent"  # the scoped module whose forward ca
 
 _COMPILE_WARNING = (
     "te_fx: torch.compile / torch.export traces injected attention modules as plain SDPA (the injection steps aside "
-    "while Dynamo traces or torch.export runs); compile with backend=\"te_attn\" to have te_fx rewrite those calls "
+    'while Dynamo traces or torch.export runs); compile with backend="te_attn" to have te_fx rewrite those calls '
     "to TE attention: with any other backend they run torch's SDPA"
 )
 _compile_warned = False

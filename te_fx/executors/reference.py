@@ -387,9 +387,7 @@ class ReferenceDotProductAttention(ExecutorModule):
         self.window_size = window_size
         self.softmax_scale = softmax_scale
 
-    def unsupported_reason(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan
-    ) -> str | None:
+    def unsupported_reason(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan) -> str | None:
         """None: the reference runs every valid plan, on any device and dtype."""
         return None
 
