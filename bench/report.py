@@ -204,7 +204,8 @@ def write_report(results: dict, out: Path) -> dict[str, Path]:
              f"profiles {', '.join(results['profiles'])}, bf16 matmul peak "
              f"{_fmt(results.get('matmul_peak_tflops'), 0)} TFLOP/s. Times are medians in ms per call, each timed "
              "over back-to-back calls (bench/timing.py).", "",
-             "Columns: te_fx eager is the SDPA replacement `inject_te_attention` installs, on HF's eager inputs; "
+             "Columns: te_fx eager is the SDPA replacement `inject_te_attention` installs, on HF's eager inputs, "
+             "timed as a layer inside a model's forward (a mask is classified once per forward, not in the figure); "
              "te_fx eager fp8 the same inside `te.autocast(recipe=DelayedScaling(fp8_dpa=True))` (bf16 causal cases; "
              "n/a where TE's FP8 attention cannot run and te_fx would fall back); te_fx op the custom op compiled "
              "graphs run; sdpa HF compile mask is SDPA with the bool mask and repeated K/V of a compiled HF model. "
