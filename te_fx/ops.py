@@ -21,8 +21,12 @@ from .executors import EXECUTORS, get_executor, is_training, thd_mask_type
 
 __all__ = ["attention"]
 
+# the forwards draw dropout randomness from torch's generators: a compiled graph that recomputes them (activation
+# checkpointing) must replay the generator state, as it does for aten's random ops
+_SEEDED = (torch.Tag.nondeterministic_seeded,)
 
-@torch.library.custom_op("te_fx::attention_fwd", mutates_args=())
+
+@torch.library.custom_op("te_fx::attention_fwd", mutates_args=(), tags=_SEEDED)
 def attention_fwd(
     q: Tensor,
     k: Tensor,
@@ -192,7 +196,7 @@ def _(keep):
     return torch.empty(3, dtype=torch.bool, device="cpu")
 
 
-@torch.library.custom_op("te_fx::padded_attention_fwd", mutates_args=())
+@torch.library.custom_op("te_fx::padded_attention_fwd", mutates_args=(), tags=_SEEDED)
 def padded_attention_fwd(
     q: Tensor,
     k: Tensor,
@@ -325,7 +329,7 @@ def _(position_ids):
     return torch.empty((), dtype=torch.int64, device="cpu")
 
 
-@torch.library.custom_op("te_fx::packed_attention_fwd", mutates_args=())
+@torch.library.custom_op("te_fx::packed_attention_fwd", mutates_args=(), tags=_SEEDED)
 def packed_attention_fwd(
     q: Tensor,
     k: Tensor,

@@ -662,3 +662,29 @@ def test_key_padding_in_inference_is_exact_at_every_position_wherever_it_sits(pa
     out = ops.attention(q, k, v, mask_type="causal", window_size=window, softmax_scale=0.5,
                         key_padding_mask=key_padding, executor="reference")  # fmt: skip
     torch.testing.assert_close(out, _sdpa_reference(q, k, v, _sdpa_mask("causal", window, 6, 6, key_padding), 0.5))
+
+
+@pytest.mark.parametrize("padding", [None, "holes", "left"])
+def test_compiled_checkpointed_dropout_replays_the_forwards_randomness(padding):
+    """Activation checkpointing under torch.compile recomputes te_fx's forward for the backward: with dropout it must
+    draw the same mask (the ops are tagged as seeded random ops), so the gradient equals the uncompiled one's."""
+    from torch.utils.checkpoint import checkpoint
+
+    key_padding = None if padding is None else torch.tensor(KEY_PADDING[padding], dtype=torch.bool)
+    q, k, v = _qkv(q_len=6, kv_len=6)
+
+    def attend(q, k, v):
+        return ops.attention(q.sin(), k, v, mask_type="causal", window_size=(2, 0), softmax_scale=0.5, dropout_p=0.4,
+                             key_padding_mask=key_padding, executor="reference")  # fmt: skip
+
+    def checkpointed(q, k, v):
+        return checkpoint(attend, q, k, v, use_reentrant=False)
+
+    torch._dynamo.reset()
+    grads = []
+    for fn in (attend, torch.compile(checkpointed, backend="aot_eager", fullgraph=True)):
+        torch.manual_seed(7)
+        out = fn(q, k, v)
+        grads.append(torch.autograd.grad((out * out).sum(), (q, k, v)))
+    for grad, expected in zip(grads[1], grads[0]):
+        torch.testing.assert_close(grad, expected)
