@@ -445,3 +445,22 @@ def test_compiled_training_runs_every_layer_with_a_padding_mask_of_any_layout():
             mask[row, columns] = 0
         _assert_same_training_step(plain, te, ids.masked_fill(mask == 0, 0), attention_mask=mask)
     assert op_calls == [te.config.num_hidden_layers]
+
+
+@pytest.mark.parametrize("family", ["mistral", "llama_gqa"])
+def test_a_mask_built_under_compile_and_read_outside_it_is_not_taken_as_checked(family):
+    """te_mask under torch.compile cannot check where the padding sits; an attention call outside the compiled region
+    (``torch.compiler.disable``) that reads that mask must not take it for one te_mask checked: padding inside a row
+    stays exact at every position."""
+    torch._dynamo.reset()
+    plain, te = _pair(family)
+    for layer in te.model.layers:
+        layer.self_attn.forward = torch.compiler.disable(layer.self_attn.forward)
+    te.forward = torch.compile(te.forward, backend="aot_eager")
+    ids = _ids(2, 16)
+    mask = torch.ones_like(ids)
+    mask[0, 3:6] = 0
+    _assert_same_training_step(plain, te, ids, attention_mask=mask)
+    with torch.no_grad():
+        torch.testing.assert_close(te(ids, attention_mask=mask).logits, plain(ids, attention_mask=mask).logits,
+                                   atol=ATOL, rtol=RTOL)  # fmt: skip

@@ -22,8 +22,9 @@ _VIEW_OPS = frozenset(
         "getitem", "view", "view_as", "reshape", "reshape_as", "transpose", "swapaxes", "swapdims", "permute",
         "movedim", "moveaxis", "t", "T", "mT", "unsqueeze", "squeeze", "expand", "expand_as", "flatten", "unflatten",
         "narrow", "select", "diagonal", "as_strided", "unfold", "split", "split_with_sizes", "tensor_split", "chunk",
-        "unbind", "contiguous", "detach", "alias", "to", "type", "type_as", "bool", "byte", "char", "short", "int",
-        "long", "half", "bfloat16", "float", "double", "real", "imag", "view_as_real", "view_as_complex",
+        "unsafe_split", "unsafe_split_with_sizes", "unsafe_chunk", "unbind", "contiguous", "detach", "alias", "to",
+        "type", "type_as", "bool", "byte", "char", "short", "int", "long", "half", "bfloat16", "float", "double",
+        "real", "imag", "view_as_real", "view_as_complex",
     }
 )  # fmt: skip
 _IN_PLACE_OPERATORS = frozenset(
@@ -60,17 +61,18 @@ def _storages(value: object) -> set[int] | None:
 
 
 def _is_view(node: fx.Node) -> bool:
-    """Whether ``node`` may return a view of one of its tensor arguments: by name, else by the traced example values
-    (Dynamo's fake tensors share storages as the real ones would), else unless ATen's schema says it cannot."""
+    """Whether ``node`` may return a view of one of its tensor arguments: by name; else, where every argument has a
+    traced example value, by whether the output shares a storage with one (Dynamo's fake tensors share storages as the
+    real ones would); else unless ATen's schema says it returns a new tensor."""
     if node.op not in ("call_function", "call_method"):
         return False
     name = _name(node)
     if name in _VIEW_OPS:
         return True
     out = _storages(node.meta.get("example_value"))
-    inputs = [_storages(arg.meta.get("example_value")) for arg in node.all_input_nodes]
-    if out is not None and all(storages is not None or not arg.meta for storages, arg in
-                               zip(inputs, node.all_input_nodes)):  # fmt: skip
+    traced = [arg.meta["example_value"] for arg in node.all_input_nodes if "example_value" in arg.meta]
+    if out is not None and len(traced) == len(node.all_input_nodes):
+        inputs = [_storages(value) for value in traced]  # sizes and other non-tensors have none
         return bool(out & set().union(*(storages for storages in inputs if storages)))
     return not _aten_returns_new(name)
 

@@ -7,9 +7,10 @@ what the attention function needs in one small tensor, :func:`read_mask` reads i
 (causal, and its window) wins over the layer's own arguments, as it does in HF's SDPA:
 
 * (B or 1, W, kv_len), W = window_left + 2: the keep mask of each row's keys, repeated (a stride-0 view) W times
-  so that its size carries the window; int8 for no padding, uint8 when every row keeps its first keys and at least
-  one (right padding), bool for padding before the first or after the last kept token (outside torch.compile,
-  where it is checked) or anywhere (under it, where te_fx's op reads the layout at run time);
+  so that its size carries the window; int8 for no padding, and for key padding uint8 when every row keeps its
+  first keys and at least one (right padding), int16 for padding before the first or after the last kept token
+  (both checked, outside torch.compile), bool for a layout nobody checked (under torch.compile: te_fx's op reads it
+  at run time);
 * (W, N + 1) int32: the boundaries of packed documents over the B * S tokens (outside torch.compile: HF's packed
   mask function is recognised by its closure, which a compiled graph cannot read).
 
@@ -52,16 +53,23 @@ class MaskInfo:
     cu_seqlens: torch.Tensor | None = None
 
 
+# the key padding layout a descriptor's dtype says te_mask checked (int8: no padding; bool: unchecked)
+_LAYOUTS: dict[torch.dtype, PaddingLayout | None] = {
+    torch.int8: None,
+    torch.uint8: (False, True, True),
+    torch.int16: (False, True, False),
+    torch.bool: None,
+}
+
+
 def read_mask(mask: Any) -> MaskInfo | None:
     """The :class:`MaskInfo` of a mask :func:`te_mask` passed on, else None (no mask, or HF's own)."""
     if not isinstance(mask, torch.Tensor):
         return None
-    if mask.dim() == 3 and mask.dtype in (torch.int8, torch.uint8, torch.bool):
+    if mask.dim() == 3 and mask.dtype in _LAYOUTS:
         if mask.dtype == torch.int8:
             return MaskInfo(mask.shape[1] - 2)
-        checked = mask.dtype == torch.uint8 or not torch.compiler.is_compiling()
-        layout = (False, True, mask.dtype == torch.uint8) if checked else None
-        return MaskInfo(mask.shape[1] - 2, mask[:, 0], layout)
+        return MaskInfo(mask.shape[1] - 2, mask[:, 0], _LAYOUTS[mask.dtype])
     if mask.dim() == 2 and mask.dtype == torch.int32:
         return MaskInfo(mask.shape[0] - 2, cu_seqlens=mask[0])
     return None
@@ -175,6 +183,5 @@ def te_mask(
             return torch.ones((), dtype=torch.int8, device=keep.device).expand(1, width, kv_length)
         if not outer:
             return hf_mask()
-        if kept_first:
-            keep = keep.to(torch.uint8)
+        keep = keep.to(torch.uint8 if kept_first else torch.int16)
     return keep[:, None, :].expand(-1, width, -1)
