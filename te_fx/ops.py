@@ -26,6 +26,21 @@ __all__ = ["attention"]
 _SEEDED = (torch.Tag.nondeterministic_seeded,)
 
 
+def _fake_forward(
+    q: Tensor, v: Tensor, executor: str, qkv_format: str, dropout_p: float, training: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """What a forward op returns, as fake tensors: out (B, Sq, H, Dv) and the executor's aux tensors."""
+    out = q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[-1])
+    return out, *get_executor(executor).fake_aux(q, qkv_format, dropout_p, training)
+
+
+def _fake_grads(q: Tensor, k: Tensor, v: Tensor, softmax_offset: Tensor | None) -> tuple[Tensor, ...]:
+    """What a backward op returns, as fake tensors: contiguous gradients whatever the strides of q, k, v (the kernels
+    write them so), and the offset's (empty without one)."""
+    offset = softmax_offset if softmax_offset is not None else q.new_empty(0, dtype=torch.float32)
+    return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v, offset))
+
+
 @torch.library.custom_op("te_fx::attention_fwd", mutates_args=(), tags=_SEEDED)
 def attention_fwd(
     q: Tensor,
@@ -66,8 +81,7 @@ def _(
 ):  # fmt: skip
     torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4, lambda: "te_fx attention takes 4D bshd tensors")
     torch._check(q.shape[2] % k.shape[2] == 0, lambda: "query heads must be a multiple of KV heads")
-    out = q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[-1])
-    return out, *get_executor(executor).fake_aux(q, qkv_format, dropout_p, training)
+    return _fake_forward(q, v, executor, qkv_format, dropout_p, training)
 
 
 @torch.library.custom_op("te_fx::attention_bwd", mutates_args=())
@@ -107,9 +121,7 @@ def _(
     d_out, q, k, v, out, softmax_stats, rng_state, cu_seqlens_q, cu_seqlens_kv, mask_type, window_left, window_right,
     softmax_scale, dropout_p, executor, qkv_format="bshd", softmax_offset=None, key_bias=None,
 ):  # fmt: skip
-    # the kernels write contiguous bshd gradients whatever the strides of q, k, v
-    offset = softmax_offset if softmax_offset is not None else q.new_empty(0, dtype=torch.float32)
-    return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v, offset))
+    return _fake_grads(q, k, v, softmax_offset)
 
 
 def _setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
@@ -239,8 +251,7 @@ def padded_attention_fwd(
 
 @padded_attention_fwd.register_fake
 def _(q, k, v, keep, layout, window_left, softmax_scale, dropout_p, executor, softmax_offset=None):
-    out = q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[-1])
-    return out, *get_executor(executor).fake_aux(q, "bshd", dropout_p, True)
+    return _fake_forward(q, v, executor, "bshd", dropout_p, True)
 
 
 @torch.library.custom_op("te_fx::padded_attention_bwd", mutates_args=())
@@ -297,8 +308,7 @@ def _(
     d_out, q, k, v, out, softmax_stats, rng_state, keep, layout, window_left, softmax_scale, dropout_p, executor,
     softmax_offset=None,
 ):  # fmt: skip
-    offset = softmax_offset if softmax_offset is not None else q.new_empty(0, dtype=torch.float32)
-    return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v, offset))
+    return _fake_grads(q, k, v, softmax_offset)
 
 
 def _padded_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
@@ -357,8 +367,7 @@ def packed_attention_fwd(
 @packed_attention_fwd.register_fake
 def _(q, k, v, position_ids, count, mask_type, window_left, window_right, softmax_scale, dropout_p, training,
       executor, softmax_offset=None):  # fmt: skip
-    out = q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[-1])
-    return out, *get_executor(executor).fake_aux(q, "thd", dropout_p, training)
+    return _fake_forward(q, v, executor, "thd", dropout_p, training)
 
 
 @torch.library.custom_op("te_fx::packed_attention_bwd", mutates_args=())
@@ -391,8 +400,7 @@ def packed_attention_bwd(
 @packed_attention_bwd.register_fake
 def _(d_out, q, k, v, out, softmax_stats, rng_state, position_ids, count, mask_type, window_left, window_right,
       softmax_scale, dropout_p, executor, softmax_offset=None):  # fmt: skip
-    offset = softmax_offset if softmax_offset is not None else q.new_empty(0, dtype=torch.float32)
-    return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v, offset))
+    return _fake_grads(q, k, v, softmax_offset)
 
 
 def _packed_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
