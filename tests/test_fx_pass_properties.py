@@ -593,7 +593,7 @@ def test_dropout_is_rewritten_with_dropout():
 
 
 # --------------------------------------------------------------------------------------------- regressions
-# Each of these failed on te_fx at b48fa48 (wrong output, crash or wrong decision); see the test's docstring.
+# Graphs where a careless rewrite gives a wrong output, a crash or a wrong decision; see the test's docstring.
 
 
 def _compile_and_compare(fn, *args, seed: int | None = None):

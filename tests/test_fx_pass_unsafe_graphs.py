@@ -211,7 +211,7 @@ def _compile_over(fn, shapes) -> list[dict]:
 
 def test_spans_hidden_in_shifts_reciprocals_or_narrow_integers_are_checked():
     """64-token chunks written as a shift or a reciprocal, and uint8 positions (wrapping at 256), are plain causal
-    at every length up to 2 * 6 + 3: a dynamic graph must not carry that decision to 300 tokens (error 1.9)."""
+    at every length up to 2 * 6 + 3: a dynamic graph must not carry that decision to 300 tokens."""
 
     def chunks_by_shift(q, k, v):
         idx = torch.arange(q.shape[2])
@@ -247,7 +247,7 @@ def test_batch_rows_beyond_the_sampled_ones_are_checked():
 
 def test_a_key_mask_that_also_drops_a_token_id_stays_on_sdpa():
     """``causal & (ids != 0) & (ids != SEP)`` is not key padding on ``ids != 0``: separator keys must stay hidden
-    (error 0.26 when it was rewritten as padding_causal)."""
+    (taken as padding_causal, the output would differ)."""
     sep = 5
 
     def drop_padding_and_separators(q, k, v, ids):
@@ -294,7 +294,7 @@ def test_output_viewed_as_sdpa_laid_it_out():
 
 def test_a_top_left_causal_mask_is_not_taken_for_bottom_right_when_lengths_differ():
     """SDPA's documented explicit mask, ``ones(L, S).tril()``, is aligned top-left; a dynamic graph with separate
-    query and key lengths must not become TE's bottom-right causal (error 2.6 at L=5, S=9)."""
+    query and key lengths must not become TE's bottom-right causal."""
 
     def top_left(q, k, v):
         mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool).tril()
@@ -312,7 +312,7 @@ def test_a_top_left_causal_mask_is_not_taken_for_bottom_right_when_lengths_diffe
 
 
 def test_chained_divisions_multiply_the_span():
-    """``idx // 40 // 40`` has 1600-token chunks, though no constant is above 40 (error 2.6 at 1700 tokens)."""
+    """``idx // 40 // 40`` has 1600-token chunks, though no constant is above 40."""
 
     def chunks(q, k, v):
         idx = torch.arange(q.shape[2])
@@ -325,7 +325,7 @@ def test_chained_divisions_multiply_the_span():
 
 
 def test_storage_read_after_the_transpose_back_sees_sdpa_layout():
-    """``as_strided`` reads storage: the op's output gets the layout SDPA's traced output had (error 2.5)."""
+    """``as_strided`` reads storage: the op's output gets the layout SDPA's traced output had."""
 
     def flat_storage(q, k, v):
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)

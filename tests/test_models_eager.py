@@ -538,7 +538,7 @@ def test_user_mask_rewritten_between_calls_of_one_decoder_layer_is_classified_ag
 
 
 def test_a_forward_interrupted_by_keyboard_interrupt_leaves_no_decision_behind():
-    """KeyboardInterrupt skips PyTorch's forward hooks: the next forward must still start afresh (error 6.7)."""
+    """KeyboardInterrupt skips PyTorch's forward hooks: the next forward must still start afresh."""
     plain, injected = _pair("llama_gqa")
     ids = _input_ids()
     mask = torch.ones(SEQ_LEN, SEQ_LEN, dtype=torch.bool).tril()[None, None].repeat(2, 1, 1, 1)

@@ -299,7 +299,7 @@ def test_reference_gradcheck_with_fully_padded_sequence(mask_type):
 @settings(report_multiple_bugs=False)
 @given(attention_cases(mask_types=tuple(t for t in MASK_TYPES if t.startswith("padding")), padded_batch=(2, 3)))
 def test_reference_padding_batched_matches_oracle(case):
-    """Per-row lengths in a batch (te_fx d9a98e4 raised here: te_visible updated a batch-1 tensor in place)."""
+    """Per-row lengths in a batch (te_visible must not update a batch-1 tensor in place)."""
     q, k, v = make_qkv(case, requires_grad=True)
     out = run_reference(case, q, k, v)
     expected = run_oracle(case, q, k, v)

@@ -458,7 +458,7 @@ def test_packed_gqa_decode_equals_sdpa(case):
 @needs_pack_gqa
 @pytest.mark.parametrize(("mask", "expected"), [("all", "te_hits"), ("sliding", "te_hits"), ("pad", "fallback_mask")])
 def test_packed_gqa_decode_runs_te(mask, expected):
-    """(te_fx d9a98e4 fell back with fallback_layout here: K/V keep Hkv heads and HF passes no enable_gqa.)"""
+    """K/V keep Hkv heads and HF passes no enable_gqa: te_fx must not fall back with fallback_layout."""
     case = SimpleNamespace(
         batch=2, kv_heads=2, n_rep=2, head_dim=8, kv_len=6, window_left=2, mask=mask, encoding="bool", pad=2, seed=0
     )
