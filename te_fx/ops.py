@@ -15,8 +15,8 @@ import torch
 from torch import Tensor
 from torch.torch_version import TorchVersion
 
-from .core.masks import document_boundaries, padding_layout, position_starts
-from .core.plan import UNKNOWN_LAYOUT, PaddingLayout, padding_route
+from .core.masks import document_boundaries, in_window, padding_layout, position_starts
+from .core.plan import UNKNOWN_LAYOUT, PaddingLayout, key_bias_terms, padding_route
 from .executors import EXECUTORS, get_executor, is_training, thd_mask_type
 
 __all__ = ["attention"]
@@ -163,15 +163,16 @@ def _compact_valid_first(keep: Tensor, window_left: int) -> tuple[Tensor, Tensor
     return order, restore, cu_seqlens_q, cu_seqlens_kv
 
 
-def _sees_a_key(keep: Tensor, window_left: int) -> Tensor:
-    """(B, S) bool: whether query i sees a kept key j <= i (and j >= i - w; ``window_left`` -1: none) of a (B, S)
-    bool ``keep``."""
-    kept_before = keep.cumsum(dim=1)
-    if window_left < 0:
-        return kept_before > 0
-    shift = min(window_left + 1, keep.shape[1])
-    kept_before_window = torch.nn.functional.pad(kept_before, (shift, 0))[:, : keep.shape[1]]
-    return kept_before > kept_before_window
+def _sees_a_key(keep: Tensor, mask_type: str, window_left: int, q_len: int) -> Tensor:
+    """(B, q_len) bool: whether a query sees a kept key of a (B, S_kv) bool ``keep``: any with "no_mask"; with a
+    causal type, query i at key position p = i + S_kv - q_len (bottom-right) sees keys j <= p (and j >= p - w;
+    ``window_left`` -1: none)."""
+    kept_before = torch.nn.functional.pad(keep.cumsum(dim=1), (1, 0))  # [:, j]: kept keys before position j
+    if mask_type == "no_mask":
+        return (kept_before[:, -1:] > 0).expand(-1, q_len)
+    end = torch.arange(q_len, device=keep.device) + (keep.shape[1] - q_len + 1)
+    start = (end - window_left - 1).clamp(min=0) if window_left >= 0 else torch.zeros_like(end)
+    return kept_before[:, end] > kept_before[:, start]
 
 
 def _padded_seqlens(kv_lengths: Tensor, window_left: int, seq: int) -> tuple[Tensor | None, Tensor]:
@@ -429,9 +430,9 @@ def _route_seqlens(route: str, keep: Tensor, window_left: int) -> tuple[Tensor |
     return _padded_seqlens(keep.sum(dim=1), window_left, keep.shape[1])
 
 
-def _zero_unseeing(x: Tensor, keep: Tensor, window_left: int) -> Tensor:
-    """``x`` (B, S, H, D) with the rows of queries that see no kept key set to zero (SDPA's output there)."""
-    return torch.where(_sees_a_key(keep, window_left)[:, :, None, None], x, 0.0)
+def _zero_unseeing(x: Tensor, keep: Tensor, window_left: int, mask_type: str = "causal") -> Tensor:
+    """``x`` (B, Sq, H, D) with the rows of queries that see no kept key set to zero (SDPA's output there)."""
+    return torch.where(_sees_a_key(keep, mask_type, window_left, x.shape[1])[:, :, None, None], x, 0.0)
 
 
 def _check_arguments(
@@ -477,9 +478,15 @@ def _check_arguments(
 def _check_key_padding(
     q: Tensor, k: Tensor, mask_type: str, window_size: tuple[int, int], key_padding_mask: Tensor
 ) -> None:
-    if mask_type != "causal" or window_size[1] != 0 or window_size[0] < -1 or q.shape[1] != k.shape[1]:
-        raise ValueError("key_padding_mask needs causal self-attention (q_len == kv_len), full or with a window "
-                         f"(w, 0), got mask_type {mask_type!r} and window_size {tuple(window_size)}")  # fmt: skip
+    causal = mask_type in ("causal", "causal_bottom_right") and window_size[1] == 0 and window_size[0] >= -1
+    if not (causal or (mask_type == "no_mask" and tuple(window_size) == (-1, -1))):
+        raise ValueError("key_padding_mask needs a causal type with window_size (-1, 0) or (w, 0), or 'no_mask' with "
+                         f"(-1, -1), got mask_type {mask_type!r} and window_size {tuple(window_size)}")  # fmt: skip
+    if mask_type == "causal" and q.shape[1] != k.shape[1]:
+        raise ValueError("key_padding_mask with mask_type 'causal' needs self-attention (q_len == kv_len); a KV "
+                         "cache's queries take 'causal_bottom_right'")  # fmt: skip
+    if mask_type == "causal_bottom_right" and q.shape[1] > k.shape[1]:
+        raise ValueError("key_padding_mask with 'causal_bottom_right' needs q_len <= kv_len")
     if key_padding_mask.dim() != 2 or key_padding_mask.is_floating_point():
         raise ValueError("key_padding_mask must be a (B, S) bool or integer tensor (nonzero = keep), "
                          f"got {key_padding_mask.dim()}D {key_padding_mask.dtype}")  # fmt: skip
@@ -544,19 +551,20 @@ def attention(
 ) -> Tensor:
     """Differentiable attention over bshd tensors with native GQA (Hkv divides H), TE mask semantics.
 
-    At most one of these refines ``mask_type`` / ``window_size`` (self-attention, q_len == kv_len):
+    At most one of these refines ``mask_type`` / ``window_size``:
 
-    * ``key_padding_mask`` (B, S), nonzero = keep, with ``mask_type="causal"`` and window (-1, 0) or (w, 0): query i
-      attends to kept keys j <= i (and j >= i - w), as SDPA does with HF's ``causal & attention_mask[b, kv]`` mask,
-      exact at every position wherever the padding sits, run as :func:`~te_fx.core.plan.padding_route` says. Rows
+    * ``key_padding_mask`` (B, S_kv), nonzero = keep, with ``mask_type="causal"`` and window (-1, 0) or (w, 0): query
+      i attends to kept keys j <= i (and j >= i - w), as SDPA does with HF's ``causal & attention_mask[b, kv]``
+      mask, exact at every position wherever the padding sits, run as :func:`~te_fx.core.plan.padding_route` says.
+      In inference also with a KV cache's "causal_bottom_right" (q_len <= kv_len) or "no_mask" (all keys). Rows
       with no such key are zero, as in SDPA, with zero gradients. ``key_padding_layout``: the mask's
       :data:`~te_fx.core.plan.PaddingLayout` where the caller checked it (unchecked: in training the op reads it
       off the mask, one device-to-host copy per call, once per mask in a compiled graph; in inference it needs
       none).
-    * ``cu_seqlens`` (N + 1,) int32: boundaries of documents packed over the B * S flattened tokens, from 0 to B * S,
-      every multiple of S among them (no document crosses a row; not checked, for the same reason). Each document
-      is causal (and windowed) on its own with ``mask_type="causal"``, or sees all of itself with "no_mask". Runs
-      TE's thd format.
+    * ``cu_seqlens`` (N + 1,) int32 (self-attention, q_len == kv_len): boundaries of documents packed over the
+      B * S flattened tokens, from 0 to B * S, every multiple of S among them (no document crosses a row; not
+      checked, for the same reason). Each document is causal (and windowed) on its own with ``mask_type="causal"``,
+      or sees all of itself with "no_mask". Runs TE's thd format.
     * ``position_ids`` (B, S): packed documents as their positions give them
       (:func:`~te_fx.core.masks.position_starts`), for a caller that cannot build ``cu_seqlens`` (a compiled graph):
       the op finds the boundaries at run time, one device-to-host copy per call (once per mask in a compiled
@@ -573,9 +581,12 @@ def attention(
     offset = None if softmax_offset is None else softmax_offset.to(torch.promote_types(q.dtype, torch.float32))
     training = is_training(dropout_p, q, k, v, *(() if offset is None else (offset,)))
     if key_padding_mask is not None:
+        if padding_route(UNKNOWN_LAYOUT, training, mask_type) == "none":
+            raise ValueError(f"key_padding_mask with mask_type {mask_type!r} runs in inference only (no dropout, "
+                             "no gradient): in training te_fx has exact routes for causal self-attention")  # fmt: skip
         return _padded_attention(
-            q, k, v, window_size, softmax_scale, dropout_p, training, key_padding_mask, key_padding_layout,
-            executor, offset,
+            q, k, v, mask_type, window_size, softmax_scale, dropout_p, training, key_padding_mask,
+            key_padding_layout, executor, offset,
         )  # fmt: skip
     if position_ids is not None:
         return torch.ops.te_fx.packed_attention_fwd(
@@ -599,6 +610,7 @@ def _padded_attention(
     q: Tensor,
     k: Tensor,
     v: Tensor,
+    mask_type: str,
     window_size: tuple[int, int],
     softmax_scale: float,
     dropout_p: float,
@@ -617,10 +629,16 @@ def _padded_attention(
         )[0]
     keep = key_padding_mask != 0
     config = (window_size[0], window_size[1], softmax_scale, dropout_p, training, executor, "bshd", softmax_offset)
-    route = padding_route(layout or UNKNOWN_LAYOUT, training)
+    route = padding_route(layout or UNKNOWN_LAYOUT, training, mask_type)
     if route == "key_bias":
-        out = torch.ops.te_fx.attention_fwd(q, k, v, None, None, "causal", *config, _key_bias(keep, q.dtype))[0]
-        return _zero_unseeing(out, keep, window_size[0])
+        run_type, run_window = key_bias_terms(mask_type, window_size, q.shape[1])
+        if run_type != mask_type:  # one query, at the last key: the keys its window sees join the bias
+            kv_len = keep.shape[1]
+            keep = keep & in_window(kv_len - 1, torch.arange(kv_len, device=keep.device), mask_type, window_size)
+            mask_type, window_size = run_type, run_window
+        config = (window_size[0], window_size[1], *config[2:])
+        out = torch.ops.te_fx.attention_fwd(q, k, v, None, None, mask_type, *config, _key_bias(keep, q.dtype))[0]
+        return _zero_unseeing(out, keep, window_size[0], mask_type)
     cu_q, cu_kv = _route_seqlens(route, keep, window_size[0])
     return torch.ops.te_fx.attention_fwd(q, k, v, cu_q, cu_kv, _ROUTE_MASK_TYPE[route], *config)[0]
 

@@ -140,3 +140,16 @@ def representable(attend: torch.Tensor) -> set[str]:
         ):
             found.add("documents")
     return found
+
+
+def cache_padding_representable(attend: torch.Tensor) -> bool:
+    """Whether a (B, q_len, kv_len) bool pattern, q_len < kv_len (a KV cache's queries), is HF's bottom-right causal
+    with one window for the whole batch ANDed with a keep vector per row, padding anywhere. The keep vector tried is
+    the keys some query sees: any other that works hides the same keys from every query."""
+    batch, q_len, kv_len = attend.shape
+    assert q_len < kv_len
+    for window in range(-1, kv_len):
+        causal = hf_causal(q_len, kv_len, window)
+        if all(bool((attend[b] == causal & attend[b].any(0)[None, :]).all()) for b in range(batch)):
+            return True
+    return False

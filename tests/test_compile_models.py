@@ -424,38 +424,96 @@ def test_token_by_token_decode_with_cache():
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("with_mask", [False, True])
-def test_chunked_prefill_with_cache(with_mask):
-    """A chunk of 3 tokens after 8 cached ones (q_len < kv_len): HF's causal mask is aligned bottom-right. Was:
-    rewritten with TE's top-left "causal" (logits off by ~6). With an attention_mask the chunk stays on SDPA
-    (key padding is converted for q_len == kv_len only)."""
+@pytest.mark.parametrize("mask", ["none", "ones", "left"])
+def test_chunked_prefill_with_cache(mask):
+    """A chunk of 3 tokens after 8 cached ones (q_len < kv_len): HF's causal mask is aligned bottom-right (TE's
+    top-left "causal" would be off by ~6), with the attention_mask's key padding where one is passed."""
     torch.manual_seed(0)
     model = tiny_model("llama", num_hidden_layers=1)
     torch._dynamo.reset()
     records: list[GraphRecord] = []
     compiled = torch.compile(model, backend=_spy_backend(records), fullgraph=True)
-    ids = _input_ids(batch=1, seq=11)
+    ids = _input_ids(batch=2, seq=11)
     chunks = [8, 3]
+    padding = _attention_mask("left", batch=2, seq=11) if mask == "left" else torch.ones(2, 11, dtype=torch.long)
 
     def steps(call):
         cache = DynamicCache(config=model.config)
         logits = []
         with torch.no_grad():
             for start, length in zip((0, 8), chunks):
-                mask = torch.ones(1, start + length, dtype=torch.long) if with_mask else None
+                attention_mask = None if mask == "none" else padding[:, : start + length]
                 piece = ids[:, start : start + length]
-                logits.append(call(input_ids=piece, attention_mask=mask, past_key_values=cache).logits)
+                logits.append(call(input_ids=piece, attention_mask=attention_mask, past_key_values=cache).logits)
         return logits
 
     for out, ref in zip(steps(compiled), steps(model)):
         torch.testing.assert_close(out, ref, **LOGIT_TOL)
     torch._dynamo.reset()
     prefill, chunk = (record.entries[0] for record in records)
-    assert (prefill["decision"], prefill["mask_kind"]) == ("te", "padding_causal" if with_mask else "causal")
-    if with_mask:
-        assert chunk["decision"] == "sdpa" and chunk["reason"] == "fallback_mask" and chunk["detail"], chunk
-    else:
-        assert (chunk["decision"], chunk["mask_kind"], chunk["window_size"]) == ("te", "causal_bottom_right", (-1, 0))
+    padded = mask != "none"
+    assert (prefill["decision"], prefill["mask_kind"]) == ("te", "padding_causal" if padded else "causal")
+    expected = ("te", "padding_causal_bottom_right" if padded else "causal_bottom_right", (-1, 0))
+    assert (chunk["decision"], chunk["mask_kind"], chunk["window_size"]) == expected
+
+
+@pytest.mark.parametrize("family", ["llama_gqa", "qwen2"])
+def test_greedy_generate_of_a_padded_batch_decodes_on_te(family):
+    """generate() of a left-padded batch under te_attn gives the plain model's tokens and scores; every decode step
+    of a full-attention layer runs te_fx's op with the key padding (q_len 1: all cached keys visible). A sliding
+    layer's rolling cache indexes the mask by a position counter of its own, which stays on SDPA."""
+    torch.manual_seed(0)
+    model = tiny_model(family).eval()
+    ids = _input_ids(batch=BATCH, seq=12)
+    mask = _attention_mask("left", seq=12)
+    kwargs = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, eos_token_id=None, pad_token_id=0,
+                  output_scores=True, return_dict_in_generate=True)  # fmt: skip
+    with torch.no_grad():
+        ref = model.generate(ids, **kwargs)
+        torch._dynamo.reset()
+        records: list[GraphRecord] = []
+        model.forward = torch.compile(model.forward, backend=_spy_backend(records))
+        out = model.generate(ids, **kwargs)
+    torch._dynamo.reset()
+    assert torch.equal(out.sequences, ref.sequences)
+    for step_out, step_ref in zip(out.scores, ref.scores, strict=True):
+        torch.testing.assert_close(step_out, step_ref, **LOGIT_TOL)
+    layer_types = getattr(model.config, "layer_types", None) or ["full_attention"] * model.config.num_hidden_layers
+    decode = [record.entries for record in records[1:]]
+    assert decode, "no decode graph was compiled"
+    for entries in decode:
+        assert len(entries) == len(layer_types)
+        for entry, layer_type in zip(entries, layer_types):
+            if layer_type == "full_attention":
+                assert (entry["decision"], entry["mask_kind"]) == ("te", "padding"), entry
+            else:
+                assert entry["decision"] == "sdpa" and "dynamic integer" in entry["detail"], entry
+
+
+def test_key_padding_with_a_kv_cache_in_training_stays_on_sdpa():
+    """A forward with autograd on against a KV cache with key padding: te_fx's op has no exact training route for
+    a KV cache's queries, so the node stays on SDPA, counted, and logits and gradients equal the plain model's."""
+    torch.manual_seed(0)
+    model = tiny_model("llama", num_hidden_layers=1)
+    plain = copy.deepcopy(model)
+    torch._dynamo.reset()
+    records: list[GraphRecord] = []
+    compiled = torch.compile(model, backend=_spy_backend(records), fullgraph=True)
+    ids = _input_ids(batch=2, seq=11)
+    mask = _attention_mask("left", batch=2, seq=11)
+    outputs = []
+    for call, owner in ((compiled, model), (plain, plain)):
+        cache = DynamicCache(config=owner.config)
+        with torch.no_grad():
+            call(input_ids=ids[:, :8], attention_mask=mask[:, :8], past_key_values=cache)
+        logits = call(input_ids=ids[:, 8:], attention_mask=mask, past_key_values=cache).logits
+        logits.sum().backward()
+        outputs.append((logits, owner.model.layers[0].self_attn.q_proj.weight.grad))
+    torch._dynamo.reset()
+    torch.testing.assert_close(outputs[0][0], outputs[1][0], **LOGIT_TOL)
+    torch.testing.assert_close(outputs[0][1], outputs[1][1], **LOGIT_TOL)
+    chunk = records[-1].entries[0]
+    assert chunk["decision"] == "sdpa" and chunk["reason"] == "fallback_mask" and "training" in chunk["detail"]
 
 
 def test_a_batch_size_that_changes_between_steps_keeps_te():

@@ -80,7 +80,10 @@ def check_plan_form(plan: AttentionPlan, batch: int, q_len: int, kv_len: int) ->
     assert (plan.mask_type == "causal") == (q_len == kv_len), "HF's causal masks are aligned bottom-right"
     assert plan.key_padding is None or plan.cu_seqlens is None
     assert plan.key_layout is None or plan.key_padding is not None
-    if plan.key_padding is not None:
+    if plan.key_padding is not None and q_len < kv_len:  # a KV cache's queries: run in inference, layout unread
+        assert plan.key_padding.shape == (batch, kv_len) and plan.key_padding.dtype == torch.bool
+        assert plan.kind == "padding_causal_bottom_right" and plan.key_layout is None
+    elif plan.key_padding is not None:
         assert plan.key_padding.shape == (batch, kv_len) and plan.key_padding.dtype == torch.bool
         assert q_len == kv_len > 1 and plan.kind == "padding_causal"
         # checked: padding at the ends only, kept first exactly when every row keeps its first keys and at least one
@@ -219,7 +222,7 @@ def patterns(draw, batch: int, mask_heads: int, q_len: int, kv_len: int, kinds=K
     full = torch.empty(batch, mask_heads, q_len, kv_len, dtype=torch.bool)
     positions = (torch.arange(q_len) + kv_len - q_len).clamp(min=0)  # bottom-right: rows before key 0 see nothing
     if kind == "padding":
-        supported = square
+        supported = square or q_len < kv_len  # a KV cache's queries: padding anywhere
     elif kind == "packed":
         supported = square
     for b in range(batch):
@@ -233,7 +236,7 @@ def patterns(draw, batch: int, mask_heads: int, q_len: int, kv_len: int, kinds=K
             row = te_pattern("causal", (-1, 0), q_len, kv_len)
         elif kind == "padding":
             keep, outer = draw(keep_vector(kv_len))
-            supported &= outer
+            supported &= outer or not square
             row = hf_causal(q_len, kv_len, window) & keep[None, :]
         elif kind == "packed":
             cuts = draw(st.sets(st.integers(1, max(1, kv_len - 1)), max_size=4))
@@ -308,14 +311,17 @@ def layouts(draw, mask: torch.Tensor) -> torch.Tensor:
 
 
 @st.composite
-def mask_cases(draw, max_len: int = 16, kinds=KINDS, square: bool = False):
+def mask_cases(draw, max_len: int = 16, kinds=KINDS, square: bool = False, cache: bool = False):
+    """``square``: q_len == kv_len; ``cache``: q_len < kv_len (a KV cache's queries)."""
     batch = draw(st.integers(1, 3))
     heads = draw(st.integers(1, 3))
     mask_heads = draw(st.sampled_from([1, heads]))
-    kv_len = draw(st.integers(1, max_len))
+    kv_len = draw(st.integers(2 if cache else 1, max_len))
     q_len = draw(st.one_of(st.just(kv_len), st.just(kv_len), st.integers(1, kv_len), st.integers(1, max_len)))
     if square:
         q_len = kv_len
+    if cache:
+        q_len = draw(st.integers(1, kv_len - 1))
     full, supported = draw(patterns(batch, mask_heads, q_len, kv_len, kinds))
     mask, malformed = draw(encodings(full))
     return draw(layouts(mask)), batch, heads, q_len, kv_len, supported and not malformed
@@ -342,6 +348,14 @@ def test_classify_small_masks_against_enumeration(case):
 @given(mask_cases(kinds=("padding", "packed"), square=True))
 @MORE_EXAMPLES
 def test_classify_padded_and_packed_square_masks(case):
+    check_classify(*case)
+
+
+@given(mask_cases(kinds=("padding",), cache=True))
+@MORE_EXAMPLES
+def test_classify_key_padding_anywhere_under_a_kv_cache(case):
+    """Decode and chunked prefill: a KV cache's keys padded anywhere (left, right, inside, every key) under
+    bottom-right causal, with or without a window, get a plan that reproduces the mask."""
     check_classify(*case)
 
 

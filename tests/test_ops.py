@@ -330,16 +330,41 @@ def test_a_fully_padded_row_reaches_the_kernel_as_one_key_and_comes_back_zero(mo
         assert torch.equal(t.grad[0], torch.zeros_like(t.grad[0]))
 
 
-def test_key_padding_mask_needs_causal_self_attention():
-    q, k, v = _qkv(grad=False)
+def test_key_padding_mask_needs_a_pattern_it_has_a_route_for():
+    """Clear errors: a window that is not (w, 0) on a causal type or (-1, -1) without a mask, "causal" with fewer
+    queries than keys, more queries than keys bottom-right, and a KV cache's queries or all-visible keys in training
+    (te_fx runs those in inference only)."""
+    q, k, v = _qkv()
     padding = torch.ones(2, 5, dtype=torch.long)
-    for mask_type, window in (("no_mask", (-1, -1)), ("causal", (2, 1)), ("causal_bottom_right", (-1, 0))):
-        with pytest.raises(ValueError, match="key_padding_mask"):
+    for mask_type, window in (("no_mask", (2, 2)), ("causal", (2, 1)), ("causal_bottom_right", (-1, 1))):
+        with pytest.raises(ValueError, match="key_padding_mask"), torch.no_grad():
             ops.attention(q, k, v, mask_type=mask_type, window_size=window, softmax_scale=0.5,
                           key_padding_mask=padding, executor="reference")  # fmt: skip
-    with pytest.raises(ValueError, match="key_padding_mask"):
-        ops.attention(q, k[:, :4], v[:, :4], mask_type="causal", window_size=(-1, 0), softmax_scale=0.5,
-                      key_padding_mask=padding[:, :4], executor="reference")  # fmt: skip
+    for mask_type in ("causal", "causal_bottom_right"):
+        with pytest.raises(ValueError, match="q_len"), torch.no_grad():
+            ops.attention(q[:, :3] if mask_type == "causal" else q, k[:, :4], v[:, :4], mask_type=mask_type,
+                          window_size=(-1, 0), softmax_scale=0.5, key_padding_mask=padding[:, :4],
+                          executor="reference")  # fmt: skip
+    for mask_type, window in (("no_mask", (-1, -1)), ("causal_bottom_right", (-1, 0))):
+        with pytest.raises(ValueError, match="inference only"):
+            ops.attention(q[:, :2], k, v, mask_type=mask_type, window_size=window, softmax_scale=0.5,
+                          key_padding_mask=padding, executor="reference")  # fmt: skip
+
+
+@pytest.mark.parametrize("mask_type, window", [("causal_bottom_right", (-1, 0)), ("causal_bottom_right", (1, 0)),
+                                               ("causal_bottom_right", (0, 0)), ("no_mask", (-1, -1))])  # fmt: skip
+@pytest.mark.parametrize("q_len", [1, 2, 6])
+@pytest.mark.parametrize("padding", list(KEY_PADDING))
+def test_key_padding_with_a_kv_cache_in_inference_matches_sdpa(padding, q_len, mask_type, window):
+    """Decode (q_len 1) and chunked prefill against a KV cache whose keys are padded anywhere: HF's
+    ``causal (bottom-right) & attention_mask[b, kv]``, or all keys visible, exact at every position; rows that see
+    no key zero, as in SDPA."""
+    key_padding = torch.tensor(KEY_PADDING[padding])
+    q, k, v = _qkv(q_len=q_len, kv_len=6, grad=False)
+    out = ops.attention(q, k, v, mask_type=mask_type, window_size=window, softmax_scale=0.5,
+                        key_padding_mask=key_padding, executor="reference")  # fmt: skip
+    ref = _sdpa_reference(q, k, v, _sdpa_mask(mask_type, window, q_len, 6, key_padding), 0.5)
+    torch.testing.assert_close(out, ref)
 
 
 @pytest.mark.parametrize(

@@ -25,7 +25,14 @@ import torch
 import torch.nn.functional as F
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
-from oracles import attend_of, hf_causal, plan_pattern, representable, te_pattern, uniform_patterns
+from oracles import (
+    attend_of,
+    cache_padding_representable,
+    hf_causal,
+    plan_pattern,
+    representable,
+    uniform_patterns,
+)
 from torch.overrides import _get_current_function_mode_stack
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.integrations.sdpa_attention import repeat_kv
@@ -120,11 +127,13 @@ def check_plan_form(plan: AttentionPlan, batch: int, q_len: int, kv_len: int) ->
         assert plan.window_size == (-1, -1) and plan.key_padding is None and plan.cu_seqlens is None
     else:
         assert plan.window_size[1] == 0 and plan.window_size[0] >= -1
-    if plan.key_padding is not None or plan.cu_seqlens is not None:
+    if plan.cu_seqlens is not None:
         assert plan.mask_type == "causal" and q_len == kv_len > 1
-    if plan.key_padding is not None:
+    if plan.key_padding is not None:  # self-attention, or a KV cache's queries
         assert plan.key_padding.shape == (batch, kv_len) and plan.key_padding.dtype == torch.bool
-        assert plan.kind == "padding_causal"
+        square = plan.mask_type == "causal" and q_len == kv_len > 1
+        assert square or (plan.mask_type == "causal_bottom_right" and q_len < kv_len)
+        assert plan.kind == ("padding_causal" if square else "padding_causal_bottom_right")
     if plan.cu_seqlens is not None:
         bounds = plan.cu_seqlens
         assert bounds.dim() == 1 and bounds.dtype == torch.int32 and plan.kind == "thd"
@@ -253,7 +262,10 @@ def expected_runs(case) -> set[str]:
         return set()  # a query row of finfo.min penalties only: SDPA averages V there, every plan gives zero
     if q_len == kv_len:
         return representable(pattern[:, 0])
-    return {"uniform"} if is_canonical(pattern, q_len, kv_len) else set()
+    if is_canonical(pattern, q_len, kv_len):
+        return {"uniform"}
+    heads_agree = bool((pattern == pattern[:, :1]).all())
+    return {"padding"} if q_len < kv_len and heads_agree and cache_padding_representable(pattern[:, 0]) else set()
 
 
 @pytest.mark.parametrize("mask_kind", MASK_KINDS)
@@ -438,9 +450,9 @@ def test_packed_gqa_decode_equals_sdpa(case):
     out = fn(query, key, value, attn_mask=mask)
     torch.testing.assert_close(out, ORIGINAL_SDPA(query, key, value, attn_mask=mask), rtol=1e-5, atol=1e-5)
     pattern = attend_of(mask).expand(case.batch, 1, 1, case.kv_len)
-    canonical = is_canonical(pattern, 1, case.kv_len)
-    event(f"packed {case.mask}: {'te' if canonical else 'fallback'}")
-    if not canonical:
+    runs = is_canonical(pattern, 1, case.kv_len) or cache_padding_representable(pattern[:, 0])
+    event(f"packed {case.mask}: {'te' if runs else 'fallback'}")
+    if not runs:
         assert te_fx.get_te_attention_stats() == stats_delta(fallback_mask=1)
         return
     assert te_fx.get_te_attention_stats() == stats_delta(te_hits=1)
@@ -452,13 +464,14 @@ def test_packed_gqa_decode_equals_sdpa(case):
     assert torch.equal(call["v"], xv.view(case.batch, case.kv_len, case.kv_heads, case.head_dim))
     plan = call["plan"]
     check_plan_form(plan, case.batch, 1, case.kv_len)
-    assert torch.equal(te_pattern(plan.mask_type, plan.window_size, 1, case.kv_len), pattern[0, 0, 0][None])
+    assert torch.equal(plan_pattern(plan, case.batch, 1, case.kv_len), pattern[:, 0])
 
 
 @needs_pack_gqa
-@pytest.mark.parametrize(("mask", "expected"), [("all", "te_hits"), ("sliding", "te_hits"), ("pad", "fallback_mask")])
-def test_packed_gqa_decode_runs_te(mask, expected):
-    """K/V keep Hkv heads and HF passes no enable_gqa: te_fx must not fall back with fallback_layout."""
+@pytest.mark.parametrize("mask", ["all", "sliding", "pad"])
+def test_packed_gqa_decode_runs_te(mask):
+    """K/V keep Hkv heads and HF passes no enable_gqa: te_fx must not fall back with fallback_layout (a padded
+    cache's decode runs with its key padding)."""
     case = SimpleNamespace(
         batch=2, kv_heads=2, n_rep=2, head_dim=8, kv_len=6, window_left=2, mask=mask, encoding="bool", pad=2, seed=0
     )
@@ -467,14 +480,13 @@ def test_packed_gqa_decode_runs_te(mask, expected):
     out = fn(query, key, value, attn_mask=attn_mask)
     assert out.shape == query.shape
     torch.testing.assert_close(out, ORIGINAL_SDPA(query, key, value, attn_mask=attn_mask), rtol=1e-5, atol=1e-5)
-    assert te_fx.get_te_attention_stats() == stats_delta(**{expected: 1})
-    if expected == "te_hits":
-        (call,) = module.calls
-        assert call["contiguous"]
-        assert torch.equal(call["q"], xq.view(2, 1, 4, 8))
-        assert torch.equal(call["k"], xk.view(2, 6, 2, 8))
-        plan = call["plan"]
-        assert torch.equal(te_pattern(plan.mask_type, plan.window_size, 1, 6), attend_of(attn_mask)[0, 0])
+    assert te_fx.get_te_attention_stats() == stats_delta(te_hits=1)
+    (call,) = module.calls
+    assert call["contiguous"]
+    assert torch.equal(call["q"], xq.view(2, 1, 4, 8))
+    assert torch.equal(call["k"], xk.view(2, 6, 2, 8))
+    plan = call["plan"]
+    assert torch.equal(plan_pattern(plan, 2, 1, 6), attend_of(attn_mask).expand(2, 1, 1, 6)[:, 0])
 
 
 def test_packed_layout_with_per_head_mask_or_is_causal_falls_back():

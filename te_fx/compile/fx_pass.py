@@ -25,7 +25,7 @@ from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from .. import ops
 from ..core.autocast import autocast_dtype, cast_like_sdpa
-from ..core.guards import Refusal, is_causal_plan, sdpa_call_refusal
+from ..core.guards import Refusal, is_causal_plan, padding_refusal, sdpa_call_refusal
 from ..core.plan import AttentionPlan
 from ..executors import AttentionCall, te_terms, unsupported_call_reason
 from .fx_aliasing import written_in_place
@@ -195,8 +195,8 @@ def _executor_refusal(
     and as training wherever the graph may train."""
     shape = tuple(int(_hint(size)) for size in (q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2],
                                                  q.shape[3], v.shape[3]))  # fmt: skip
-    mask_type, qkv_format, key_bias = te_terms(plan, training)
-    call = AttentionCall(q.dtype, q.device, shape, mask_type, tuple(plan.window_size), qkv_format,
+    mask_type, window, qkv_format, key_bias = te_terms(plan, training, shape[3])
+    call = AttentionCall(q.dtype, q.device, shape, mask_type, window, qkv_format,
                          dropout_p=float(_hint(dropout_p)), training=training, key_bias=key_bias)  # fmt: skip
     reason = unsupported_call_reason(executor, call)
     if reason is None:
@@ -237,9 +237,9 @@ def _classify(args: dict[str, Any], q: torch.Tensor, k: torch.Tensor, scope: _Sc
     if classified.mask_type != "causal" or same_size(q_len, kv_len):
         return classified
     # HF's causal masks sit at the bottom right when there are fewer queries than keys (a KV cache)
-    if classified.key_padding is not None or classified.position_ids is not None:
-        return "fallback_mask", "padding or packed-documents mask with q_len != kv_len"
-    return AttentionPlan("causal_bottom_right", classified.window_size)
+    if classified.position_ids is not None:
+        return "fallback_mask", "packed-documents mask with q_len != kv_len"
+    return dataclasses.replace(classified, mask_type="causal_bottom_right")
 
 
 def _autocast_dtype(regions: list[fx.Node], device_type: str) -> torch.dtype | None:
@@ -280,7 +280,8 @@ def _rewrite_one(scope: _Scope, node: fx.Node, executor: str, regions: list[fx.N
         training = _may_train(dropout_p)
         classified = _classify(args, q, k, scope)
         if isinstance(classified, AttentionPlan):
-            refusal = _executor_refusal(executor, q, k, v, classified, dropout_p, training)
+            refusal = padding_refusal(classified, training)
+            refusal = refusal or _executor_refusal(executor, q, k, v, classified, dropout_p, training)
         else:
             refusal = classified
     layout = _output_layout(node_value(node)) if refusal is None else None

@@ -136,6 +136,14 @@ def _largest_span(nodes: list[fx.Node]) -> int:
     return max([0, *spans.values()])
 
 
+def _lone_symbol(size: object, other: object) -> object | None:
+    """The sympy symbol that ``size`` is, where it is a lone symbol that the size ``other`` does not involve."""
+    if not isinstance(size, torch.SymInt) or is_concrete_int(size):
+        return None
+    expr = size.node.expr
+    return expr if expr.is_Symbol and expr not in _free_symbols(other) else None
+
+
 def _concrete(size: object, assignment: dict) -> int:
     if isinstance(size, torch.SymInt) and not is_concrete_int(size):
         return int(size.node.expr.xreplace(assignment))
@@ -253,6 +261,11 @@ def classify_mask_node(
         for n in (7, largest + 1) if q_only and kv_only else ():
             for q_size, kv_size in ((n, n + 3), (n + 3, n)):
                 assignments.append({**sizes_at(n), **dict.fromkeys(q_only, q_size), **dict.fromkeys(kv_only, kv_size)})
+    # the padding input is read as input[b, kv]; Dynamo may give its length a symbol of its own (a KV cache's
+    # growing attention_mask): sampled as the keys' length, which te_fx's op checks at run time
+    length = _lone_symbol(node_value(padding).shape[1], kv_len) if padding is not None else None
+    if length is not None:
+        assignments = [{**assignment, length: _concrete(kv_len, assignment)} for assignment in assignments]
     samples = []
     # the traced size costs what the model's own mask costs; samples beyond it (a large static batch times a long
     # sampled length) are bounded
@@ -283,8 +296,6 @@ def classify_mask_node(
         if not (ones == expected.to(ones.device)).all():
             return "mask is not the same pattern at every sequence length"
     if padding is not None:
-        if mask_type != "causal":
-            return "padding masks are converted for causal attention only"
         generator = torch.Generator().manual_seed(0)
         index = leaves.index(padding)
         numbers = [number for node in ancestors for number in _numbers(node.args, node.kwargs)]

@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 
-from .plan import AttentionPlan
+from .plan import UNKNOWN_LAYOUT, AttentionPlan, padding_route
 
-__all__ = ["Refusal", "sdpa_call_refusal", "is_causal_plan", "scales_match"]
+__all__ = ["Refusal", "sdpa_call_refusal", "is_causal_plan", "padding_refusal", "scales_match"]
 
 Refusal = tuple[str, str]  # (reason key, what exactly)
 
@@ -57,6 +57,14 @@ def is_causal_plan(q_len: Any, kv_len: Any, same: Callable[[Any, Any], bool] = o
     if isinstance(q_len, int) and isinstance(kv_len, int) and q_len < kv_len:
         return AttentionPlan("causal", (-1, 0))
     return None
+
+
+def padding_refusal(plan: AttentionPlan, training: bool) -> Refusal | None:
+    """Why te_fx's op cannot run ``plan``'s key padding (a KV cache's queries, or all keys visible, in training:
+    :func:`~te_fx.core.plan.padding_route` has no route), or None."""
+    if plan.key_padding is None or padding_route(UNKNOWN_LAYOUT, training, plan.mask_type) != "none":
+        return None
+    return "fallback_mask", f"key padding with mask type {plan.mask_type} in training (te_fx runs it in inference)"
 
 
 def scales_match(call_scale: float | None, head_dim: int, module_scale: float | None) -> bool:

@@ -216,6 +216,20 @@ def _row_checks(
     return padding, documents, keep, kept_first, starts
 
 
+def _cache_padding_checks(
+    attend: torch.Tensor, well_formed: torch.Tensor, windows: list
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Checks for key padding under a KV cache's queries (bottom-right causal, q_len < kv_len), per left window in
+    ``windows``: ``causal & keep[b, kv]`` with the padding anywhere (inference runs it with a key bias). Returns (the
+    checks, keep (B, S_kv)), keep read as the keys that some query sees."""
+    q_len, kv_len = attend.shape[-2:]
+    rows = attend[:, 0]
+    keep = rows.any(dim=-2)
+    base = well_formed & (attend == attend[:, :1]).all()
+    patterns = (causal_pattern(q_len, kv_len, window, attend.device) for window in windows)
+    return [base & (rows == (pattern & keep[:, None, :])).all() for pattern in patterns], keep
+
+
 def position_starts(position_ids: torch.Tensor) -> torch.Tensor:
     """(B, S) bool: where a document starts in rows of packed documents given by their (B, S) position ids, as
     HF reads them (``find_packed_sequence_indices``): at a row's first token and wherever a position is not the one
@@ -246,6 +260,9 @@ def _classify(mask: torch.Tensor, batch: int, q_len: int, kv_len: int) -> Attent
     if square:
         padding, documents, keep, kept_first, starts = _row_checks(attend, well_formed, windows)
         checks += [*padding, *documents, kept_first, starts.sum()]
+    elif causal and q_len < kv_len:
+        padding, keep = _cache_padding_checks(attend, well_formed, windows)
+        checks += padding
     results = torch.stack([torch.as_tensor(c, device=mask.device).long() for c in checks]).tolist()  # the one sync
     found_window = results[len(windows) + 1]
     lefts = [-1, found_window]
@@ -256,6 +273,9 @@ def _classify(mask: torch.Tensor, batch: int, q_len: int, kv_len: int) -> Attent
         if matched:
             return AttentionPlan(causal_type, (left, 0))
     if not square:
+        for left, matched in zip(lefts, results[len(windows) + 2 :]):
+            if matched:
+                return AttentionPlan("causal_bottom_right", (left, 0), key_padding=keep.expand(batch, -1))
         return None
     row_results = results[len(windows) + 2 : -2]
     padding_results, document_results = row_results[:2], row_results[2:]
@@ -361,8 +381,9 @@ def classify_mask(mask: torch.Tensor, batch: int, num_heads: int, q_len: int, kv
     when there is none (padding inside a row, arbitrary patterns, malformed values).
 
     Candidates are: all keys visible (``no_mask``), causal, and causal with the window the mask shows (the mask wins
-    over what a layer's config says), aligned bottom-right as HF builds them for KV caches; and for square masks,
-    either causal pattern ANDed with key padding at the ends of each row, or per packed document.
+    over what a layer's config says), aligned bottom-right as HF builds them for KV caches; for square masks,
+    either causal pattern ANDed with key padding at the ends of each row, or per packed document; for a KV cache's
+    queries (q_len < kv_len), either causal pattern ANDed with key padding anywhere (run in inference only).
     """
     if mask.dim() > 4 or mask.dtype not in (torch.bool, torch.float16, torch.bfloat16, torch.float32, torch.float64):
         return None

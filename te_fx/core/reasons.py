@@ -10,8 +10,9 @@ __all__ = ["REASONS", "STATS_KEYS", "describe", "reason_text"]
 
 REASONS: dict[str, str] = {
     "fallback_mask": "a mask that is not exactly causal, sliding-window causal, all-visible, causal with key padding, "
-    "or packed causal documents; one of the last two with a KV cache; a fully masked query row with a finite penalty "
-    "in it (SDPA averages V there); or a mask that needs its gradient",
+    "or packed causal documents; packed documents with a KV cache, or key padding with one in training or, on TE, "
+    "for more than one query; a fully masked query row with a finite penalty in it (SDPA averages V there); or a "
+    "mask that needs its gradient",
     "fallback_argument": "attention-backend path: an argument the model's eager attention applies and te_fx does "
     "not (softcapping, attention sinks, a position bias)",
     "fallback_scale_mismatch": "the call's softmax scale differs from the attention module's, which cannot take the "

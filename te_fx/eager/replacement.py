@@ -24,9 +24,9 @@ import torch
 
 from ..core import masks, stats
 from ..core.autocast import autocast_dtype, cast_like_sdpa
-from ..core.guards import is_causal_plan, scales_match, sdpa_call_refusal
+from ..core.guards import is_causal_plan, padding_refusal, scales_match, sdpa_call_refusal
 from ..core.plan import NO_MASK, AttentionPlan
-from ..executors import ExecutorModule
+from ..executors import ExecutorModule, is_training
 from .intercept import KVRepeats
 
 __all__ = ["TESdpa", "ModuleRunner", "runner_for"]
@@ -189,6 +189,9 @@ class TESdpa:
         plan = _mask_plan(attn_mask, is_causal, q, q_len, kv_len)
         if plan is None:
             return "fallback_mask", None
+        refusal = padding_refusal(plan, is_training(dropout_p, q, k, v))
+        if refusal is not None:
+            return refusal[0], None
         if not scales_match(scale, head_dim, self.softmax_scale):  # OPT scales q itself and calls with scale=1
             plan = dataclasses.replace(plan, softmax_scale=scale if scale is not None else head_dim**-0.5)
         if attn_mask is None and is_causal and q_len < kv_len:

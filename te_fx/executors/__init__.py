@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from ..core.plan import UNKNOWN_LAYOUT, padding_route
+from ..core.plan import UNKNOWN_LAYOUT, key_bias_terms, padding_route, thd_mask_type
 
 if TYPE_CHECKING:
     from ..core.plan import AttentionPlan
@@ -84,23 +84,18 @@ def is_training(dropout_p: float, *tensors: Tensor) -> bool:
     return dropout_p > 0 or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
 
-def thd_mask_type(mask_type: str) -> str:
-    """The mask type TE runs the thd format with (it needs a ``padding*`` one): causal -> padding_causal, ..."""
-    if mask_type.startswith("padding"):
-        return mask_type
-    return "padding" if mask_type == "no_mask" else f"padding_{mask_type}"
-
-
-def te_terms(plan: AttentionPlan, training: bool) -> tuple[str, str, bool]:
-    """(TE mask type, qkv format, key bias) that te_fx's op runs ``plan`` with: key padding as
-    :func:`~te_fx.core.plan.padding_route` says (``padding_causal``, or the plan's causal type with a key bias),
-    packed documents in thd, anything else as the plan's mask type in bshd."""
+def te_terms(plan: AttentionPlan, training: bool, q_len: int) -> tuple[str, tuple[int, int], str, bool]:
+    """(TE mask type, window, qkv format, key bias) that te_fx's op runs ``plan`` with for ``q_len`` queries: key
+    padding as :func:`~te_fx.core.plan.padding_route` says (``padding_causal``, or a key bias with
+    :func:`~te_fx.core.plan.key_bias_terms`), packed documents in thd, anything else as the plan says in bshd."""
+    window = tuple(plan.window_size)
     if plan.key_padding is not None:
-        key_bias = padding_route(plan.key_layout or UNKNOWN_LAYOUT, training) == "key_bias"
-        return (plan.mask_type, "bshd", True) if key_bias else ("padding_causal", "bshd", False)
+        if padding_route(plan.key_layout or UNKNOWN_LAYOUT, training, plan.mask_type) == "key_bias":
+            return (*key_bias_terms(plan.mask_type, window, q_len), "bshd", True)
+        return "padding_causal", window, "bshd", False
     if plan.cu_seqlens is not None or plan.position_ids is not None:
-        return thd_mask_type(plan.mask_type), "thd", False
-    return plan.mask_type, "bshd", False
+        return thd_mask_type(plan.mask_type), window, "thd", False
+    return plan.mask_type, window, "bshd", False
 
 
 class TEUnavailableError(ImportError):
@@ -204,10 +199,10 @@ class AttentionCall:
         softmax_type: str = "vanilla",
     ) -> AttentionCall:
         """The call te_fx's op makes to run ``plan`` on bshd q, k, v (:func:`te_terms`)."""
-        mask_type, qkv_format, key_bias = te_terms(plan, training)
+        mask_type, window, qkv_format, key_bias = te_terms(plan, training, q.shape[1])
         documents = plan.cu_seqlens.shape[0] - 1 if plan.cu_seqlens is not None else None
         return cls.of_bshd(
-            q, k, v, mask_type, plan.window_size, qkv_format, documents, dropout_p, training, softmax_type, key_bias
+            q, k, v, mask_type, window, qkv_format, documents, dropout_p, training, softmax_type, key_bias
         )
 
 

@@ -216,6 +216,8 @@ def shape_unsupported_reason(
         return reason
     if fp8_recipe is not None and (qkv_format == "thd" or key_bias):
         return "fallback_fp8"
+    if key_bias and mask_type.endswith("bottom_right"):
+        return "fallback_mask"  # TE's output is wrong there (:func:`~te_fx.core.plan.key_bias_terms`)
     if qkv_format == "thd":
         if not _packed_softmax_stats(device_index):
             return "fallback_shape"
@@ -276,6 +278,23 @@ _NO_KEY_BIAS_BACKWARD = (
     "te_fx's TE executor runs a key bias in inference only: TE's fused backward with a post-scale bias gave wrong "
     "gradients (TE 2.20, cuDNN 9.19, H200); te_fx.ops.attention routes padded rows otherwise in training"
 )
+_NO_KEY_BIAS_BOTTOM_RIGHT = (
+    "te_fx's TE executor does not run a key bias with a bottom-right causal mask type: TE's output with a post-scale "
+    "bias there was wrong (TE 2.20, cuDNN 9.19, H200); several queries of a KV cache with key padding run on SDPA"
+)
+
+
+def _keys_aligned_for_one_query(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For one query (decode), K, V and the key bias padded to a multiple of 64 keys, the added ones hidden by the
+    bias: TE 2.20 / cuDNN 9.19 on an H200 failed for one query with a bias over an odd number of keys (an error, or
+    a misaligned access), and ran 20, 24, 64, 100 and 384 keys right."""
+    extra = -k.shape[1] % 64
+    if q.shape[1] != 1 or extra == 0:
+        return k, v, key_bias
+    k, v = (torch.nn.functional.pad(t, (0, 0, 0, 0, 0, extra)) for t in (k, v))
+    return k, v, torch.nn.functional.pad(key_bias, (0, extra), value=torch.finfo(key_bias.dtype).min)
 
 
 def _rows(*tensors: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
@@ -424,6 +443,9 @@ class TEExecutor(Executor):
         if key_bias is not None:
             if training:
                 raise NotImplementedError(_NO_KEY_BIAS_BACKWARD)
+            if mask_type.endswith("bottom_right"):
+                raise NotImplementedError(_NO_KEY_BIAS_BOTTOM_RIGHT)
+            k, v, key_bias = _keys_aligned_for_one_query(q, k, v, key_bias)
             out = torch.cat([fused_forward(*row, *config, key_bias=bias)[0] for *row, bias in _rows(q, k, v, key_bias)])
             return out, q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.int64)
         out, aux = fused_forward(q, k, v, *config)

@@ -23,6 +23,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from .. import ops
 from ..core import stats
 from ..core.autocast import autocast_dtype, cast_like_sdpa
+from ..core.guards import padding_refusal
 from ..core.masks import plan_mask
 from ..core.plan import AttentionPlan
 from ..executors import (
@@ -86,10 +87,10 @@ def _collator_plan(
     return AttentionPlan("causal", (window_left, 0), cu_seqlens=cu_seqlens.to(torch.int32))
 
 
-def _op_refusal(plan: AttentionPlan, q_len: int, kv_len: int) -> bool:
-    """Whether te_fx's op cannot take ``plan``: key padding or packed documents with a KV cache (the op pads and
-    packs self-attention only)."""
-    return (plan.key_padding is not None or plan.cu_seqlens is not None) and q_len != kv_len
+def _op_refusal(plan: AttentionPlan, q_len: int, kv_len: int, training: bool) -> bool:
+    """Whether te_fx's op cannot take ``plan``: packed documents with a KV cache (the op packs self-attention only),
+    or key padding it has no route for (:func:`~te_fx.core.guards.padding_refusal`)."""
+    return (plan.cu_seqlens is not None and q_len != kv_len) or padding_refusal(plan, training) is not None
 
 
 def _executor_refusal(
@@ -192,7 +193,7 @@ def te_attention_forward(
     unsupported = unsupported or (kwargs.get("s_aux") is not None and sinks is None)
     eager = unsupported or sinks is not None  # what SDPA cannot apply either
     training = is_training(dropout, query, key, value, *(() if sinks is None else (sinks,)))
-    if plan is None or _op_refusal(plan, q_len, kv_len):
+    if plan is None or _op_refusal(plan, q_len, kv_len, training):
         reason = "fallback_mask"
     elif unsupported:
         reason = "fallback_argument"

@@ -453,6 +453,47 @@ def test_key_padding_anywhere_in_inference_on_te_matches_a_brute_force_float64_o
     assert error < (2e-2 if dtype == torch.bfloat16 else 3e-3), error
 
 
+@pytest.mark.parametrize("mask_type, window_left", [("causal_bottom_right", -1), ("causal_bottom_right", 100),
+                                                     ("no_mask", -1)])  # fmt: skip
+@pytest.mark.parametrize("q_len, kv_len", [(1, 384), (1, 21), (1, 30), (64, 384)])
+def test_key_padding_with_a_kv_cache_in_inference_on_te_matches_float64(q_len, kv_len, mask_type, window_left):
+    """Decode against a padded KV cache (left padding, a hole, an all-padded row; odd cache lengths too, which TE
+    needs padded): all visible keys with the key bias (the window folded into it), a row at a time, against
+    explicit float64 attention at every position. Several
+    queries bottom-right with a key bias, which TE gets wrong, are refused by the executor, and a clear error
+    from the op."""
+    from te_fx import ops
+    from te_fx.core.plan import AttentionPlan
+    from te_fx.executors import AttentionCall, unsupported_call_reason
+
+    batch = 3
+    q, k, v = _inputs(batch, q_len, kv_len, 8, 2, 128, torch.bfloat16, grad=False)
+    keep = torch.ones(batch, kv_len, dtype=torch.bool, device="cuda")
+    keep[0, : kv_len // 8] = False
+    keep[1, kv_len // 2 : kv_len // 2 + 3] = False
+    keep[2] = False
+    rows = torch.arange(q_len, device="cuda")[:, None] + (kv_len - q_len)
+    cols = torch.arange(kv_len, device="cuda")[None, :]
+    visible = torch.ones(q_len, kv_len, dtype=torch.bool, device="cuda")
+    if mask_type != "no_mask":
+        visible = (cols <= rows) & ((cols >= rows - window_left) | (window_left < 0))
+    window = (-1, -1) if mask_type == "no_mask" else (window_left, 0)
+    plan = AttentionPlan(mask_type, window, key_padding=keep)
+    refused = q_len > 1 and mask_type == "causal_bottom_right"
+    assert unsupported_call_reason("te", AttentionCall.of_plan(q, k, v, plan)) == ("fallback_mask" if refused else None)
+    if refused:
+        with pytest.raises(NotImplementedError, match="bottom-right"):
+            ops.attention(q, k, v, mask_type=mask_type, window_size=window, softmax_scale=0.1, key_padding_mask=keep,
+                          executor="te")  # fmt: skip
+        return
+    out = ops.attention(q, k, v, mask_type=mask_type, window_size=window, softmax_scale=0.1,
+                        key_padding_mask=keep, executor="te")  # fmt: skip
+    ref = _sdpa_float64(q, k, v, visible[None] & keep[:, None, :], 0.1)
+    error = (out.double() - ref).abs().max().item()
+    assert error < 2e-2, error
+    assert torch.equal(out[2], torch.zeros_like(out[2]))
+
+
 TRAINING_LAYOUTS = ("ones", "right", "left", "both_ends", "inside")
 
 
