@@ -31,7 +31,7 @@ import te_fx
 from te_fx import ops
 from te_fx.executors import executor_env
 
-from .report import finish, side_by_side_arguments
+from .report import finish, side_by_side_arguments, versions_line
 from .timing import median_ms
 
 LLAMA_1B = {"hidden_size": 2048, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64,
@@ -227,8 +227,7 @@ def verdict(name: str, r: dict, small: bool = False) -> tuple[bool | None, str]:
 def main(argv: list[str] | None = None) -> None:
     args = side_by_side_arguments(__doc__, argv)
     results = measure(torch.device(args.device), args.small, args.warmup, args.steps)
-    print(f"device: {results['device']}  torch {results['torch']}  transformers {results['transformers']}"
-          f"  TE {results['transformer_engine']}  executor {results['executor']}")  # fmt: skip
+    print(versions_line(results))
     rows = []
     for name, r in results["cases"].items():
         ok, detail = verdict(name, r, results["small"])

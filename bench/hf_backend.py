@@ -43,9 +43,9 @@ from te_fx.hf_interface.attention import te_attention_forward
 
 from . import models
 from .eager_batches import DOCUMENTS, SMALL, _te_version, make_batch
-from .models import _unique_graphs
-from .report import finish, side_by_side_arguments
-from .timing import median_ms
+from .models import compile_counts
+from .report import finish, side_by_side_arguments, versions_line
+from .timing import median_ms, training_step
 
 VARIANTS = ("sdpa", "injection", "te", "sdpa_compiled", "te_compiled")  # the model cases', in the order run
 TE_VARIANTS = ("injection", "te", "te_compiled", "te_sinks", "te_causal")  # with counters (eager) and op_calls
@@ -172,15 +172,9 @@ def model_case(case: Case, device: torch.device, executor: str, warmup: int, ste
             te_fx.inject_te_attention(model, executor=executor)
         runner = _compile(model, device) if compiled else model
 
-        def step(model: torch.nn.Module = model, runner: torch.nn.Module = runner) -> torch.Tensor:
-            model.zero_grad(set_to_none=True)
-            with executor_env(executor):
-                loss = runner(**batch).loss
-            loss.backward()
-            return loss
-
+        step = training_step(model, runner, batch, lambda: executor_env(executor))
         te_fx.reset_te_attention_stats()
-        graphs, breaks = _unique_graphs(), sum(torch._dynamo.utils.counters["graph_break"].values())
+        graphs, breaks = compile_counts()
         start = time.perf_counter()
         loss = step().item()
         first_s = time.perf_counter() - start
@@ -198,8 +192,8 @@ def model_case(case: Case, device: torch.device, executor: str, warmup: int, ste
         if name in TE_VARIANTS:
             r["op_calls"] = _op_calls(step)
         if compiled:  # over all of this model's steps: a recompile shows as a second graph
-            r["graphs"] = _unique_graphs() - graphs
-            r["graph_breaks"] = sum(torch._dynamo.utils.counters["graph_break"].values()) - breaks
+            now = compile_counts()
+            r["graphs"], r["graph_breaks"] = now[0] - graphs, now[1] - breaks
         results[name] = r
         del model, runner, step
         if device.type == "cuda":
@@ -386,9 +380,7 @@ def verdicts(name: str, r: dict, small: bool = False) -> list[tuple[str, bool, s
 def main(argv: list[str] | None = None) -> None:
     args = side_by_side_arguments(__doc__, argv)
     results = measure(torch.device(args.device), args.small, args.warmup, args.steps)
-    print(f"device: {results['device']}  torch {results['torch']}  transformers {results['transformers']}"
-          f"  TE {results['transformer_engine']}  executor {results['executor']}  {results['dtype']}"
-          f"  compile {results['compile_backend']}")  # fmt: skip
+    print(versions_line(results, results["dtype"], f"compile {results['compile_backend']}"))
     rows = []
     for name, r in results["cases"].items():
         print(name)

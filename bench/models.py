@@ -73,6 +73,11 @@ def _unique_graphs() -> int:
     return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
 
 
+def compile_counts() -> tuple[int, int]:
+    """(graphs compiled, graph breaks) so far in this process, as Dynamo counts them."""
+    return _unique_graphs(), sum(torch._dynamo.utils.counters["graph_break"].values())
+
+
 def run_model_case(case: ModelCase, device: torch.device, dtype: torch.dtype, executor: str, reps: int) -> dict:
     """Forward + backward, training step (that + AdamW) and prefill (no grad) per variant: ms, tokens/s, peak
     memory, warm-up seconds (compilation included), graphs compiled, and te_fx's dispatch summary."""

@@ -13,15 +13,26 @@ from .kernels import TE_FX_VARIANTS, VARIANTS
 __all__ = ["evaluate_targets", "write_report", "finish", "plots_available"]
 
 
-def side_by_side_arguments(doc: str, argv: list[str] | None) -> argparse.Namespace:
-    """The options of the side-by-side scripts (``bench.eager_batches``, ``bench.hf_backend``)."""
+def side_by_side_arguments(doc: str, argv: list[str] | None, cases: bool = False) -> argparse.Namespace:
+    """The options of the side-by-side scripts (``bench.eager_batches``, ``bench.hf_backend``,
+    ``bench.compile_batches``); ``cases``: also ``--cases``, the case numbers to run."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--small", action="store_true", help="shrink every case (a CPU run takes seconds)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
+    if cases:
+        parser.add_argument("--cases", type=int, nargs="+", help="only these case numbers")
     return parser.parse_args(argv)
+
+
+def versions_line(results: dict, *extra: str) -> str:
+    """The side-by-side scripts' first line: device, versions, executor, then ``extra``."""
+    return "  ".join([
+        f"device: {results['device']}", f"torch {results['torch']}", f"transformers {results['transformers']}",
+        f"TE {results['transformer_engine']}", f"executor {results['executor']}", *extra,
+    ])  # fmt: skip
 
 
 def finish(results: dict, targets: list[tuple[str, bool, str]], json_path: str | None) -> None:

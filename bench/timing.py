@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import time
@@ -50,3 +51,22 @@ def matmul_peak_tflops(device: torch.device, dtype: torch.dtype, size: int = 819
     b = torch.randn(size, size, device=device, dtype=dtype)
     ms = median_ms(lambda: a @ b, device, warmup=3, reps=10)
     return 2 * size**3 / (ms * 1e-3) / 1e12
+
+
+def training_step(
+    model: torch.nn.Module,
+    runner: Callable[..., object],
+    batch: dict,
+    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> Callable[[], torch.Tensor]:
+    """A training step of ``model`` called through ``runner`` (the model, or it compiled): gradients cleared, the LM
+    loss of ``batch`` inside ``context()``, its backward; returns the loss."""
+
+    def step() -> torch.Tensor:
+        model.zero_grad(set_to_none=True)
+        with context():
+            loss = runner(**batch).loss
+        loss.backward()
+        return loss
+
+    return step
