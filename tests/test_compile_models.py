@@ -20,6 +20,8 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
+from torch.torch_version import TorchVersion
 from transformers import DynamicCache
 
 import te_fx
@@ -36,9 +38,11 @@ MASK_KINDS = ["none", "ones", "right", "left", "holes"]
 # The rewritten layer's KV head count: repeat_kv is elided (GQA/MQA run natively). Falcon's new decoder
 # architecture broadcasts its KV heads with ``torch.broadcast_to`` before SDPA, which the pass does not undo: TE
 # gets the broadcast heads, still exact.
+# Falcon repeats K/V itself up to transformers 5.24; from 5.25 its SDPA call takes them with their own heads
+FALCON_KV_HEADS = 2 if TorchVersion(transformers.__version__) >= (5, 25) else 4
 EXPECTED_KV_HEADS = {
     "llama": 4, "llama_gqa": 2, "mistral": 2, "qwen2": 2, "qwen3": 2, "gemma": 1, "gemma3": 2, "granite": 2,
-    "deepseek_v3": 4, "phi3": 2, "gpt_neox": 4, "falcon": 4, "falcon_alibi": 4,
+    "deepseek_v3": 4, "phi3": 2, "gpt_neox": 4, "falcon": FALCON_KV_HEADS, "falcon_alibi": FALCON_KV_HEADS,
 }  # fmt: skip
 EXPECTED_HEAD_DIM = {"deepseek_v3": 24}  # MLA: QK head dim 16 + 8 (V head dim 16); 16 everywhere else
 
@@ -550,7 +554,11 @@ def test_gradient_checkpointing_keeps_te(reentrant):
     te_fx.reset_compile_report()
     ids, mask, _ = _batch("left")
     weight = torch.randn(*ids.shape, model.config.vocab_size) / ids.numel()
-    out = torch.compile(model, backend="te_attn", options=OPTIONS)(input_ids=ids, attention_mask=mask, use_cache=False)
+    # transformers >= 5.25 sets a hub-kernels variable inside each layer's forward: Dynamo refuses to trace the
+    # checkpointed layers (stock torch.compile too) unless that side effect is not replayed in the backward
+    with torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True):
+        out = torch.compile(model, backend="te_attn", options=OPTIONS)(input_ids=ids, attention_mask=mask,
+                                                                       use_cache=False)  # fmt: skip
     ref = plain(input_ids=ids, attention_mask=mask, use_cache=False)
     (out.logits * weight).sum().backward()
     (ref.logits * weight).sum().backward()

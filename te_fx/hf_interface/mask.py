@@ -23,6 +23,7 @@ and, in training with a padding mask, one per mask kind and forward (te_fx's op 
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -109,7 +110,9 @@ def _packed(fn: Callable, local_size: Any) -> tuple[int, torch.Tensor] | None:
 @functools.cache
 def _outside_attention_interface(config_class: type) -> str | None:
     """The model class of ``config_class`` when transformers knows it and its attention does not go through
-    ``AttentionInterface`` (its own code would take te_mask's values for a mask), else None."""
+    ``AttentionInterface`` (its own code would take te_mask's values for a mask), else None. A class that does not
+    declare it but whose modeling module looks its attention up there counts as inside (Falcon in transformers
+    5.25)."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING
 
     for mapping in (MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING):
@@ -117,7 +120,8 @@ def _outside_attention_interface(config_class: type) -> str | None:
             model_class = mapping[config_class]
         except KeyError:
             continue
-        return None if model_class.is_backend_compatible() else model_class.__name__
+        looks_up = hasattr(sys.modules.get(model_class.__module__), "ALL_ATTENTION_FUNCTIONS")
+        return None if model_class.is_backend_compatible() or looks_up else model_class.__name__
     return None
 
 
