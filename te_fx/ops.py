@@ -236,7 +236,7 @@ def padded_attention_fwd(
             q, k, v, None, None, "bshd", "causal", window, softmax_scale, dropout_p, True, softmax_offset,
             _key_bias(keep, q.dtype),
         )  # fmt: skip
-        return _zero_unseeing(out, keep, window_left), stats.zero_(), seed if dropout_p > 0 else rng.zero_()
+        return _zero_unseeing(out, keep, "causal", window_left), stats.zero_(), seed if dropout_p > 0 else rng.zero_()
     if route == "partition":
         order, restore, cu_q, cu_kv = _compact_valid_first(keep, window_left)
         q, k, v = (_gather_rows(t, order) for t in (q, k, v))
@@ -246,7 +246,7 @@ def padded_attention_fwd(
         q, k, v, cu_q, cu_kv, "bshd", _ROUTE_MASK_TYPE[route], window, softmax_scale, dropout_p, True, softmax_offset
     )
     if route == "partition":
-        out = _zero_unseeing(_gather_rows(out, restore), keep, window_left)
+        out = _zero_unseeing(_gather_rows(out, restore), keep, "causal", window_left)
     return out, stats, rng
 
 
@@ -279,7 +279,7 @@ def padded_attention_bwd(
     window = (window_left, 0)
     d_out = d_out.contiguous()
     if route in ("reference", "partition"):  # rows the forward zeroed after the kernel
-        d_out = _zero_unseeing(d_out, keep, window_left)
+        d_out = _zero_unseeing(d_out, keep, "causal", window_left)
     if route == "reference":
         seed = rng_state if dropout_p > 0 else rng_state[:0]
         grads = get_executor("reference").backward(
@@ -430,7 +430,7 @@ def _route_seqlens(route: str, keep: Tensor, window_left: int) -> tuple[Tensor |
     return _padded_seqlens(keep.sum(dim=1), window_left, keep.shape[1])
 
 
-def _zero_unseeing(x: Tensor, keep: Tensor, window_left: int, mask_type: str = "causal") -> Tensor:
+def _zero_unseeing(x: Tensor, keep: Tensor, mask_type: str, window_left: int) -> Tensor:
     """``x`` (B, Sq, H, D) with the rows of queries that see no kept key set to zero (SDPA's output there)."""
     return torch.where(_sees_a_key(keep, mask_type, window_left, x.shape[1])[:, :, None, None], x, 0.0)
 
@@ -628,19 +628,18 @@ def _padded_attention(
             q, k, v, key_padding_mask, host_layout, window_size[0], softmax_scale, dropout_p, executor, softmax_offset
         )[0]
     keep = key_padding_mask != 0
-    config = (window_size[0], window_size[1], softmax_scale, dropout_p, training, executor, "bshd", softmax_offset)
+    config = (softmax_scale, dropout_p, training, executor, "bshd", softmax_offset)
     route = padding_route(layout or UNKNOWN_LAYOUT, training, mask_type)
     if route == "key_bias":
-        run_type, run_window = key_bias_terms(mask_type, window_size, q.shape[1])
+        run_type, (left, right) = key_bias_terms(mask_type, window_size, q.shape[1])
         if run_type != mask_type:  # one query, at the last key: the keys its window sees join the bias
             kv_len = keep.shape[1]
             keep = keep & in_window(kv_len - 1, torch.arange(kv_len, device=keep.device), mask_type, window_size)
-            mask_type, window_size = run_type, run_window
-        config = (window_size[0], window_size[1], *config[2:])
-        out = torch.ops.te_fx.attention_fwd(q, k, v, None, None, mask_type, *config, _key_bias(keep, q.dtype))[0]
-        return _zero_unseeing(out, keep, window_size[0], mask_type)
+        bias = _key_bias(keep, q.dtype)
+        out = torch.ops.te_fx.attention_fwd(q, k, v, None, None, run_type, left, right, *config, bias)[0]
+        return _zero_unseeing(out, keep, run_type, left)
     cu_q, cu_kv = _route_seqlens(route, keep, window_size[0])
-    return torch.ops.te_fx.attention_fwd(q, k, v, cu_q, cu_kv, _ROUTE_MASK_TYPE[route], *config)[0]
+    return torch.ops.te_fx.attention_fwd(q, k, v, cu_q, cu_kv, _ROUTE_MASK_TYPE[route], *window_size, *config)[0]
 
 
 def _key_bias(keep: Tensor, dtype: torch.dtype) -> Tensor:

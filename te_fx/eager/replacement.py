@@ -189,9 +189,8 @@ class TESdpa:
         plan = _mask_plan(attn_mask, is_causal, q, q_len, kv_len)
         if plan is None:
             return "fallback_mask", None
-        refusal = padding_refusal(plan, is_training(dropout_p, q, k, v))
-        if refusal is not None:
-            return refusal[0], None
+        if plan.key_padding is not None and padding_refusal(plan, is_training(dropout_p, q, k, v)) is not None:
+            return "fallback_mask", None
         if not scales_match(scale, head_dim, self.softmax_scale):  # OPT scales q itself and calls with scale=1
             plan = dataclasses.replace(plan, softmax_scale=scale if scale is not None else head_dim**-0.5)
         if attn_mask is None and is_causal and q_len < kv_len:
