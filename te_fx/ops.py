@@ -9,10 +9,12 @@ executor read the B * S tokens as one packed sequence of documents.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
+from torch._library.custom_ops import CustomOpDef
 from torch.torch_version import TorchVersion
 
 from .core.masks import document_boundaries, in_window, padding_layout, position_starts
@@ -24,6 +26,57 @@ __all__ = ["attention"]
 # the forwards draw dropout randomness from torch's generators: a compiled graph that recomputes them (activation
 # checkpointing) must replay the generator state, as it does for aten's random ops
 _SEEDED = (torch.Tag.nondeterministic_seeded,)
+
+
+class _AutogradRule(NamedTuple):
+    """A forward op's autograd as registered on it, and its schema's defaults, for :class:`_EagerAutograd`."""
+
+    op: torch._ops.OpOverload
+    setup_context: Callable
+    backward: Callable
+    defaults: tuple
+
+
+_RULES: dict[CustomOpDef, _AutogradRule] = {}
+
+
+def _register_autograd(op: CustomOpDef, backward: Callable, setup_context: Callable) -> None:
+    """``op.register_autograd``, and the same rule for eager calls (:func:`_forward`)."""
+    op.register_autograd(backward, setup_context=setup_context)
+    overload = op._opoverload
+    defaults = tuple(argument.default_value for argument in overload._schema.arguments)
+    _RULES[op] = _AutogradRule(overload, setup_context, backward, defaults)
+
+
+class _EagerAutograd(torch.autograd.Function):
+    """A forward op's registered autograd for eager calls. The dispatcher's autograd for Python custom ops refills
+    the op's defaults from its schema on every differentiable call (tens of microseconds of host time, more than
+    te_fx's own work per call); traced graphs never pay it (they call the ops below autograd)."""
+
+    @staticmethod
+    def forward(ctx: Any, rule: _AutogradRule, *args: Any) -> tuple[Tensor, ...]:
+        output = rule.op(*args)
+        rule.setup_context(ctx, args, output)
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.rule = rule
+        return output
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor) -> tuple:
+        return None, *ctx.rule.backward(ctx, *grads)
+
+
+def _forward(op: CustomOpDef, *args: Any) -> tuple[Tensor, ...]:
+    """``op(*args)`` for a forward op with autograd; a differentiable eager call of plain tensors goes through
+    :class:`_EagerAutograd`, anything traced (or a tensor subclass) through the op's own registration."""
+    rule = _RULES[op]
+    args += rule.defaults[len(args) :]
+    tensors = [arg for arg in args if isinstance(arg, Tensor)]
+    eager = (
+        torch.is_grad_enabled() and any(t.requires_grad for t in tensors) and not torch.compiler.is_compiling()
+        and all(type(t) is Tensor for t in tensors)
+    )  # fmt: skip
+    return _EagerAutograd.apply(rule, *args) if eager else rule.op(*args)
 
 
 def _fake_forward(
@@ -137,7 +190,7 @@ def _backward(ctx: Any, d_out: Tensor, _d_stats: Tensor, _d_rng: Tensor) -> tupl
     return dq, dk, dv, *([None] * (len(ctx.config) + 3)), d_offset if offset is not None else None, None
 
 
-attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+_register_autograd(attention_fwd, _backward, _setup_context)
 
 
 def _compact_valid_first(keep: Tensor, window_left: int) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
@@ -325,19 +378,29 @@ def _padded_backward(ctx: Any, d_out: Tensor, _d_stats: Tensor, _d_rng: Tensor) 
     return dq, dk, dv, None, None, *([None] * len(ctx.config)), d_offset if offset is not None else None
 
 
-padded_attention_fwd.register_autograd(_padded_backward, setup_context=_padded_setup_context)
+_register_autograd(padded_attention_fwd, _padded_backward, _padded_setup_context)
 
 
-@torch.library.custom_op("te_fx::document_count", mutates_args=())
-def document_count_on_host(position_ids: Tensor) -> Tensor:
-    """How many packed documents (B, S) ``position_ids`` hold (:func:`~te_fx.core.masks.position_starts`), as a
-    host int64 scalar: one device-to-host copy, which a compiled graph holds once per forward."""
-    return position_starts(position_ids).sum().cpu()
+@torch.library.custom_op("te_fx::packed_documents", mutates_args=())
+def packed_documents(position_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """The packed documents of (B, S) ``position_ids`` (:func:`~te_fx.core.masks.position_starts`): (boundaries,
+    count). The (B * S + 1,) int32 boundaries over the flattened tokens stay on the device, the first ``count`` + 1
+    of them real (the rest B * S); ``count``, an int64 scalar, is copied to the host after the boundaries are
+    queued: one device-to-host copy, which a compiled graph holds once per forward."""
+    starts = position_starts(position_ids)
+    boundaries = document_boundaries(starts, starts.numel())
+    return boundaries, starts.sum().cpu()
 
 
-@document_count_on_host.register_fake
+@packed_documents.register_fake
 def _(position_ids):
-    return torch.empty((), dtype=torch.int64, device="cpu")
+    boundaries = position_ids.new_empty(position_ids.numel() + 1, dtype=torch.int32)
+    return boundaries, torch.empty((), dtype=torch.int64, device="cpu")
+
+
+def _documents(boundaries: Tensor, count: Tensor) -> Tensor:
+    """The real boundaries of :func:`packed_documents`'s outputs (a view: ``count`` is on the host)."""
+    return boundaries[: int(count) + 1]
 
 
 @torch.library.custom_op("te_fx::packed_attention_fwd", mutates_args=(), tags=_SEEDED)
@@ -345,7 +408,7 @@ def packed_attention_fwd(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    position_ids: Tensor,
+    boundaries: Tensor,
     count: Tensor,
     mask_type: str,
     window_left: int,
@@ -356,17 +419,17 @@ def packed_attention_fwd(
     executor: str,
     softmax_offset: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Self-attention within the packed documents of ``position_ids`` (``count`` of them, on the host): their
-    boundaries are found here, at run time, and the executor runs the thd format; as :func:`attention_fwd`."""
-    cu_seqlens = document_boundaries(position_starts(position_ids), int(count))
-    return attention_fwd(
-        q, k, v, cu_seqlens, cu_seqlens, thd_mask_type(mask_type), window_left, window_right, softmax_scale,
-        dropout_p, training, executor, "thd", softmax_offset,
+    """Self-attention within the ``count`` packed documents of :func:`packed_documents`, in the thd format; as
+    :func:`attention_fwd`."""
+    cu_seqlens = _documents(boundaries, count)
+    return get_executor(executor).forward(
+        q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens, cu_seqlens, "thd", thd_mask_type(mask_type),
+        (window_left, window_right), softmax_scale, dropout_p, training, softmax_offset,
     )  # fmt: skip
 
 
 @packed_attention_fwd.register_fake
-def _(q, k, v, position_ids, count, mask_type, window_left, window_right, softmax_scale, dropout_p, training,
+def _(q, k, v, boundaries, count, mask_type, window_left, window_right, softmax_scale, dropout_p, training,
       executor, softmax_offset=None):  # fmt: skip
     return _fake_forward(q, v, executor, "thd", dropout_p, training)
 
@@ -380,7 +443,7 @@ def packed_attention_bwd(
     out: Tensor,
     softmax_stats: Tensor,
     rng_state: Tensor,
-    position_ids: Tensor,
+    boundaries: Tensor,
     count: Tensor,
     mask_type: str,
     window_left: int,
@@ -390,35 +453,37 @@ def packed_attention_bwd(
     executor: str,
     softmax_offset: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Backward of :func:`packed_attention_fwd`, the boundaries found again: as :func:`attention_bwd`."""
-    cu_seqlens = document_boundaries(position_starts(position_ids), int(count))
-    return attention_bwd(
-        d_out, q, k, v, out, softmax_stats, rng_state, cu_seqlens, cu_seqlens, thd_mask_type(mask_type), window_left,
-        window_right, softmax_scale, dropout_p, executor, "thd", softmax_offset,
+    """Backward of :func:`packed_attention_fwd`: as :func:`attention_bwd`."""
+    cu_seqlens = _documents(boundaries, count)
+    dq, dk, dv, d_offset = get_executor(executor).backward(
+        d_out.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), out, softmax_stats, rng_state, cu_seqlens,
+        cu_seqlens, "thd", thd_mask_type(mask_type), (window_left, window_right), softmax_scale, dropout_p,
+        softmax_offset,
     )  # fmt: skip
+    return dq, dk, dv, d_offset if d_offset is not None else q.new_empty(0, dtype=torch.float32)
 
 
 @packed_attention_bwd.register_fake
-def _(d_out, q, k, v, out, softmax_stats, rng_state, position_ids, count, mask_type, window_left, window_right,
+def _(d_out, q, k, v, out, softmax_stats, rng_state, boundaries, count, mask_type, window_left, window_right,
       softmax_scale, dropout_p, executor, softmax_offset=None):  # fmt: skip
     return _fake_grads(q, k, v, softmax_offset)
 
 
 def _packed_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-    q, k, v, position_ids, count, *config, training, executor, offset = inputs
+    q, k, v, boundaries, count, *config, training, executor, offset = inputs
     out, stats, rng = output
-    ctx.save_for_backward(q, k, v, out, stats, rng, position_ids, count, offset)
+    ctx.save_for_backward(q, k, v, out, stats, rng, boundaries, count, offset)
     ctx.config = (*config, executor)  # mask_type ... dropout_p, executor
 
 
 def _packed_backward(ctx: Any, d_out: Tensor, _d_stats: Tensor, _d_rng: Tensor) -> tuple:
-    q, k, v, out, stats, rng, position_ids, count, offset = ctx.saved_tensors
-    dq, dk, dv, d_offset = packed_attention_bwd(d_out, q, k, v, out, stats, rng, position_ids, count, *ctx.config,
+    q, k, v, out, stats, rng, boundaries, count, offset = ctx.saved_tensors
+    dq, dk, dv, d_offset = packed_attention_bwd(d_out, q, k, v, out, stats, rng, boundaries, count, *ctx.config,
                                                 offset)  # fmt: skip
     return dq, dk, dv, *([None] * (len(ctx.config) + 3)), d_offset if offset is not None else None
 
 
-packed_attention_fwd.register_autograd(_packed_backward, setup_context=_packed_setup_context)
+_register_autograd(packed_attention_fwd, _packed_backward, _packed_setup_context)
 
 _ROUTE_MASK_TYPE = {"causal": "causal", "rows": "padding_causal", "partition": "padding_causal"}
 
@@ -589,8 +654,8 @@ def attention(
             key_padding_layout, executor, offset,
         )  # fmt: skip
     if position_ids is not None:
-        return torch.ops.te_fx.packed_attention_fwd(
-            q, k, v, position_ids, document_count_on_host(position_ids), mask_type, window_size[0], window_size[1],
+        return _forward(
+            packed_attention_fwd, q, k, v, *packed_documents(position_ids), mask_type, window_size[0], window_size[1],
             softmax_scale, dropout_p, training, executor, offset,
         )[0]  # fmt: skip
     cu_q = cu_kv = None
@@ -599,9 +664,9 @@ def attention(
         cu_q = cu_kv = cu_seqlens
         qkv_format = "thd"
         mask_type = thd_mask_type(mask_type)
-    out, _, _ = torch.ops.te_fx.attention_fwd(
-        q, k, v, cu_q, cu_kv, mask_type, window_size[0], window_size[1], softmax_scale, dropout_p, training,
-        executor, qkv_format, offset,
+    out, _, _ = _forward(
+        attention_fwd, q, k, v, cu_q, cu_kv, mask_type, window_size[0], window_size[1], softmax_scale, dropout_p,
+        training, executor, qkv_format, offset,
     )  # fmt: skip
     return out
 
@@ -624,9 +689,10 @@ def _padded_attention(
     in inference as :func:`~te_fx.core.plan.padding_route` says at once (an unchecked layout takes the key bias)."""
     if training:
         host_layout = torch.tensor(layout) if layout is not None else padding_layout_on_host(key_padding_mask)
-        return torch.ops.te_fx.padded_attention_fwd(
-            q, k, v, key_padding_mask, host_layout, window_size[0], softmax_scale, dropout_p, executor, softmax_offset
-        )[0]
+        return _forward(
+            padded_attention_fwd, q, k, v, key_padding_mask, host_layout, window_size[0], softmax_scale, dropout_p,
+            executor, softmax_offset,
+        )[0]  # fmt: skip
     keep = key_padding_mask != 0
     config = (softmax_scale, dropout_p, training, executor, "bshd", softmax_offset)
     route = padding_route(layout or UNKNOWN_LAYOUT, training, mask_type)
@@ -636,10 +702,10 @@ def _padded_attention(
             kv_len = keep.shape[1]
             keep = keep & in_window(kv_len - 1, torch.arange(kv_len, device=keep.device), mask_type, window_size)
         bias = _key_bias(keep, q.dtype)
-        out = torch.ops.te_fx.attention_fwd(q, k, v, None, None, run_type, left, right, *config, bias)[0]
+        out = _forward(attention_fwd, q, k, v, None, None, run_type, left, right, *config, bias)[0]
         return _zero_unseeing(out, keep, run_type, left)
     cu_q, cu_kv = _route_seqlens(route, keep, window_size[0])
-    return torch.ops.te_fx.attention_fwd(q, k, v, cu_q, cu_kv, _ROUTE_MASK_TYPE[route], *window_size, *config)[0]
+    return _forward(attention_fwd, q, k, v, cu_q, cu_kv, _ROUTE_MASK_TYPE[route], *window_size, *config)[0]
 
 
 def _key_bias(keep: Tensor, dtype: torch.dtype) -> Tensor:

@@ -13,6 +13,7 @@ expectations follow from that form, not from the version number.
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import functools
@@ -607,6 +608,12 @@ def test_packed_rows_from_position_ids_run_documents(case):
     assert [(e["decision"], e["mask_kind"], e["window_size"]) for e in records[0].entries] == [
         ("te", "thd", window) for window in windows
     ]
+    with torch.profiler.profile() as prof:
+        _forward_backward(packed, model, ids, None, ids)
+    calls = collections.Counter(e.name for e in prof.events() if e.name.startswith("te_fx::"))
+    layers = model.config.num_hidden_layers  # the documents are read once per step (one host copy), not per layer
+    assert calls == {"te_fx::packed_documents": 1, "te_fx::packed_attention_fwd": layers,
+                     "te_fx::packed_attention_bwd": layers}, calls  # fmt: skip
 
 
 def test_positions_read_by_another_rule_stay_on_sdpa():

@@ -209,6 +209,32 @@ def test_attention_matches_sdpa_and_gradcheck(case):
     assert torch.autograd.gradcheck(attention, (q, k, v))
 
 
+@pytest.mark.parametrize("inputs", ["position_ids", "key_padding_mask", "none"])
+def test_gradients_of_a_tensor_subclass_equal_plain_tensors(inputs):
+    """Eager calls of plain tensors run the ops' autograd rule through te_fx's own path, tensor subclasses through
+    the ops' registration: the gradients are the same."""
+    q, k, v = _qkv(batch=2, q_len=6, kv_len=6)
+    refine = {
+        "position_ids": {"position_ids": torch.tensor([[0, 1, 2, 0, 1, 2], [0, 1, 0, 1, 2, 3]])},
+        "key_padding_mask": {"key_padding_mask": torch.tensor(KEY_PADDING["left"])},
+        "none": {},
+    }[inputs]
+
+    def loss(q, k, v):
+        out = ops.attention(q, k, v, mask_type="causal", window_size=(-1, 0), softmax_scale=0.7,
+                            executor="reference", **refine)  # fmt: skip
+        return (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view(out.shape)).sum()
+
+    expected = torch.autograd.grad(loss(q, k, v), (q, k, v))
+    subclassed = [t.detach().as_subclass(_Marked).requires_grad_() for t in (q, k, v)]
+    for grad, ref in zip(torch.autograd.grad(loss(*subclassed), subclassed), expected):
+        torch.testing.assert_close(grad.as_subclass(torch.Tensor), ref)
+
+
+class _Marked(torch.Tensor):
+    """A tensor subclass with no behaviour of its own."""
+
+
 KEY_PADDING = {
     "ones": [[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]],
     "right": [[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]],

@@ -425,6 +425,6 @@ def test_position_ids_run_the_documents_they_give(window_left):
     for grad, ref_grad in zip(torch.autograd.grad(out.sum(), (q, k, v)), torch.autograd.grad(ref.sum(), (q, k, v))):
         torch.testing.assert_close(grad, ref_grad)
     assert torch.autograd.gradcheck(attention, (q, k, v))
-    args = (q, k, v, position_ids, torch.tensor(5), "causal", window_left, 0, 0.3, 0.0, True, "reference")
+    args = (q, k, v, *ops.packed_documents(position_ids), "causal", window_left, 0, 0.3, 0.0, True, "reference")
     result = torch.library.opcheck(torch.ops.te_fx.packed_attention_fwd.default, args)
     assert set(result.values()) == {"SUCCESS"}, result

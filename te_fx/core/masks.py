@@ -13,6 +13,7 @@ import contextlib
 import threading
 import weakref
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 
@@ -41,34 +42,8 @@ def causal_pattern(
     kv_len - q_len + i), optionally limited to ``window_left`` keys before the diagonal (negative: no limit; an int
     or a 0-dim tensor). This is HF's causal and sliding-window mask (sliding window w is window_left = w - 1) and
     TE's ``causal_bottom_right``."""
-    rows = torch.arange(q_len, device=device).unsqueeze(1)
-    return _causal_at(rows, torch.arange(kv_len, device=device).unsqueeze(0), q_len, kv_len, window_left)
-
-
-def _causal_at(
-    rows: torch.Tensor | int, cols: torch.Tensor | int, q_len: int, kv_len: int, window_left: int | torch.Tensor
-) -> torch.Tensor:
-    """:func:`causal_pattern` at the (broadcast) query indices ``rows`` and key indices ``cols`` (one of them a
-    tensor; a Python int stays one, since a tensor made from it on a GPU costs a host sync)."""
-    return in_window(rows + (kv_len - q_len), cols, "causal", (window_left, 0))
-
-
-def _reach(attend: torch.Tensor, q_len: int, kv_len: int) -> torch.Tensor:
-    """The mask's window, read off its values (0-dim): how far back of its diagonal (bottom-right aligned) any query
-    sees a key; -1 when some query sees back to the first key (full causal, or a window that covers every key).
-    Where no query reaches its window's edge, the window and full causal give the same pattern."""
-    cols = torch.arange(kv_len, device=attend.device)
-    first = torch.where(attend, cols, kv_len).amin(-1)
-    diagonal = torch.arange(q_len, device=attend.device) + (kv_len - q_len)
-    reach = torch.where(first < kv_len, diagonal - first, -1).amax()
-    return torch.where(reach >= kv_len - 1, -1, reach)
-
-
-def _causal_edges(q_len: int, kv_len: int, window_left: int | torch.Tensor, device: torch.device) -> torch.Tensor:
-    """The first row of :func:`causal_pattern` followed by the rest of its first column."""
-    first_row = _causal_at(0, torch.arange(kv_len, device=device), q_len, kv_len, window_left)
-    first_column = _causal_at(torch.arange(1, q_len, device=device), 0, q_len, kv_len, window_left)
-    return torch.cat([first_row, first_column])
+    diagonal = torch.arange(q_len, device=device).unsqueeze(1) + (kv_len - q_len)
+    return in_window(diagonal, torch.arange(kv_len, device=device).unsqueeze(0), "causal", (window_left, 0))
 
 
 def in_window(
@@ -162,19 +137,6 @@ def _dedupe_broadcast(mask: torch.Tensor) -> torch.Tensor:
     return mask[index]
 
 
-def _uniform_checks(attend: torch.Tensor, well_formed: torch.Tensor, windows: list) -> list[torch.Tensor]:
-    """Checks that ``attend`` is all visible, then causal with each of ``windows``, one pass for all. Every causal
-    pattern depends on key - query only (it is constant along diagonals), so the mask equals one exactly when it is
-    constant along diagonals too and agrees with it on its first row and column."""
-    q_len, kv_len = attend.shape[-2:]
-    edges = torch.cat([attend[..., 0, :], attend[..., 1:, 0]], dim=-1)
-    diagonal = well_formed & (attend[..., 1:, 1:] == attend[..., :-1, :-1]).all()
-    checks = [diagonal & edges.all()]
-    for window in windows:
-        checks.append(diagonal & (edges == _causal_edges(q_len, kv_len, window, attend.device)).all())
-    return checks
-
-
 def padding_layout(keep: torch.Tensor) -> torch.Tensor:
     """(every key kept, padding only before each row's first or after its last kept token, every row's kept keys
     first and at least one of them) of a (B, S) bool keep mask, as a (3,) bool tensor on its device (no sync)."""
@@ -188,48 +150,6 @@ def padding_layout(keep: torch.Tensor) -> torch.Tensor:
     return torch.stack([keep.all(), outer, kept_first])
 
 
-def _row_checks(
-    attend: torch.Tensor, well_formed: torch.Tensor, windows: list
-) -> tuple[list, list, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Checks for the per-row plans of a square mask (B, H, S, S), per left window in ``windows``: key padding
-    (``causal & keep[b, kv]``, padding only before the first or after the last kept token of a row) and packed
-    documents (causal within runs of tokens that a query does not see across). Returns (padding checks, document
-    checks, keep (B, S), whether every row keeps its first keys (:func:`padding_layout`), document starts (B, S)):
-    the patterns are read off the diagonal (a kept key is visible to its own query) and the sub-diagonal (query i
-    sees key i - 1 unless a document starts at i)."""
-    seq = attend.shape[-1]
-    heads_agree = (attend == attend[:, :1]).all()
-    rows = attend[:, 0]
-    keep = rows.diagonal(dim1=-2, dim2=-1)
-    starts = torch.ones_like(keep)
-    starts[:, 1:] = ~rows.diagonal(offset=-1, dim1=-2, dim2=-1)
-    _, outer, kept_first = padding_layout(keep)
-    document = starts.cumsum(-1)
-    same_document = document[:, :, None] == document[:, None, :]
-    base = well_formed & heads_agree
-    padding, documents = [], []
-    for window in windows:
-        pattern = causal_pattern(seq, seq, window, attend.device)
-        padding.append(base & outer & (rows == (pattern & keep[:, None, :])).all())
-        # a window of 0 hides the sub-diagonal everywhere: no document boundary can be read off it
-        documents.append(base & (window != 0) & (rows == (pattern & same_document)).all())
-    return padding, documents, keep, kept_first, starts
-
-
-def _cache_padding_checks(
-    attend: torch.Tensor, well_formed: torch.Tensor, windows: list
-) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Checks for key padding under a KV cache's queries (bottom-right causal, q_len < kv_len), per left window in
-    ``windows``: ``causal & keep[b, kv]`` with the padding anywhere (inference runs it with a key bias). Returns (the
-    checks, keep (B, S_kv)), keep read as the keys that some query sees."""
-    q_len, kv_len = attend.shape[-2:]
-    rows = attend[:, 0]
-    keep = rows.any(dim=-2)
-    base = well_formed & (attend == attend[:, :1]).all()
-    patterns = (causal_pattern(q_len, kv_len, window, attend.device) for window in windows)
-    return [base & (rows == (pattern & keep[:, None, :])).all() for pattern in patterns], keep
-
-
 def position_starts(position_ids: torch.Tensor) -> torch.Tensor:
     """(B, S) bool: where a document starts in rows of packed documents given by their (B, S) position ids, as
     HF reads them (``find_packed_sequence_indices``): at a row's first token and wherever a position is not the one
@@ -241,54 +161,143 @@ def position_starts(position_ids: torch.Tensor) -> torch.Tensor:
 
 def document_boundaries(starts: torch.Tensor, count: int) -> torch.Tensor:
     """(count + 1,) int32 document boundaries over the flattened (B, S) tokens, from the start flags (``count`` of
-    them are set: the caller's one host sync)."""
+    them are set: the caller's one host sync). A larger ``count`` (at most B * S) pads the boundaries with the
+    end, so that the first (number of starts + 1) of them are the boundaries, found with no sync."""
     flat = starts.flatten()
-    indices = torch.nonzero_static(flat, size=count).flatten()
+    indices = torch.nonzero_static(flat, size=count, fill_value=flat.numel()).flatten()
     end = torch.full((1,), flat.numel(), device=flat.device)  # torch.tensor would copy from the host: a sync
     return torch.cat([indices, end]).to(torch.int32)
 
 
+class _PatternStats(NamedTuple):
+    """What three passes over a (B, H, Q, K) bool attend pattern say of it; every plan is then checked against these
+    in O(B * H * (Q + K)), with no (Q, K) pattern built."""
+
+    count: torch.Tensor  # (B, H, Q): how many keys each query sees
+    first: torch.Tensor  # (B, H, Q): the first key each query sees (0 where none)
+    seen: torch.Tensor  # (B, H, K): whether any query sees each key
+    first_query: torch.Tensor  # (B, H, K): the first query that sees each key (0 where none)
+
+    @staticmethod
+    def of(attend: torch.Tensor) -> _PatternStats:
+        as_bytes = attend.view(torch.uint8)  # argmax (the first largest entry) takes no bool
+        first_query = as_bytes.argmax(-2)
+        seen = attend.gather(-2, first_query.unsqueeze(-2)).squeeze(-2)
+        return _PatternStats(attend.sum(-1), as_bytes.argmax(-1), seen, first_query)
+
+
+def _nothing_past_diagonal(stats: _PatternStats, q_len: int, kv_len: int) -> torch.Tensor:
+    """No query sees a key past its diagonal (bottom-right aligned): the first query that sees key j, and so every
+    later one, sits at key position j or after it."""
+    cols = torch.arange(kv_len, device=stats.seen.device)
+    return (~stats.seen | (stats.first_query >= cols - (kv_len - q_len))).all()
+
+
+def _reach(stats: _PatternStats, diagonal: torch.Tensor, kv_len: int) -> torch.Tensor:
+    """The mask's window, read off its values (0-dim): how far back of its diagonal any query sees a key; -1 when
+    some query sees back to the first key (full causal, or a window that covers every key). Where no query reaches
+    its window's edge, the window and full causal give the same pattern."""
+    reach = torch.where(stats.count > 0, diagonal - stats.first, -1).amax()
+    return torch.where(reach >= kv_len - 1, -1, reach)
+
+
+def _window_start(diagonal: torch.Tensor, window_left: torch.Tensor) -> torch.Tensor:
+    """(1, Q): the first key position of each query's causal window (0-dim ``window_left``, negative: no limit)."""
+    return torch.where(window_left < 0, 0, diagonal - window_left).clamp(min=0)[None]
+
+
+def _sees_exactly(
+    stats: _PatternStats, start: torch.Tensor, diagonal: torch.Tensor, keep: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Whether every query i sees exactly the keys from ``start[:, i]`` ((B or 1, Q)) to its ``diagonal[i]``, only
+    the kept ones where ``keep`` ((B or 1, K) bool) is given, provided none sees a key past its diagonal
+    (:func:`_nothing_past_diagonal`): it sees no key before the start, no query sees a key not kept, so what it
+    sees lies in that set, and it sees as many keys as the set holds."""
+    after_start = ((stats.count == 0) | (stats.first >= start[:, None])).all()
+    if keep is None:
+        return after_start & (stats.count == (diagonal - start + 1)[:, None]).all()
+    kept_before = torch.nn.functional.pad(keep.long().cumsum(-1), (1, 0))  # [:, j]: kept keys before position j
+    rows = (kept_before.shape[0], diagonal.shape[0])
+    expected = kept_before.gather(-1, (diagonal + 1).expand(rows)) - kept_before.gather(-1, start.expand(rows))
+    only_kept = ~(stats.seen & ~keep[:, None]).any()
+    return after_start & only_kept & (stats.count == expected[:, None]).all()
+
+
+def _document_begin(starts: torch.Tensor) -> torch.Tensor:
+    """(B, S): the position where each token's document begins, for (B, S) bool document starts."""
+    positions = torch.arange(starts.shape[-1], device=starts.device)
+    return torch.where(starts, positions, 0).cummax(-1).values
+
+
+def _candidates(
+    attend: torch.Tensor, stats: _PatternStats, causal: torch.Tensor, windows: tuple, diagonal: torch.Tensor
+) -> tuple[dict, dict]:
+    """The checks of the per-row plans, by (kind, window index), and what their plans need: for a square mask, key
+    padding (``causal & keep[b, kv]``, keep read off the diagonal, padding only before the first or after the last
+    kept token of a row) and packed documents (causal within runs of tokens that a query does not see across: a
+    document starts where query i does not see key i - 1); for a KV cache's queries (q_len < kv_len), key padding
+    anywhere (inference runs it with a key bias), keep read as the keys that some query sees."""
+    q_len, kv_len = attend.shape[-2:]
+    starts_of = [_window_start(diagonal, window) for window in windows]
+    checks = {}
+    if q_len < kv_len:
+        keep = stats.seen[:, 0]
+        for i, start in enumerate(starts_of):
+            checks["cache", i] = causal & _sees_exactly(stats, start, diagonal, keep)
+        return checks, {"keep": keep}
+    rows = attend[:, 0]
+    keep = rows.diagonal(dim1=-2, dim2=-1)
+    starts = torch.ones_like(keep)
+    starts[:, 1:] = ~rows.diagonal(offset=-1, dim1=-2, dim2=-1)
+    _, outer, kept_first = padding_layout(keep)
+    begin = _document_begin(starts)
+    for i, start in enumerate(starts_of):
+        checks["padding", i] = causal & outer & _sees_exactly(stats, start, diagonal, keep)
+    for i, (window, start) in enumerate(zip(windows, starts_of)):
+        # a window of 0 hides the sub-diagonal everywhere: no document boundary can be read off it
+        checks["documents", i] = causal & (window != 0) & _sees_exactly(stats, torch.maximum(start, begin), diagonal)
+    return checks, {"keep": keep, "kept_first": kept_first, "starts": starts}
+
+
 def _classify(mask: torch.Tensor, batch: int, q_len: int, kv_len: int) -> AttentionPlan | None:
+    if q_len == 0 or kv_len == 0:
+        return None
     attend, well_formed = attend_pattern(_dedupe_broadcast(mask))
     attend = attend.reshape((1,) * (4 - attend.dim()) + tuple(attend.shape)).expand(-1, -1, q_len, kv_len)
-    # with more queries than keys some rows see nothing: SDPA and TE disagree there
-    causal = 0 < q_len <= kv_len
-    reach = _reach(attend, q_len, kv_len) if causal else torch.full((), -1, device=attend.device)
-    windows = [-1, reach] if causal else []
-    checks = [*_uniform_checks(attend, well_formed, windows), reach]
-    square = q_len == kv_len > 1
-    if square:
-        padding, documents, keep, kept_first, starts = _row_checks(attend, well_formed, windows)
-        checks += [*padding, *documents, kept_first, starts.sum()]
-    elif causal and q_len < kv_len:
-        padding, keep = _cache_padding_checks(attend, well_formed, windows)
-        checks += padding
-    results = torch.stack([torch.as_tensor(c, device=mask.device).long() for c in checks]).tolist()  # the one sync
-    found_window = results[len(windows) + 1]
-    lefts = [-1, found_window]
-    causal_type = "causal" if q_len == kv_len else "causal_bottom_right"
-    if results[0]:
-        return NO_MASK
-    for left, matched in zip(lefts, results[1 : len(windows) + 1]):
-        if matched:
-            return AttentionPlan(causal_type, (left, 0))
-    if not square:
-        for left, matched in zip(lefts, results[len(windows) + 2 :]):
-            if matched:
-                return AttentionPlan("causal_bottom_right", (left, 0), key_padding=keep.expand(batch, -1))
+    stats = _PatternStats.of(attend)
+    every_key = well_formed & (stats.count == kv_len).all()
+    if q_len > kv_len:  # with more queries than keys some rows see nothing: SDPA and TE disagree there
+        return NO_MASK if every_key.item() else None
+    checks = {("no_mask", 0): every_key}
+    device = attend.device
+    diagonal = torch.arange(q_len, device=device) + (kv_len - q_len)
+    reach = _reach(stats, diagonal, kv_len)
+    windows = (torch.full((), -1, device=device), reach)
+    causal = well_formed & _nothing_past_diagonal(stats, q_len, kv_len)
+    for i, window in enumerate(windows):
+        checks["causal", i] = causal & _sees_exactly(stats, _window_start(diagonal, window), diagonal)
+    found = {}
+    if q_len < kv_len or q_len > 1:
+        row_checks, found = _candidates(attend, stats, causal, windows, diagonal)
+        checks.update(row_checks)
+    extra = [reach] + ([found["kept_first"], found["starts"].sum()] if "starts" in found else [])
+    values = torch.stack([c.long() for c in (*checks.values(), *extra)]).tolist()  # the one sync
+    passed = [name for name, value in zip(checks, values) if value]
+    if not passed:
         return None
-    row_results = results[len(windows) + 2 : -2]
-    padding_results, document_results = row_results[:2], row_results[2:]
-    for left, matched in zip(lefts, padding_results):
-        if matched:
-            layout = (False, True, bool(results[-2]))
-            return AttentionPlan("causal", (left, 0), key_padding=keep.expand(batch, -1), key_layout=layout)
-    for left, matched in zip(lefts, document_results):
-        if matched:
-            count = results[-1] * (batch if starts.shape[0] == 1 else 1)  # a mask broadcast over the batch
-            boundaries = document_boundaries(starts.expand(batch, -1), count)
-            return AttentionPlan("causal", (left, 0), cu_seqlens=boundaries)
-    return None
+    kind, window = passed[0]
+    left = (-1, values[len(checks)])[window]
+    if kind == "no_mask":
+        return NO_MASK
+    if kind == "causal":
+        return AttentionPlan("causal" if q_len == kv_len else "causal_bottom_right", (left, 0))
+    keep = found["keep"].expand(batch, -1)
+    if kind == "cache":
+        return AttentionPlan("causal_bottom_right", (left, 0), key_padding=keep)
+    if kind == "padding":
+        return AttentionPlan("causal", (left, 0), key_padding=keep, key_layout=(False, True, bool(values[-2])))
+    count = values[-1] * (batch if found["starts"].shape[0] == 1 else 1)  # a mask broadcast over the batch
+    return AttentionPlan("causal", (left, 0), cu_seqlens=document_boundaries(found["starts"].expand(batch, -1), count))
 
 
 class _MaskCache:
