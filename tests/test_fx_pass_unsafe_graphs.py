@@ -405,3 +405,46 @@ def test_a_mask_written_through_any_view_stays_on_sdpa(name, dynamic):
     torch.testing.assert_close(out, stock, atol=ATOL, rtol=RTOL)
     (entry,) = te_fx.compile_report()
     assert entry["decision"] == "sdpa" and entry["reason"] == "fallback_mask", entry
+
+
+def _one_query(q, k, v, keep, offset):
+    """A decode call whose mask row comes from a subgraph the classifier cannot prove (a position counter, here a
+    second input, indexes the padding input, as a sliding layer's rolling cache does)."""
+    positions = torch.arange(k.shape[2]) + offset
+    mask = keep[:, positions % keep.shape[1]].bool()[:, None, None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+@pytest.mark.parametrize("rows", ["padding", "random", "an empty row"])
+def test_one_query_runs_its_mask_row_as_key_padding_whatever_built_it(rows):
+    """One query sees exactly the keys its bool mask's row shows: the call runs te_fx's op with that row as key
+    padding (SDPA's numbers, a row that sees nothing included), for masks whose subgraph is not understood."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 2, 1, 16), torch.randn(3, 2, 10, 16), torch.randn(3, 2, 10, 16)
+    keep = {"padding": torch.tensor([[0] * 4 + [1] * 8, [1] * 12, [0] * 2 + [1] * 10]),
+            "random": (torch.rand(3, 12) < 0.5).long(),
+            "an empty row": torch.tensor([[0] * 12, [1] * 12, [1, 0] * 6])}[rows]  # fmt: skip
+    with torch.no_grad():
+        entries = _compile_and_compare(_one_query, q, k, v, keep, torch.tensor(5))
+    assert [(e["decision"], e["mask_kind"]) for e in entries] == [("te", "padding")], entries
+
+
+@pytest.mark.parametrize("change", ["per-head mask", "float mask", "training"])
+def test_one_query_mask_rows_the_op_cannot_take_stay_on_sdpa(change):
+    """A mask that differs between heads, an additive float mask (its values are not read at compile time) and a
+    call with autograd (te_fx's key padding route under a KV cache is inference-only) stay on SDPA, counted."""
+
+    def one_query(q, k, v, keep):
+        mask = keep[:, None, None, :].expand(-1, q.shape[1], 1, -1).clone()
+        if change == "per-head mask":
+            mask[:, 0] = True
+        if change == "float mask":
+            mask = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, n, 16, requires_grad=change == "training") for n in (1, 6, 6))
+    keep = torch.tensor([[0, 1, 1, 1, 1, 1], [1, 1, 1, 0, 1, 1]]).bool()
+    with torch.set_grad_enabled(change == "training"):
+        (entry,) = _compile_and_compare(one_query, q, k, v, keep)
+    assert entry["decision"] == "sdpa" and entry["reason"] == "fallback_mask", entry

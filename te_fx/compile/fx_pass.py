@@ -207,6 +207,36 @@ def _executor_refusal(
                     f"{tuple(plan.window_size)}")  # fmt: skip
 
 
+@dataclass(frozen=True)
+class _MaskRow:
+    """The key padding of a one-query call: the only row of its mask (a graph value), read off when the rewrite is
+    made (:func:`_key_padding_node`)."""
+
+    mask: fx.Node
+
+
+def _one_query_plan(mask: fx.Node, q_len: Any) -> AttentionPlan | None:
+    """One query (decode) sees the keys its bool mask's row shows, whatever subgraph built the mask (a sliding
+    layer's rolling cache indexes it by a position counter): all keys with that row as key padding, unless the mask
+    differs between heads."""
+    value = node_value(mask)
+    if _int(q_len) != 1 or not isinstance(value, torch.Tensor) or value.dtype != torch.bool or value.dim() > 4:
+        return None
+    if value.dim() >= 3 and _int(value.shape[-3]) != 1:
+        return None
+    return AttentionPlan("no_mask", (-1, -1), key_padding=_MaskRow(mask))
+
+
+def _key_padding_node(graph: fx.Graph, key_padding: Any, query: fx.Node, key: fx.Node) -> Any:
+    """The (B, S_kv) key padding the op takes: a :class:`_MaskRow`'s row broadcast to the call's batch and keys, or
+    the plan's key padding as it is."""
+    if not isinstance(key_padding, _MaskRow):
+        return key_padding
+    batch, keys = graph.call_method("size", (query, 0)), graph.call_method("size", (key, 2))
+    row = graph.call_method("expand", (key_padding.mask, batch, 1, 1, keys))
+    return graph.call_function(operator.getitem, (row, (slice(None), 0, 0)))
+
+
 def _classify(args: dict[str, Any], q: torch.Tensor, k: torch.Tensor, scope: _Scope) -> AttentionPlan | Refusal:
     """The plan of the call's mask, or why it has none (every such reason is "fallback_mask"); its key padding a
     value of the call's graph."""
@@ -229,7 +259,7 @@ def _classify(args: dict[str, Any], q: torch.Tensor, k: torch.Tensor, scope: _Sc
     except Exception as error:  # noqa: BLE001 - a mask the classifier cannot handle stays on SDPA
         return "fallback_mask", f"mask classification failed ({type(error).__name__})"
     if isinstance(classified, str):
-        return "fallback_mask", classified
+        return _one_query_plan(mask, q_len) or ("fallback_mask", classified)
     if mask in scope.outer:  # the row input of a mask classified in the outer graph, as the region's operand
         rows = {name: scope.bring_in(getattr(classified, name)) for name in ("key_padding", "position_ids")
                 if getattr(classified, name) is not None}  # fmt: skip
@@ -311,7 +341,7 @@ def _rewrite_one(scope: _Scope, node: fx.Node, executor: str, regions: list[fx.N
             window_size=classified.window_size,
             softmax_scale=scale,
             dropout_p=args["dropout_p"],
-            key_padding_mask=classified.key_padding,
+            key_padding_mask=_key_padding_node(graph, classified.key_padding, query, key),
             position_ids=classified.position_ids,
             executor=executor,
         )
