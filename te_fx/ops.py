@@ -68,13 +68,14 @@ class _EagerAutograd(torch.autograd.Function):
 
 def _forward(op: CustomOpDef, *args: Any) -> tuple[Tensor, ...]:
     """``op(*args)`` for a forward op with autograd; a differentiable eager call of plain tensors goes through
-    :class:`_EagerAutograd`, anything traced (or a tensor subclass) through the op's own registration."""
+    :class:`_EagerAutograd`, anything traced (torch.compile, export, ``torch.jit.trace``) or a tensor subclass
+    through the op's own registration."""
     rule = _RULES[op]
     args += rule.defaults[len(args) :]
     tensors = [arg for arg in args if isinstance(arg, Tensor)]
     eager = (
         torch.is_grad_enabled() and any(t.requires_grad for t in tensors) and not torch.compiler.is_compiling()
-        and all(type(t) is Tensor for t in tensors)
+        and not torch.jit.is_tracing() and all(type(t) is Tensor for t in tensors)
     )  # fmt: skip
     return _EagerAutograd.apply(rule, *args) if eager else rule.op(*args)
 

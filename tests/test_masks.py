@@ -47,8 +47,8 @@ def causal(window_left: int = -1, mask_type: str = "causal") -> AttentionPlan:
 
 def decode(mask: torch.Tensor, shape: tuple[int, int, int, int]) -> tuple[torch.Tensor, bool]:
     """(attend broadcast to ``shape``, malformed) straight from the mask's values."""
-    if mask.dtype == torch.bool:
-        return mask.expand(shape), False
+    if mask.dtype == torch.bool:  # SDPA attends wherever the byte is nonzero
+        return (mask.view(torch.uint8) != 0).expand(shape), False
     values = mask.to(torch.float64)
     attend = values == 0
     penalty = values == torch.finfo(mask.dtype).min
@@ -267,6 +267,10 @@ def encodings(draw, full: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """(the pattern as a bool or additive float mask (-inf / finfo.min), malformed on purpose)."""
     dtype = draw(st.sampled_from((torch.bool,) + FLOAT_DTYPES))
     if dtype == torch.bool:
+        if draw(st.booleans()):  # True stored as any nonzero byte, as a bool view of numpy or raw bytes holds it
+            seed = draw(st.integers(0, 2**16))
+            nonzero = torch.randint(1, 256, full.shape, generator=torch.Generator().manual_seed(seed))
+            return (nonzero * full).to(torch.uint8).view(torch.bool), False
         return full.clone(), False
     masked = draw(st.sampled_from(["min", "inf", "mixed"]))
     lowest = torch.finfo(dtype).min
@@ -487,6 +491,15 @@ def test_canonical_masks_exact_decisions(dtype, masked):
     assert check_classify(mask, 2, 3, 6, 4) is None  # more queries than keys: empty rows
     mask = encode(te_pattern("causal", (-1, 0), 3, 6), dtype, masked).view(1, 1, 3, 6)
     assert check_classify(mask, 2, 3, 3, 6) is None  # top-left is not what HF builds
+
+
+def test_bool_masks_read_every_nonzero_byte_as_attend():
+    """A bool mask viewed from raw bytes holds other nonzero values than 1: SDPA attends there, and so does every
+    plan te_fx makes of it (the first key a query sees is not the largest byte)."""
+    raw = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0], [1, 0, 2, 0]], dtype=torch.uint8)
+    assert check_classify(raw.view(torch.bool), 1, 1, 4, 4) is None  # row 3 sees keys 0 and 2
+    causal = (hf_causal(4, 4).to(torch.uint8) * torch.tensor([1, 7, 255, 2], dtype=torch.uint8)).view(torch.bool)
+    assert check_classify(causal, 1, 1, 4, 4) == CAUSAL
 
 
 @pytest.mark.parametrize(("dtype", "masked"), ENCODINGS)

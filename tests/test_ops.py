@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 
@@ -229,6 +230,28 @@ def test_gradients_of_a_tensor_subclass_equal_plain_tensors(inputs):
     subclassed = [t.detach().as_subclass(_Marked).requires_grad_() for t in (q, k, v)]
     for grad, ref in zip(torch.autograd.grad(loss(*subclassed), subclassed), expected):
         torch.testing.assert_close(grad.as_subclass(torch.Tensor), ref)
+
+
+def test_a_traced_module_holds_the_op():
+    """torch.jit.trace of a module whose parameters need gradients records te_fx's op (not a Python autograd
+    function, which TorchScript cannot save), and the saved module computes the same."""
+
+    class Scaled(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.linspace(0.5, 1.5, 3, dtype=F64))
+
+        def forward(self, q, k, v):
+            return ops.attention(q * self.weight, k, v, mask_type="causal", window_size=(-1, 0), softmax_scale=0.7,
+                                 executor="reference")  # fmt: skip
+
+    q, k, v = _qkv(grad=False)
+    traced = torch.jit.trace(Scaled(), (q, k, v), check_trace=False)
+    assert "te_fx::attention_fwd" in str(traced.graph)
+    buffer = io.BytesIO()
+    torch.jit.save(traced, buffer)
+    buffer.seek(0)
+    torch.testing.assert_close(torch.jit.load(buffer)(q, k, v), Scaled()(q, k, v))
 
 
 class _Marked(torch.Tensor):

@@ -119,8 +119,8 @@ def attend_pattern(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     fp16 / bf16 with a mask in 2.11, gives such bool rows a nonzero output). A row of finite penalties is a softmax
     over them whose result depends on the dtype and backend: the mean of V (float32 finfo.min, math backend), the
     row's unmasked attention (fp16's -65504), or zero (bf16 on the fused backends), so no plan reproduces it."""
-    if mask.dtype == torch.bool:
-        return mask, torch.ones((), dtype=torch.bool, device=mask.device)
+    if mask.dtype == torch.bool:  # a bool's byte may be any nonzero value (a numpy or frombuffer view): SDPA attends
+        return mask.view(torch.uint8) != 0, torch.ones((), dtype=torch.bool, device=mask.device)
     attend = mask == 0
     blocked = mask <= torch.finfo(mask.dtype).min / 2
     # in a well-formed row the largest entry is 0 (a key seen), -inf (no key, SDPA's zero) or a finite penalty
