@@ -72,12 +72,11 @@ def _forward(op: CustomOpDef, *args: Any) -> tuple[Tensor, ...]:
     through the op's own registration."""
     rule = _RULES[op]
     args += rule.defaults[len(args) :]
-    tensors = [arg for arg in args if isinstance(arg, Tensor)]
-    eager = (
-        torch.is_grad_enabled() and any(t.requires_grad for t in tensors) and not torch.compiler.is_compiling()
-        and not torch.jit.is_tracing() and all(type(t) is Tensor for t in tensors)
-    )  # fmt: skip
-    return _EagerAutograd.apply(rule, *args) if eager else rule.op(*args)
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling() and not torch.jit.is_tracing():
+        tensors = [arg for arg in args if isinstance(arg, Tensor)]
+        if any(t.requires_grad for t in tensors) and all(type(t) is Tensor for t in tensors):
+            return _EagerAutograd.apply(rule, *args)
+    return rule.op(*args)
 
 
 def _fake_forward(

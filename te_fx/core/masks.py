@@ -230,15 +230,20 @@ def _document_begin(starts: torch.Tensor) -> torch.Tensor:
 
 
 def _candidates(
-    attend: torch.Tensor, stats: _PatternStats, causal: torch.Tensor, windows: tuple, diagonal: torch.Tensor
+    attend: torch.Tensor,
+    stats: _PatternStats,
+    causal: torch.Tensor,
+    windows: tuple,
+    starts_of: list,
+    diagonal: torch.Tensor,
 ) -> tuple[dict, dict]:
     """The checks of the per-row plans, by (kind, window index), and what their plans need: for a square mask, key
     padding (``causal & keep[b, kv]``, keep read off the diagonal, padding only before the first or after the last
     kept token of a row) and packed documents (causal within runs of tokens that a query does not see across: a
     document starts where query i does not see key i - 1); for a KV cache's queries (q_len < kv_len), key padding
-    anywhere (inference runs it with a key bias), keep read as the keys that some query sees."""
+    anywhere (inference runs it with a key bias), keep read as the keys that some query sees. ``starts_of``: each
+    window's :func:`_window_start`."""
     q_len, kv_len = attend.shape[-2:]
-    starts_of = [_window_start(diagonal, window) for window in windows]
     checks = {}
     if q_len < kv_len:
         keep = stats.seen[:, 0]
@@ -274,11 +279,12 @@ def _classify(mask: torch.Tensor, batch: int, q_len: int, kv_len: int) -> Attent
     reach = _reach(stats, diagonal, kv_len)
     windows = (torch.full((), -1, device=device), reach)
     causal = well_formed & _nothing_past_diagonal(stats, q_len, kv_len)
-    for i, window in enumerate(windows):
-        checks["causal", i] = causal & _sees_exactly(stats, _window_start(diagonal, window), diagonal)
+    starts_of = [_window_start(diagonal, window) for window in windows]
+    for i, start in enumerate(starts_of):
+        checks["causal", i] = causal & _sees_exactly(stats, start, diagonal)
     found = {}
     if q_len < kv_len or q_len > 1:
-        row_checks, found = _candidates(attend, stats, causal, windows, diagonal)
+        row_checks, found = _candidates(attend, stats, causal, windows, starts_of, diagonal)
         checks.update(row_checks)
     extra = [reach] + ([found["kept_first"], found["starts"].sum()] if "starts" in found else [])
     values = torch.stack([c.long() for c in (*checks.values(), *extra)]).tolist()  # the one sync
