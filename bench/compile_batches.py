@@ -38,7 +38,7 @@ from . import models
 from .eager_batches import DOCUMENTS, LLAMA_1B, _te_version, make_batch
 from .hf_backend import Case, Target, _config, _counters, _dtype, _op_calls, _qkv, shrink
 from .models import compile_counts
-from .report import finish, side_by_side_arguments, versions_line
+from .report import finish, side_by_side_arguments, variant_lines, versions_line
 from .timing import median_ms, training_step
 
 VARIANTS = ("eager_te_fx", "inductor", "te_attn")
@@ -205,11 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     print(versions_line(results, results["dtype"], f"compile {results['inner']}"))
     rows = []
     for name, r in results["cases"].items():
-        print(name)
-        for variant, v in r.items():
-            if isinstance(v, dict) and "ms" in v:
-                extra = {k: round(x, 4) if isinstance(x, float) else x for k, x in v.items() if k != "ms"}
-                print(f"    {variant:<12} {v['ms']:9.2f} ms  {extra}")
+        print("\n".join([name, *variant_lines(r, 12)]))
         print(f"    max_abs_diff {r['max_abs_diff']:.3g}")
         for label, ok, detail in verdicts(name, r, results["small"]):
             print(f"    {'PASS' if ok else 'FAIL'} {label} {detail}")

@@ -44,7 +44,7 @@ from te_fx.hf_interface.attention import te_attention_forward
 from . import models
 from .eager_batches import DOCUMENTS, SMALL, _te_version, make_batch
 from .models import compile_counts
-from .report import finish, side_by_side_arguments, versions_line
+from .report import finish, side_by_side_arguments, variant_lines, versions_line
 from .timing import median_ms, training_step
 
 VARIANTS = ("sdpa", "injection", "te", "sdpa_compiled", "te_compiled")  # the model cases', in the order run
@@ -383,12 +383,8 @@ def main(argv: list[str] | None = None) -> None:
     print(versions_line(results, results["dtype"], f"compile {results['compile_backend']}"))
     rows = []
     for name, r in results["cases"].items():
-        print(name)
-        for variant, v in r.items():
-            if isinstance(v, dict) and "ms" in v:
-                keys = ("loss", "counters", "op_calls", "compile_s", "graphs", "graph_breaks")
-                extra = {k: round(v[k], 4) if isinstance(v[k], float) else v[k] for k in keys if k in v}
-                print(f"    {variant:<16} {v['ms']:9.2f} ms  {extra}")
+        keys = ("loss", "counters", "op_calls", "compile_s", "graphs", "graph_breaks")
+        print("\n".join([name, *variant_lines(r, 16, keys)]))
         for ratio, value in r["ratios"].items():
             goal = {True: "PASS", False: "FAIL", None: "----"}[_passes(r, ratio, results["small"])]
             print(f"    {RATIOS[ratio][2]:<40} {value:6.2f}x  {goal}")

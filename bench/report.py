@@ -35,6 +35,17 @@ def versions_line(results: dict, *extra: str) -> str:
     ])  # fmt: skip
 
 
+def variant_lines(case: dict, width: int, keys: tuple[str, ...] | None = None) -> list[str]:
+    """One line per variant of a case's results: its ms and the rest of its entry (only ``keys``, where given)."""
+    lines = []
+    for variant, v in case.items():
+        if isinstance(v, dict) and "ms" in v:
+            shown = [k for k in (keys or v) if k in v and k != "ms"]
+            extra = {k: round(v[k], 4) if isinstance(v[k], float) else v[k] for k in shown}
+            lines.append(f"    {variant:<{width}} {v['ms']:9.2f} ms  {extra}")
+    return lines
+
+
 def finish(results: dict, targets: list[tuple[str, bool, str]], json_path: str | None) -> None:
     """Print a script's targets as PASS / FAIL lines, store them in ``results`` and write it as JSON if asked."""
     for label, ok, detail in targets:
