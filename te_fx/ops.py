@@ -26,12 +26,58 @@ __all__ = ["attention"]
 # the forwards draw dropout randomness from torch's generators: a compiled graph that recomputes them (activation
 # checkpointing) must replay the generator state, as it does for aten's random ops
 _SEEDED = (torch.Tag.nondeterministic_seeded,)
+# ops that read a value on the host (a padding layout, a document count) or choose their kernels from one: a CUDA
+# graph would replay what it captured, so Inductor's cudagraphs (mode="reduce-overhead") run them outside its graphs
+_HOST_CHOSEN = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()  # torch >= 2.9
+
+
+_FUNCTIONS: dict[CustomOpDef, Callable] = {}
+_PLAIN = (Tensor, torch.nn.Parameter)  # a Parameter dispatches as its tensor
+
+
+def _op(name: str, tags: tuple = ()) -> Callable[[Callable], CustomOpDef]:
+    """``torch.library.custom_op(name)`` of a functional op, keeping its function for eager calls (:func:`_call`)."""
+
+    def register(function: Callable) -> CustomOpDef:
+        op = torch.library.custom_op(name, mutates_args=(), tags=tags)(function)
+        _FUNCTIONS[op] = function
+        return op
+
+    return register
+
+
+def _runs_direct(args: tuple) -> bool:
+    """Whether an eager call may run an op's function itself, without the dispatcher (tens of microseconds of host
+    time per call): nothing traces it (torch.compile, export, ``torch.jit.trace``), nothing watches ops (a dispatch
+    or function mode, functorch's transforms, the profiler) and its tensors are plain. Anything else sees te_fx's
+    ops as the dispatcher runs them (meta tensors its fake kernels)."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
+    if torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled():
+        return False
+    if torch._C._are_functorch_transforms_active() or torch._C._autograd._profiler_enabled():
+        return False
+    return all(type(arg) in _PLAIN and not arg.is_meta for arg in args if isinstance(arg, Tensor))
+
+
+def _differentiable(args: tuple) -> bool:
+    return torch.is_grad_enabled() and any(arg.requires_grad for arg in args if isinstance(arg, Tensor))
+
+
+def _call(op: CustomOpDef, *args: Any) -> Any:
+    """``op(*args)`` for an op without autograd: its function itself where :func:`_runs_direct` and autograd
+    would not record it. A backward differentiated again (``create_graph=True``) goes through the op, which says
+    it has no derivative: TE's kernels return gradients without a graph, whose second derivatives would be
+    silently missing."""
+    direct = not _differentiable(args) and _runs_direct(args)
+    return _FUNCTIONS[op](*args) if direct else op(*args)
 
 
 class _AutogradRule(NamedTuple):
     """A forward op's autograd as registered on it, and its schema's defaults, for :class:`_EagerAutograd`."""
 
-    op: torch._ops.OpOverload
+    op: CustomOpDef
+    function: Callable
     setup_context: Callable
     backward: Callable
     defaults: tuple
@@ -43,19 +89,17 @@ _RULES: dict[CustomOpDef, _AutogradRule] = {}
 def _register_autograd(op: CustomOpDef, backward: Callable, setup_context: Callable) -> None:
     """``op.register_autograd``, and the same rule for eager calls (:func:`_forward`)."""
     op.register_autograd(backward, setup_context=setup_context)
-    overload = op._opoverload
-    defaults = tuple(argument.default_value for argument in overload._schema.arguments)
-    _RULES[op] = _AutogradRule(overload, setup_context, backward, defaults)
+    defaults = tuple(argument.default_value for argument in op._opoverload._schema.arguments)
+    _RULES[op] = _AutogradRule(op, _FUNCTIONS[op], setup_context, backward, defaults)
 
 
 class _EagerAutograd(torch.autograd.Function):
-    """A forward op's registered autograd for eager calls. The dispatcher's autograd for Python custom ops refills
-    the op's defaults from its schema on every differentiable call (tens of microseconds of host time, more than
-    te_fx's own work per call); traced graphs never pay it (they call the ops below autograd)."""
+    """A forward op's registered autograd for eager calls that :func:`_runs_direct`: the dispatcher's autograd for
+    Python custom ops costs more host time per call than te_fx's own work."""
 
     @staticmethod
     def forward(ctx: Any, rule: _AutogradRule, *args: Any) -> tuple[Tensor, ...]:
-        output = rule.op(*args)
+        output = rule.function(*args)
         rule.setup_context(ctx, args, output)
         ctx.mark_non_differentiable(*output[1:])
         ctx.rule = rule
@@ -67,16 +111,15 @@ class _EagerAutograd(torch.autograd.Function):
 
 
 def _forward(op: CustomOpDef, *args: Any) -> tuple[Tensor, ...]:
-    """``op(*args)`` for a forward op with autograd; a differentiable eager call of plain tensors goes through
-    :class:`_EagerAutograd`, anything traced (torch.compile, export, ``torch.jit.trace``) or a tensor subclass
-    through the op's own registration."""
+    """``op(*args)`` for a forward op with autograd: where :func:`_runs_direct`, its function itself, under
+    :class:`_EagerAutograd` when autograd may differentiate it; anything else through the op's registration."""
     rule = _RULES[op]
     args += rule.defaults[len(args) :]
-    if torch.is_grad_enabled() and not torch.compiler.is_compiling() and not torch.jit.is_tracing():
-        tensors = [arg for arg in args if isinstance(arg, Tensor)]
-        if any(t.requires_grad for t in tensors) and all(type(t) is Tensor for t in tensors):
-            return _EagerAutograd.apply(rule, *args)
-    return rule.op(*args)
+    if not _runs_direct(args):
+        return op(*args)
+    if _differentiable(args):
+        return _EagerAutograd.apply(rule, *args)
+    return rule.function(*args)
 
 
 def _fake_forward(
@@ -94,7 +137,7 @@ def _fake_grads(q: Tensor, k: Tensor, v: Tensor, softmax_offset: Tensor | None) 
     return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v, offset))
 
 
-@torch.library.custom_op("te_fx::attention_fwd", mutates_args=(), tags=_SEEDED)
+@_op("te_fx::attention_fwd", tags=_SEEDED)
 def attention_fwd(
     q: Tensor,
     k: Tensor,
@@ -137,7 +180,7 @@ def _(
     return _fake_forward(q, v, executor, qkv_format, dropout_p, training)
 
 
-@torch.library.custom_op("te_fx::attention_bwd", mutates_args=())
+@_op("te_fx::attention_bwd")
 def attention_bwd(
     d_out: Tensor,
     q: Tensor,
@@ -186,7 +229,9 @@ def _setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
 
 def _backward(ctx: Any, d_out: Tensor, _d_stats: Tensor, _d_rng: Tensor) -> tuple:
     q, k, v, out, stats, rng, cu_q, cu_kv, offset, key_bias = ctx.saved_tensors
-    dq, dk, dv, d_offset = attention_bwd(d_out, q, k, v, out, stats, rng, cu_q, cu_kv, *ctx.config, offset, key_bias)
+    dq, dk, dv, d_offset = _call(
+        attention_bwd, d_out, q, k, v, out, stats, rng, cu_q, cu_kv, *ctx.config, offset, key_bias
+    )
     return dq, dk, dv, *([None] * (len(ctx.config) + 3)), d_offset if offset is not None else None, None
 
 
@@ -250,10 +295,19 @@ def _gather_rows(x: Tensor, index: Tensor) -> Tensor:
     return x.reshape(batch * seq, *x.shape[2:]).index_select(0, tokens).view(x.shape)
 
 
-@torch.library.custom_op("te_fx::padding_layout", mutates_args=())
+def _refuse_capture(x: Tensor, op: str, instead: str) -> None:
+    """A clear error for an op that copies to the host inside CUDA graph capture, which cannot hold the copy."""
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(f"te_fx::{op} reads a value on the host, which CUDA graph capture cannot hold: pass "
+                           f"{instead} to a captured te_fx call (torch.compile's cudagraphs run the op outside "
+                           "their graphs)")  # fmt: skip
+
+
+@_op("te_fx::padding_layout", tags=_HOST_CHOSEN)
 def padding_layout_on_host(keep: Tensor) -> Tensor:
     """:func:`~te_fx.core.masks.padding_layout` of a (B, S) keep mask (nonzero = keep), copied to the host: one
     device-to-host copy, which a compiled graph holds once per mask (the ops that read it then never sync)."""
+    _refuse_capture(keep, "padding_layout", "key_padding_layout")
     return padding_layout(keep != 0).cpu()
 
 
@@ -262,7 +316,7 @@ def _(keep):
     return torch.empty(3, dtype=torch.bool, device="cpu")
 
 
-@torch.library.custom_op("te_fx::padded_attention_fwd", mutates_args=(), tags=_SEEDED)
+@_op("te_fx::padded_attention_fwd", tags=_SEEDED + _HOST_CHOSEN)
 def padded_attention_fwd(
     q: Tensor,
     k: Tensor,
@@ -308,7 +362,7 @@ def _(q, k, v, keep, layout, window_left, softmax_scale, dropout_p, executor, so
     return _fake_forward(q, v, executor, "bshd", dropout_p, True)
 
 
-@torch.library.custom_op("te_fx::padded_attention_bwd", mutates_args=())
+@_op("te_fx::padded_attention_bwd", tags=_HOST_CHOSEN)
 def padded_attention_bwd(
     d_out: Tensor,
     q: Tensor,
@@ -374,19 +428,22 @@ def _padded_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
 
 def _padded_backward(ctx: Any, d_out: Tensor, _d_stats: Tensor, _d_rng: Tensor) -> tuple:
     q, k, v, out, stats, rng, keep, layout, offset = ctx.saved_tensors
-    dq, dk, dv, d_offset = padded_attention_bwd(d_out, q, k, v, out, stats, rng, keep, layout, *ctx.config, offset)
+    dq, dk, dv, d_offset = _call(
+        padded_attention_bwd, d_out, q, k, v, out, stats, rng, keep, layout, *ctx.config, offset
+    )
     return dq, dk, dv, None, None, *([None] * len(ctx.config)), d_offset if offset is not None else None
 
 
 _register_autograd(padded_attention_fwd, _padded_backward, _padded_setup_context)
 
 
-@torch.library.custom_op("te_fx::packed_documents", mutates_args=())
+@_op("te_fx::packed_documents", tags=_HOST_CHOSEN)
 def packed_documents(position_ids: Tensor) -> tuple[Tensor, Tensor]:
     """The packed documents of (B, S) ``position_ids`` (:func:`~te_fx.core.masks.position_starts`): (boundaries,
     count). The (B * S + 1,) int32 boundaries over the flattened tokens stay on the device, the first ``count`` + 1
     of them real (the rest B * S); ``count``, an int64 scalar, is copied to the host after the boundaries are
     queued: one device-to-host copy, which a compiled graph holds once per forward."""
+    _refuse_capture(position_ids, "packed_documents", "cu_seqlens")
     starts = position_starts(position_ids)
     boundaries = document_boundaries(starts, starts.numel())
     return boundaries, starts.sum().cpu()
@@ -403,7 +460,7 @@ def _documents(boundaries: Tensor, count: Tensor) -> Tensor:
     return boundaries[: int(count) + 1]
 
 
-@torch.library.custom_op("te_fx::packed_attention_fwd", mutates_args=(), tags=_SEEDED)
+@_op("te_fx::packed_attention_fwd", tags=_SEEDED + _HOST_CHOSEN)
 def packed_attention_fwd(
     q: Tensor,
     k: Tensor,
@@ -434,7 +491,7 @@ def _(q, k, v, boundaries, count, mask_type, window_left, window_right, softmax_
     return _fake_forward(q, v, executor, "thd", dropout_p, training)
 
 
-@torch.library.custom_op("te_fx::packed_attention_bwd", mutates_args=())
+@_op("te_fx::packed_attention_bwd", tags=_HOST_CHOSEN)
 def packed_attention_bwd(
     d_out: Tensor,
     q: Tensor,
@@ -478,8 +535,8 @@ def _packed_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
 
 def _packed_backward(ctx: Any, d_out: Tensor, _d_stats: Tensor, _d_rng: Tensor) -> tuple:
     q, k, v, out, stats, rng, boundaries, count, offset = ctx.saved_tensors
-    dq, dk, dv, d_offset = packed_attention_bwd(d_out, q, k, v, out, stats, rng, boundaries, count, *ctx.config,
-                                                offset)  # fmt: skip
+    dq, dk, dv, d_offset = _call(packed_attention_bwd, d_out, q, k, v, out, stats, rng, boundaries, count,
+                                 *ctx.config, offset)  # fmt: skip
     return dq, dk, dv, *([None] * (len(ctx.config) + 3)), d_offset if offset is not None else None
 
 
@@ -655,7 +712,7 @@ def attention(
         )  # fmt: skip
     if position_ids is not None:
         return _forward(
-            packed_attention_fwd, q, k, v, *packed_documents(position_ids), mask_type, window_size[0], window_size[1],
+            packed_attention_fwd, q, k, v, *_call(packed_documents, position_ids), mask_type, *window_size,
             softmax_scale, dropout_p, training, executor, offset,
         )[0]  # fmt: skip
     cu_q = cu_kv = None
@@ -688,7 +745,7 @@ def _padded_attention(
     """:func:`attention` with a key padding mask: in training :func:`padded_attention_fwd`, which routes at run time;
     in inference as :func:`~te_fx.core.plan.padding_route` says at once (an unchecked layout takes the key bias)."""
     if training:
-        host_layout = torch.tensor(layout) if layout is not None else padding_layout_on_host(key_padding_mask)
+        host_layout = torch.tensor(layout) if layout is not None else _call(padding_layout_on_host, key_padding_mask)
         return _forward(
             padded_attention_fwd, q, k, v, key_padding_mask, host_layout, window_size[0], softmax_scale, dropout_p,
             executor, softmax_offset,

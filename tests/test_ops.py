@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.library import opcheck
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import te_fx
 from te_fx import ops
@@ -210,26 +211,82 @@ def test_attention_matches_sdpa_and_gradcheck(case):
     assert torch.autograd.gradcheck(attention, (q, k, v))
 
 
-@pytest.mark.parametrize("inputs", ["position_ids", "key_padding_mask", "none"])
+REFINEMENTS = {  # name: (ops.attention's refinement, the te_fx ops an eager call of it runs)
+    "position_ids": (
+        {"position_ids": torch.tensor([[0, 1, 2, 0, 1, 2], [0, 1, 0, 1, 2, 3]])},
+        {"packed_documents", "packed_attention_fwd", "packed_attention_bwd"},
+    ),
+    "key_padding_mask": (
+        {"key_padding_mask": torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])},
+        {"padding_layout", "padded_attention_fwd", "padded_attention_bwd"},
+    ),
+    "none": ({}, {"attention_fwd", "attention_bwd"}),
+}
+
+
+def _weighted_loss(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, refine: dict) -> torch.Tensor:
+    out = ops.attention(q, k, v, mask_type="causal", window_size=(-1, 0), softmax_scale=0.7, executor="reference",
+                        **refine)  # fmt: skip
+    return (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view(out.shape)).sum()
+
+
+@pytest.mark.parametrize("inputs", list(REFINEMENTS))
 def test_gradients_of_a_tensor_subclass_equal_plain_tensors(inputs):
-    """Eager calls of plain tensors run the ops' autograd rule through te_fx's own path, tensor subclasses through
-    the ops' registration: the gradients are the same."""
+    """Eager calls of plain tensors run the ops' functions and autograd rule through te_fx's own path, tensor
+    subclasses through the ops' registration: the gradients are the same."""
     q, k, v = _qkv(batch=2, q_len=6, kv_len=6)
-    refine = {
-        "position_ids": {"position_ids": torch.tensor([[0, 1, 2, 0, 1, 2], [0, 1, 0, 1, 2, 3]])},
-        "key_padding_mask": {"key_padding_mask": torch.tensor(KEY_PADDING["left"])},
-        "none": {},
-    }[inputs]
-
-    def loss(q, k, v):
-        out = ops.attention(q, k, v, mask_type="causal", window_size=(-1, 0), softmax_scale=0.7,
-                            executor="reference", **refine)  # fmt: skip
-        return (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view(out.shape)).sum()
-
-    expected = torch.autograd.grad(loss(q, k, v), (q, k, v))
+    refine = REFINEMENTS[inputs][0]
+    expected = torch.autograd.grad(_weighted_loss(q, k, v, refine), (q, k, v))
     subclassed = [t.detach().as_subclass(_Marked).requires_grad_() for t in (q, k, v)]
-    for grad, ref in zip(torch.autograd.grad(loss(*subclassed), subclassed), expected):
+    for grad, ref in zip(torch.autograd.grad(_weighted_loss(*subclassed, refine), subclassed), expected):
         torch.testing.assert_close(grad.as_subclass(torch.Tensor), ref)
+
+
+class _OpRecorder(TorchDispatchMode):
+    """A dispatch mode such as a user's FLOP counter or tracer: it records the ops it sees."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.add(func.name())
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("inputs", list(REFINEMENTS))
+def test_a_dispatch_mode_sees_te_fx_ops_and_the_same_gradients(inputs):
+    """Eager calls run te_fx's ops without the dispatcher only while nothing watches: a dispatch mode installed
+    around them sees every forward and backward op, and the gradients do not change."""
+    q, k, v = _qkv(batch=2, q_len=6, kv_len=6)
+    refine, names = REFINEMENTS[inputs]
+    expected = torch.autograd.grad(_weighted_loss(q, k, v, refine), (q, k, v))
+    with _OpRecorder() as recorder:
+        grads = torch.autograd.grad(_weighted_loss(q, k, v, refine), (q, k, v))
+    assert {f"te_fx::{name}" for name in names} <= recorder.seen
+    for grad, ref in zip(grads, expected):
+        torch.testing.assert_close(grad, ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("inputs", list(REFINEMENTS))
+def test_a_second_derivative_is_a_clear_error(inputs):
+    """te_fx's backward has no derivative of its own (TE's kernels return gradients without a graph): a backward
+    differentiated again raises, never a second derivative that misses attention's terms."""
+    q, k, v = _qkv(batch=2, q_len=6, kv_len=6)
+    (dq,) = torch.autograd.grad(_weighted_loss(q, k, v, REFINEMENTS[inputs][0]), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="te_fx.*_bwd"):
+        torch.autograd.grad(dq.square().sum(), q)
+
+
+@pytest.mark.parametrize("inputs", list(REFINEMENTS))
+def test_meta_tensors_get_the_shapes_of_real_ones(inputs):
+    """Meta tensors (shape inference, deferred initialisation) run the ops' fake kernels: outputs of the shapes a
+    real call returns, with no data read."""
+    q, k, v = (t.detach().to("meta").requires_grad_() for t in _qkv(batch=2, q_len=6, kv_len=6))
+    refine = {name: value.to("meta") for name, value in REFINEMENTS[inputs][0].items()}
+    out = ops.attention(q, k, v, mask_type="causal", window_size=(-1, 0), softmax_scale=0.7, executor="reference",
+                        **refine)  # fmt: skip
+    assert out.is_meta and out.shape == q.shape
 
 
 def test_a_traced_module_holds_the_op():

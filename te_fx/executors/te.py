@@ -51,9 +51,29 @@ _F16 = FusedAttnBackend.F16_arbitrary_seqlen
 _QKV_LAYOUT = {"bshd": "bshd_bshd_bshd", "thd": "thd_thd_thd"}
 
 
-@functools.lru_cache(maxsize=256)
-def _cu_seqlens(batch: int, seqlen: int, device: torch.device) -> torch.Tensor:
+_FULL_ROWS: dict[tuple[int, int, torch.device], torch.Tensor] = {}  # the oldest of more than 256 dropped
+
+
+def _full_rows(batch: int, seqlen: int, device: torch.device) -> torch.Tensor:
     return torch.arange(0, (batch + 1) * seqlen, seqlen, dtype=torch.int32, device=device)
+
+
+def _cu_seqlens(batch: int, seqlen: int, device: torch.device) -> torch.Tensor:
+    """(B + 1,) int32 boundaries of full rows, which TE takes with every bshd call, kept for later calls. Not under
+    CUDA graph capture, whose graph keeps a tensor of its own pool that no later call drops; nor kept when made on
+    another stream than the default, as a graph pool's warm-up (Inductor's cudagraph trees) is: the pool hands its
+    memory to later graphs."""
+    if torch.cuda.is_current_stream_capturing():
+        return _full_rows(batch, seqlen, device)
+    key = (batch, seqlen, device)
+    full = _FULL_ROWS.get(key)
+    if full is None:
+        full = _full_rows(batch, seqlen, device)
+        if torch.cuda.current_stream(device) == torch.cuda.default_stream(device):
+            _FULL_ROWS[key] = full
+            if len(_FULL_ROWS) > 256:
+                _FULL_ROWS.pop(next(iter(_FULL_ROWS)), None)
+    return full
 
 
 def _fp8_attention_recipe() -> Any:
@@ -351,6 +371,7 @@ def fused_forward(
             window_size=window_size,
             qkv_layout=_QKV_LAYOUT[qkv_format],
             o_format=qkv_format,
+            cuda_graph=torch.cuda.is_current_stream_capturing(),
             **layout,
         )
     aux = list(aux) if aux is not None else []
@@ -408,6 +429,7 @@ def fused_backward(
             do_format=qkv_format,
             dqkv_layout=_QKV_LAYOUT[qkv_format],
             deterministic=_deterministic(),
+            cuda_graph=torch.cuda.is_current_stream_capturing(),
             **layout,
         )
     dq, dk, dv = (grad.view(t.shape) for grad, t in zip(grads[:3], (q, k, v)))
