@@ -2,19 +2,17 @@
 runs, te_attn rewrites every attention node in one graph without breaks, and te_fx's losses, gradients and outputs
 match the plain compiled model's (the oracle). No timing or target is asserted."""
 
-import json
 import math
 
 import pytest
+from steps import small_bench_results
 
 from bench.compile_batches import CASES, VARIANTS, main
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    path = tmp_path_factory.mktemp("compile_batches") / "results.json"
-    main(["--small", "--device", "cpu", "--warmup", "1", "--steps", "2", "--json", str(path)])
-    return json.loads(path.read_text())
+    return small_bench_results(main, tmp_path_factory.mktemp("compile_batches"))
 
 
 def test_every_case_reports_times_and_ratios(results):

@@ -3,12 +3,12 @@ te_fx's dispatch counters, and te_fx's loss and gradients match the plain model'
 target is asserted."""
 
 import itertools
-import json
 import math
 import types
 
 import pytest
 import torch
+from steps import small_bench_results
 
 from bench import eager_batches
 from bench.eager_batches import CASES, main, op_case, shrink
@@ -17,9 +17,7 @@ from te_fx import ops
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    path = tmp_path_factory.mktemp("eager_batches") / "results.json"
-    main(["--small", "--device", "cpu", "--warmup", "1", "--steps", "2", "--json", str(path)])
-    return json.loads(path.read_text())
+    return small_bench_results(main, tmp_path_factory.mktemp("eager_batches"))
 
 
 def test_every_case_reports_times_counters_and_versions(results):

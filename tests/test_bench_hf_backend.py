@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from steps import small_bench_results
 
 from bench import hf_backend
 from bench.hf_backend import CASES, RATIOS, TE_VARIANTS, VARIANTS, collator_kwargs, main, shrink, verdicts
@@ -13,11 +14,7 @@ from bench.hf_backend import CASES, RATIOS, TE_VARIANTS, VARIANTS, collator_kwar
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    import json
-
-    path = tmp_path_factory.mktemp("hf_backend") / "results.json"
-    main(["--small", "--device", "cpu", "--warmup", "1", "--steps", "2", "--json", str(path)])
-    return json.loads(path.read_text())
+    return small_bench_results(main, tmp_path_factory.mktemp("hf_backend"))
 
 
 def _variants(r: dict) -> dict[str, dict]:

@@ -18,6 +18,7 @@ def test_every_python_example_runs_verbatim(monkeypatch, capsys):
     assert 'attn_implementation="te"' in backend and 'backend="te_attn"' in compiled
     assert "inject_te_attention" in eager
     monkeypatch.setenv("TE_FX_EXECUTOR", "reference")
+    torch._dynamo.reset()  # a reader's fresh process: no graph compiled by an earlier test for the same forward
     namespace: dict = {}
     te_fx.reset_te_attention_stats()
     try:
