@@ -19,6 +19,7 @@ import statistics
 import time
 
 import torch
+import transformers
 from transformers import AutoModelForCausalLM
 
 import te_fx
@@ -73,7 +74,7 @@ def _decode(model: torch.nn.Module, ids: torch.Tensor, new: int, warmup: int, st
         _generate(model, ids, new)
         times.append((time.perf_counter() - start) * 1e3)
     ms = statistics.median(times)
-    return {"ms": ms, "tokens_per_s": ids.numel() / ids.shape[1] * new / (ms / 1e3), "first_s": first_s}, tokens
+    return {"ms": ms, "tokens_per_s": ids.shape[0] * new / (ms / 1e3), "first_s": first_s}, tokens
 
 
 def _equal_leading(tokens: torch.Tensor, reference: torch.Tensor) -> int:
@@ -87,7 +88,7 @@ def measure(device: torch.device, small: bool = False, warmup: int = 2, steps: i
     dtype = torch.float32 if small else torch.bfloat16
     executor = "reference" if device.type == "cpu" else "te"
     results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-               "torch": torch.__version__, "transformers": __import__("transformers").__version__,
+               "torch": torch.__version__, "transformers": transformers.__version__,
                "transformer_engine": _te_version(), "executor": executor, "dtype": str(dtype).removeprefix("torch."),
                "small": small, "batches": {}}  # fmt: skip
     config = tiny_config("llama_gqa", **sizes["config"])
